@@ -1,0 +1,237 @@
+"""
+A nanoGPT-style transformer whose blocks carry codebook sites.
+
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=11, block_size=128, cb_at="attn+mlp", num_codes=1024, k=1))
+    logits, loss, codes, mse = model(idx, targets)
+    # codes["L2.attn"]: (B, T, n_head, k) ids; codes["L2.mlp"]: (B, T, 1, k)
+
+Sites, per block:
+  L{i}.attn: the per-head attention outputs (att @ v, merged head-major), before c_proj; one group per head.
+  L{i}.mlp:  the MLP output, before the residual add.
+The residual stream itself is never quantised. A code is addressed as "L2.attn.h3:417" (layer 2,
+attention, head 3, code 417) or "L2.mlp:88"; parse_code() is the one parser for that format.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from codebook import CodebookLayer, Intervention
+
+CB_AT = ("none", "attn", "mlp", "attn+mlp")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 128  # longest context
+    vocab_size: int = 11
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    bias: bool = True  # bias in Linears and LayerNorms, as GPT-2
+    cb_at: str = "attn+mlp"  # which sites carry codebooks: none, attn, mlp, attn+mlp
+    num_codes: int = 1024  # codes per codebook (per head for attention)
+    k: int = 1  # codes per token per group
+    cb_layers: tuple = None  # layers that carry codebooks; None = all
+    mlp_groups: int = 1  # groups of the MLP codebook
+    compile: bool = False  # torch.compile the codebook search
+
+
+# -----------------------------------------------------------------------------
+# code addresses
+
+
+_CODE_RE = re.compile(r"^L(\d+)\.(attn|mlp)(?:\.h(\d+))?:(\d+)$")
+
+
+def parse_code(s):
+    """'L2.attn.h3:417' -> ('L2.attn', 3, 417); 'L2.mlp:88' -> ('L2.mlp', 0, 88)."""
+    m = _CODE_RE.match(s.strip())
+    if not m:
+        raise ValueError(f"bad code address {s!r}: expected like 'L2.attn.h3:417' or 'L2.mlp:88'")
+    layer, kind, head, code = m.groups()
+    return f"L{layer}.{kind}", int(head or 0), int(code)
+
+
+def format_code(site, group, code):
+    """The inverse of parse_code."""
+    return f"{site}.h{group}:{code}" if site.endswith("attn") else f"{site}:{code}"
+
+
+# -----------------------------------------------------------------------------
+# the transformer
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, codebook):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.codebook = codebook  # groups = n_head: one codebook per head
+
+    def forward(self, x, interventions=(), cache=None, name=""):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # head-major: head h is y[..., h*hs:(h+1)*hs]
+        if cache is not None:
+            cache[name + ".in"] = y
+        ids = None
+        if self.codebook is not None:
+            y, ids = self.codebook(y, interventions)
+        return self.c_proj(y), ids
+
+
+class MLP(nn.Module):
+    def __init__(self, config, codebook):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.codebook = codebook
+
+    def forward(self, x, interventions=(), cache=None, name=""):
+        h = F.gelu(self.c_fc(x))
+        y = self.c_proj(h)
+        if cache is not None:
+            cache[name + ".hidden"] = h
+            cache[name + ".in"] = y
+        ids = None
+        if self.codebook is not None:
+            y, ids = self.codebook(y, interventions)
+        return y, ids
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        on = config.cb_layers is None or layer in config.cb_layers
+
+        def codebook(groups):
+            return CodebookLayer(config.n_embd, config.num_codes, config.k, groups, compile=config.compile)
+
+        self.layer = layer
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, codebook(config.n_head) if on and "attn" in config.cb_at else None)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config, codebook(config.mlp_groups) if on and "mlp" in config.cb_at else None)
+
+    def forward(self, x, interventions, codes, cache):
+        for kind, module, ln in (("attn", self.attn, self.ln_1), ("mlp", self.mlp, self.ln_2)):
+            name = f"L{self.layer}.{kind}"
+            here = [iv for iv in interventions if iv.site == name]
+            y, ids = module(ln(x), here, cache, name)
+            if ids is not None:
+                codes[name] = ids
+            x = x + y
+        if cache is not None:
+            cache[f"L{self.layer}.resid"] = x
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.cb_at not in CB_AT:
+            raise ValueError(f"cb_at={config.cb_at!r} is not one of {', '.join(CB_AT)}")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():
+            if pn.endswith("c_proj.weight"):  # scaled init of the residual projections, as GPT-2
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def codebooks(self):
+        """{site name: CodebookLayer} in network order."""
+        out = {}
+        for block in self.transformer.h:
+            for kind in ("attn", "mlp"):
+                cb = getattr(block, kind).codebook
+                if cb is not None:
+                    out[f"L{block.layer}.{kind}"] = cb
+        return out
+
+    def check_intervention(self, iv):
+        """Raise ValueError if an Intervention does not fit this model."""
+        cbs = self.codebooks()
+        if iv.site not in cbs:
+            raise ValueError(f"no codebook at {iv.site}: this model has {', '.join(cbs) or 'none'}")
+        cb = cbs[iv.site]
+        if not 0 <= iv.group < cb.groups:
+            raise ValueError(f"head {iv.group} out of range for {iv.site}: it has {cb.groups} group(s)")
+        if not 0 <= iv.code < cb.num_codes:
+            raise ValueError(f"code {iv.code} out of range for {iv.site}: valid 0..{cb.num_codes - 1}")
+
+    def forward(self, idx, targets=None, interventions=(), cache=None):
+        """idx (B, T) -> logits (B, T, V), loss (CE, or None), codes {site: (B, T, G, k)}, mse (summed).
+
+        interventions: a list of codebook.Intervention (inference only). cache: pass a dict to get the
+        activations before each codebook ("L1.mlp.in"), the MLP hidden units ("L1.mlp.hidden") and the
+        residual stream after each block ("L1.resid").
+        """
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        codes = {}
+        for block in self.transformer.h:
+            x = block(x, interventions, codes, cache)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        mses = [cb.last_mse for cb in self.codebooks().values()]
+        mse = torch.stack(mses).sum() if mses else None
+        return logits, loss, codes, mse
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, interventions=(), generator=None):
+        """Sample max_new_tokens after idx (B, T). No KV cache: each step reruns the whole context,
+        so an intervention at position p means the same thing at every step. Positions are absolute
+        (0 = first prompt token), so "the generated tokens" is positions range(T, T + max_new_tokens)."""
+        if idx.size(1) + max_new_tokens - 1 > self.config.block_size:
+            raise ValueError(f"{idx.size(1)} prompt + {max_new_tokens} new tokens exceed block_size "
+                             f"{self.config.block_size}")
+        for _ in range(max_new_tokens):
+            logits, _, _, _ = self(idx, interventions=interventions)
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("Inf")
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+def make_interventions(addresses, ablate=False, positions=None):
+    """['L2.attn.h3:417', ...] -> [Intervention, ...]."""
+    out = []
+    for a in addresses:
+        site, group, code = parse_code(a)
+        out.append(Intervention(site, group, code, ablate, None if positions is None else tuple(positions)))
+    return out

@@ -1,0 +1,356 @@
+"""
+Train a transformer with codebooks. The default is the TokFSM experiment, sized for a 2-core CPU:
+
+    python train.py                                 # --config=fsm: attn+MLP codebooks, k=1
+    python train.py --cb_at=none --out_dir=out-fsm-none
+    python train.py --config=fsm_paper              # the paper's run (batch 512, C=10k, 20k steps): a GPU
+    python train.py --max_iters=4000 --resume=True  # continue out_dir/ckpt.pt up to 4000 steps
+
+Overrides are --key=value (no exec); unknown keys and bad values stop with a one-line error.
+Writes out_dir/ckpt.pt (atomically, loadable with torch.load(weights_only=True)) and out_dir/metrics.json.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from fsm_data import FSM
+from model import CB_AT, GPT, GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out-fsm"  # where ckpt.pt and metrics.json go
+    # data: the finite state machine
+    fsm_seed: int = 42  # seed of the FSM's construction (42: the paper's FSM)
+    num_states: int = 100
+    num_edges: int = 10  # out-edges per state, equally likely
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128  # tokens per sequence (BOS + 63 states + 1 digit: 127 predictions)
+    cb_at: str = "attn+mlp"  # codebook sites: none, attn, mlp, attn+mlp
+    num_codes: int = 1024  # codes per codebook (per head at attention)
+    k: int = 1  # codes per token per group
+    cb_layers: str = "all"  # layers with codebooks: "all" or e.g. "0,2"
+    replace_every: int = 0  # reset codes unused for this many steps (0: off, as in the paper)
+    replace_rho: float = 0.01  # noise scale of reset codes, relative to the input's norm
+    # optimisation
+    batch_size: int = 64
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    cb_lr: float = 0.0  # learning rate of the codes (0: same as learning_rate)
+    weight_decay: float = 0.1  # never applied to codes, LayerNorms, biases
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    warmup_iters: int = 100
+    decay_lr: bool = True  # cosine decay to min_lr at max_iters (False: constant, as the paper)
+    min_lr: float = 1e-4
+    # evaluation and logging
+    eval_interval: int = 500
+    eval_seqs: int = 512  # held-out sequences for val_loss / val_acc
+    state_seqs: int = 200  # sequences sampled from BOS for state accuracy
+    log_interval: int = 50
+    # system
+    device: str = "auto"  # auto, cpu, cuda, mps
+    compile: bool = False  # torch.compile the codebook search
+    seed: int = 1337
+    resume: bool = False  # continue from out_dir/ckpt.pt
+
+
+PRESETS = {
+    "fsm": {},  # the defaults above: a 2-core CPU in about 10 minutes
+    "fsm_paper": dict(out_dir="out-fsm-paper", batch_size=512, max_iters=20000, num_codes=10000,
+                      decay_lr=False, warmup_iters=0, eval_interval=2000, eval_seqs=2048, compile=True),
+}
+
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "cb_at", "num_codes", "k", "cb_layers")
+
+
+# -----------------------------------------------------------------------------
+# configuration: --key=value, checked
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_value(key, text, default):
+    if isinstance(default, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        fail(f"--{key}={text}: expected True or False")
+    try:
+        return type(default)(text)
+    except ValueError:
+        fail(f"--{key}={text}: expected {type(default).__name__}")
+
+
+def parse_args(argv, cls=TrainConfig, presets=PRESETS):
+    """['--config=fsm', '--k=4'] -> (config, the keys given on the command line)."""
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    pairs = []
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            fail(f"bad argument {arg!r}: expected --key=value")
+        pairs.append(arg[2:].split("=", 1))
+    preset = dict(pairs).get("config", "fsm")
+    if preset not in presets:
+        fail(f"--config={preset}: unknown preset; valid: {', '.join(presets)}")
+    values = dict(fields, **presets[preset])
+    given = set()
+    for key, text in pairs:
+        if key == "config":
+            continue
+        if key not in fields:
+            fail(f"unknown key --{key}; valid: config, {', '.join(fields)}")
+        values[key] = parse_value(key, text, fields[key])
+        given.add(key)
+    return cls(**values), given
+
+
+def check(cfg):
+    """Stop on values that cannot work, naming the key and what is valid."""
+    if cfg.cb_at not in CB_AT:
+        fail(f"--cb_at={cfg.cb_at}: valid: {', '.join(CB_AT)}")
+    for key in ("n_layer", "n_head", "n_embd", "num_codes", "k", "batch_size", "num_states", "num_edges",
+                "eval_seqs", "state_seqs", "log_interval", "eval_interval"):
+        if getattr(cfg, key) < 1:
+            fail(f"--{key}={getattr(cfg, key)}: must be >= 1")
+    if cfg.max_iters < 0 or cfg.replace_every < 0 or cfg.warmup_iters < 0:
+        fail("--max_iters, --replace_every and --warmup_iters must be >= 0")
+    if cfg.k > cfg.num_codes:
+        fail(f"--k={cfg.k}: must be <= num_codes={cfg.num_codes}")
+    if cfg.n_embd % cfg.n_head:
+        fail(f"--n_embd={cfg.n_embd}: must be divisible by n_head={cfg.n_head}")
+    if cfg.num_edges > cfg.num_states:
+        fail(f"--num_edges={cfg.num_edges}: must be <= num_states={cfg.num_states}")
+    if cfg.learning_rate <= 0 or cfg.cb_lr < 0:
+        fail("--learning_rate must be > 0 and --cb_lr >= 0")
+    if cfg.device not in ("auto", "cpu", "cuda", "mps"):
+        fail(f"--device={cfg.device}: valid: auto, cpu, cuda, mps")
+    layers(cfg)
+    if cfg.block_size < 2:
+        fail(f"--block_size={cfg.block_size}: must be >= 2")
+
+
+def layers(cfg):
+    if cfg.cb_layers == "all":
+        return None
+    try:
+        out = tuple(int(x) for x in cfg.cb_layers.split(","))
+    except ValueError:
+        fail(f"--cb_layers={cfg.cb_layers}: expected 'all' or layer numbers like 0,2")
+    if any(not 0 <= i < cfg.n_layer for i in out):
+        fail(f"--cb_layers={cfg.cb_layers}: layers must be in 0..{cfg.n_layer - 1}")
+    return out
+
+
+def pick_device(name):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def build_model(cfg, vocab_size):
+    return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
+                         n_head=cfg.n_head, n_embd=cfg.n_embd, cb_at=cfg.cb_at, num_codes=cfg.num_codes,
+                         k=cfg.k, cb_layers=layers(cfg), compile=cfg.compile))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: atomic writes, weights_only reads
+
+
+def save_checkpoint(path, obj):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint whole
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def model_from_checkpoint(ckpt, device="cpu"):
+    """Rebuild the model stored in a checkpoint dict (from load_checkpoint)."""
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device)
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate(model, val, batch_size, device):
+    """Mean loss and next-token accuracy over all predicted positions of val (S, L)."""
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for seq in val.split(batch_size):
+        seq = seq.to(device)
+        logits, loss, _, _ = model(seq[:, :-1], seq[:, 1:])
+        loss_sum += loss.item() * seq[:, 1:].numel()
+        correct += (logits.argmax(-1) == seq[:, 1:]).sum().item()
+        n += seq[:, 1:].numel()
+    model.train()
+    return loss_sum / n, correct / n
+
+
+@torch.no_grad()
+def fsm_state_accuracy(model, fsm, n_seqs, block_size, device, seed=0):
+    """Sample n_seqs sequences from BOS at temperature 1; fraction of state transitions that are edges."""
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.full((n_seqs, 1), fsm.bos, dtype=torch.long, device=device)
+    out = model.generate(idx, block_size - 1, temperature=1.0, generator=gen)
+    model.train()
+    return fsm.state_accuracy(out.cpu())
+
+
+def codebook_stats(model):
+    """{site: {alive, entropy, mse}} since the last call, plus 'all'."""
+    stats = {name: cb.stats() for name, cb in model.codebooks().items()}
+    if stats:
+        sizes = {name: cb.groups * cb.num_codes for name, cb in model.codebooks().items()}
+        stats["all"] = dict(alive=sum(s["alive"] * sizes[n] for n, s in stats.items()) / sum(sizes.values()),
+                            mse=sum(s["mse"] for s in stats.values()))
+    return stats
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def lr_at(it, cfg):
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    ratio = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_optimizer(model, cfg, device):
+    codes = [p for n, p in model.named_parameters() if n.endswith(".codebook")]
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.endswith(".codebook")]
+    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay, lr_mult=1.0),
+              dict(params=rest, weight_decay=0.0, lr_mult=1.0)]
+    if codes:  # no weight decay on codes, as in the paper's runs
+        groups.append(dict(params=codes, weight_decay=0.0, lr_mult=(cfg.cb_lr or cfg.learning_rate) / cfg.learning_rate))
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device == "cuda")
+
+
+def train(cfg, given=()):
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = None
+    if cfg.resume:
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except (FileNotFoundError, ValueError) as e:
+            fail(f"cannot resume: {e}")
+        stored = ckpt["config"]
+        changed = [k for k in MODEL_KEYS if k in given and getattr(cfg, k) != stored[k]]
+        if changed:
+            fail(f"cannot resume with a different model: {', '.join(changed)} differ from the checkpoint")
+        cfg = TrainConfig(**{**stored, **{k: getattr(cfg, k) for k in given}})
+        check(cfg)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    fsm = FSM(cfg.num_states, cfg.num_edges, seed=cfg.fsm_seed)
+    model = build_model(cfg, fsm.vocab_size).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    val = fsm.sample(cfg.eval_seqs, cfg.block_size, torch.Generator().manual_seed(cfg.seed + 1))
+    it, wall_before = 0, 0.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        data_gen.set_state(ckpt["data_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        it, wall_before = ckpt["iter_num"], ckpt["wall_s"]
+        print(f"resumed from {ckpt_path} at step {it}")
+    bayes_loss, bayes_acc = fsm.bayes(cfg.block_size)
+    print(json.dumps(dataclasses.asdict(cfg)))
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
+          f"Bayes-optimal loss {bayes_loss:.4f} acc {bayes_acc:.4f}")
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, dict(
+            model=model.state_dict(), optimizer=optimizer.state_dict(), iter_num=it,
+            config=dataclasses.asdict(cfg), model_args=dataclasses.asdict(model.config),
+            data_rng=data_gen.get_state(), torch_rng=torch.get_rng_state(), wall_s=wall_before + time.time() - t0,
+            kind="fsm", fsm=dict(num_states=cfg.num_states, num_edges=cfg.num_edges, seed=cfg.fsm_seed)))
+
+    t0 = time.time()
+    start_it = it
+    bar = tqdm(total=cfg.max_iters, initial=it, desc="train", dynamic_ncols=True, disable=None)
+    while it < cfg.max_iters:
+        lr = lr_at(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        seq = fsm.sample(cfg.batch_size, cfg.block_size, data_gen).to(device)
+        _, loss, _, mse = model(seq[:, :-1], seq[:, 1:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        it += 1
+        if cfg.replace_every and it % cfg.replace_every == 0 and it < cfg.max_iters:
+            n = sum(cb.replace_dead_codes(cfg.replace_rho) for cb in model.codebooks().values())
+            bar.write(f"step {it}: replaced {n} dead codes")
+        if it % cfg.log_interval == 0 or it == cfg.max_iters:
+            bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{mse.item():.2f}" if mse is not None else "-")
+        bar.update(1)
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+            vl, va = evaluate(model, val, cfg.batch_size, device)
+            usage = codebook_stats(model)
+            alive = f" alive {usage['all']['alive']:.3f} mse {usage['all']['mse']:.3f}" if usage else ""
+            bar.write(f"step {it}: val loss {vl:.4f} (Bayes +{vl - bayes_loss:.4f}) acc {va:.4f}{alive}")
+            checkpoint()
+    bar.close()
+    wall = time.time() - t0
+    if it == start_it:  # nothing to train (resumed at max_iters): still report
+        usage = codebook_stats(model)
+    vl, va = evaluate(model, val, cfg.batch_size, device)
+    sacc = fsm_state_accuracy(model, fsm, cfg.state_seqs, cfg.block_size, device, seed=cfg.seed)
+    metrics = dict(val_loss=vl, val_acc=va, state_acc=sacc, bayes_loss=bayes_loss, bayes_acc=bayes_acc,
+                   alive={n: s["alive"] for n, s in usage.items()}, mse=usage.get("all", {}).get("mse"),
+                   iters=it, wall_s=wall_before + wall,
+                   tokens_per_s=(it - start_it) * cfg.batch_size * (cfg.block_size - 1) / max(wall, 1e-9),
+                   device=device, config=dataclasses.asdict(cfg))
+    with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    print(f"val loss {vl:.4f} (Bayes {bayes_loss:.4f}, +{vl - bayes_loss:.4f}), acc {va:.4f}, "
+          f"state acc {sacc:.4f}; wrote {cfg.out_dir}/metrics.json")
+    return metrics
+
+
+if __name__ == "__main__":
+    config, given_keys = parse_args(sys.argv[1:])
+    check(config)
+    train(config, given_keys)
