@@ -258,8 +258,18 @@ class CodebookLayer(nn.Module):
         return n_dead
 
     @torch.no_grad()
-    def kmeans_init(self, x, iters=10, seed=0):
-        """Set the codes to k-means centroids (Euclidean, in LN space) of activations x (..., dim)."""
+    def kmeans_init(self, x, iters=10, seed=0, match_scale=False):
+        """Set the codes to k-means centroids (Euclidean, in LN space) of activations x (..., dim).
+
+        match_scale: first set the LN's affine so that its output has about the scale and offset of x,
+        so that inserting the codebook into a trained network changes its activations little.
+        """
+        if match_scale:
+            d = self.dim // self.groups
+            xg = x.detach().reshape(-1, self.groups, d).float()  # (N, G, d)
+            w = xg.std(-1, unbiased=False).mean(0)[:, None]  # (G, 1): the typical token scale
+            self.ln_weight.copy_(w.expand(-1, d))
+            self.ln_bias.copy_(xg.mean(0) - w * F.layer_norm(xg, (d,), eps=1e-5).mean(0))  # means match
         xn = self.normalize(x.detach())  # (N, G, d)
         N, G, d = xn.shape
         C = self.num_codes

@@ -34,6 +34,7 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     bias: bool = True  # bias in Linears and LayerNorms, as GPT-2
+    rope: bool = True  # rotary embeddings on q, k (as GPT-NeoX, the paper's model) besides learned positions
     cb_at: str = "attn+mlp"  # which sites carry codebooks: none, attn, mlp, attn+mlp
     num_codes: int = 1024  # codes per codebook (per head for attention)
     k: int = 1  # codes per token per group
@@ -67,11 +68,24 @@ def format_code(site, group, code):
 # the transformer
 
 
+def rotate(x, base=10000.0):
+    """Rotary position embedding of (B, nh, T, hs) queries or keys: the pairs (x_i, x_{i+hs/2}) turn by
+    an angle proportional to the position, so q . k depends on the relative offset. A previous-token
+    head, which TokFSM needs, is then easy to learn; with learned absolute positions alone it plateaus long."""
+    T, hs = x.shape[-2], x.shape[-1]
+    freq = base ** (-torch.arange(0, hs // 2, device=x.device, dtype=torch.float32) / (hs // 2))
+    angle = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freq  # (T, hs/2)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., :hs // 2], x[..., hs // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, codebook):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         self.n_head = config.n_head
+        self.rope = config.rope
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.codebook = codebook  # groups = n_head: one codebook per head
@@ -80,6 +94,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if self.rope:
+            q, k = rotate(q), rotate(k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # head-major: head h is y[..., h*hs:(h+1)*hs]
         if cache is not None:
@@ -173,6 +189,19 @@ class GPT(nn.Module):
                     out[f"L{block.layer}.{kind}"] = cb
         return out
 
+    @torch.no_grad()
+    def init_codebooks(self, idx, iters=10, match_scale=True):
+        """k-means-initialise every codebook from this model's own activations on idx (B, T), site by
+        site in network order, so that each site sees the inputs it will get with the earlier codebooks
+        already in place. Used to insert codebooks into a trained network (the paper's finetuning)."""
+        was_training = self.training
+        self.eval()
+        for name, cb in self.codebooks().items():
+            cache = {}
+            self(idx, cache=cache)
+            cb.kmeans_init(cache[name + ".in"], iters=iters, match_scale=match_scale)
+        self.train(was_training)
+
     def check_intervention(self, iv):
         """Raise ValueError if an Intervention does not fit this model."""
         cbs = self.codebooks()
@@ -195,7 +224,7 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # absolute positions: TokFSM needs parity
         codes = {}
         for block in self.transformer.h:
             x = block(x, interventions, codes, cache)

@@ -349,3 +349,26 @@ def test_bad_checkpoint_is_one_line_error_and_kept(tmp_path):
     r = run_train(f"--out_dir={tmp_path}", "--resume=True")
     assert r.returncode == 2 and "unreadable" in r.stderr and r.stderr.count("\n") == 1
     assert (tmp_path / "ckpt.pt").read_bytes() == b"not a checkpoint"  # never overwritten
+
+
+def test_insert_codebooks_into_a_trained_model(tmp_path):
+    """cb_warmup: the plain weights carry over unchanged, the codes are k-means centroids."""
+    cfg = tiny_cfg(tmp_path, cb_warmup=3, max_iters=5, replace_every=0, num_codes=8)
+    train.train(cfg)
+    ckpt = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["model_args"]["cb_at"] == "attn+mlp"
+    plain = train.build_model(cfg, 11, "none")
+    idx = FSM().sample(4, 16, torch.Generator().manual_seed(0))[:, :-1]
+    torch.manual_seed(0)
+    with_cb = train.insert_codebooks(plain, cfg, 11, idx)
+    for name, p in plain.state_dict().items():
+        assert torch.equal(p, with_cb.state_dict()[name])
+    cache = {}
+    with_cb.eval()(idx, cache=cache)
+    cb = with_cb.codebooks()["L0.attn"]
+    cb(cache["L0.attn.in"])
+    kmeans_mse = cb.last_mse
+    with torch.no_grad():
+        cb.codebook.normal_()  # the default N(0, 1) init, same LN
+    cb(cache["L0.attn.in"])
+    assert kmeans_mse < 0.2 * cb.last_mse

@@ -41,22 +41,23 @@ class TrainConfig:
     num_codes: int = 1024  # codes per codebook (per head at attention)
     k: int = 1  # codes per token per group
     cb_layers: str = "all"  # layers with codebooks: "all" or e.g. "0,2"
-    replace_every: int = 0  # reset codes unused for this many steps (0: off, as in the paper)
+    cb_warmup: int = 600  # train this many steps without codebooks, then insert them (k-means init)
+    replace_every: int = 50  # reset codes unused for this many steps (0: off, as in the paper)
     replace_rho: float = 0.01  # noise scale of reset codes, relative to the input's norm
     # optimisation
     batch_size: int = 64
-    max_iters: int = 2000
-    learning_rate: float = 1e-3
+    max_iters: int = 1500
+    learning_rate: float = 5e-3
     cb_lr: float = 0.0  # learning rate of the codes (0: same as learning_rate)
     weight_decay: float = 0.1  # never applied to codes, LayerNorms, biases
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
-    warmup_iters: int = 100
+    warmup_iters: int = 20
     decay_lr: bool = True  # cosine decay to min_lr at max_iters (False: constant, as the paper)
-    min_lr: float = 1e-4
+    min_lr: float = 5e-4
     # evaluation and logging
-    eval_interval: int = 500
+    eval_interval: int = 250
     eval_seqs: int = 512  # held-out sequences for val_loss / val_acc
     state_seqs: int = 200  # sequences sampled from BOS for state accuracy
     log_interval: int = 50
@@ -70,7 +71,8 @@ class TrainConfig:
 PRESETS = {
     "fsm": {},  # the defaults above: a 2-core CPU in about 10 minutes
     "fsm_paper": dict(out_dir="out-fsm-paper", batch_size=512, max_iters=20000, num_codes=10000,
-                      decay_lr=False, warmup_iters=0, eval_interval=2000, eval_seqs=2048, compile=True),
+                      learning_rate=1e-3, decay_lr=False, warmup_iters=0, cb_warmup=0, replace_every=0,
+                      eval_interval=2000, eval_seqs=2048, compile=True),
 }
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "cb_at", "num_codes", "k", "cb_layers")
@@ -129,8 +131,9 @@ def check(cfg):
                 "eval_seqs", "state_seqs", "log_interval", "eval_interval"):
         if getattr(cfg, key) < 1:
             fail(f"--{key}={getattr(cfg, key)}: must be >= 1")
-    if cfg.max_iters < 0 or cfg.replace_every < 0 or cfg.warmup_iters < 0:
-        fail("--max_iters, --replace_every and --warmup_iters must be >= 0")
+    for key in ("max_iters", "replace_every", "warmup_iters", "cb_warmup"):
+        if getattr(cfg, key) < 0:
+            fail(f"--{key}={getattr(cfg, key)}: must be >= 0")
     if cfg.k > cfg.num_codes:
         fail(f"--k={cfg.k}: must be <= num_codes={cfg.num_codes}")
     if cfg.n_embd % cfg.n_head:
@@ -168,10 +171,19 @@ def pick_device(name):
     return "cpu"
 
 
-def build_model(cfg, vocab_size):
+def build_model(cfg, vocab_size, cb_at=None):
     return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
-                         n_head=cfg.n_head, n_embd=cfg.n_embd, cb_at=cfg.cb_at, num_codes=cfg.num_codes,
-                         k=cfg.k, cb_layers=layers(cfg), compile=cfg.compile))
+                         n_head=cfg.n_head, n_embd=cfg.n_embd, cb_at=cb_at or cfg.cb_at,
+                         num_codes=cfg.num_codes, k=cfg.k, cb_layers=layers(cfg), compile=cfg.compile))
+
+
+def insert_codebooks(model, cfg, vocab_size, idx):
+    """A copy of a trained model with codebooks added, k-means-initialised from its activations on idx."""
+    new = build_model(cfg, vocab_size).to(idx.device)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(".codebook." in k for k in missing), (missing, unexpected)
+    new.init_codebooks(idx)
+    return new
 
 
 # -----------------------------------------------------------------------------
@@ -282,7 +294,10 @@ def train(cfg, given=()):
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     fsm = FSM(cfg.num_states, cfg.num_edges, seed=cfg.fsm_seed)
-    model = build_model(cfg, fsm.vocab_size).to(device)
+    if ckpt is not None:  # the stored model: with or without its codebooks yet
+        model = GPT(GPTConfig(**ckpt["model_args"])).to(device)
+    else:
+        model = build_model(cfg, fsm.vocab_size, "none" if cfg.cb_warmup else None).to(device)
     optimizer = make_optimizer(model, cfg, device)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     val = fsm.sample(cfg.eval_seqs, cfg.block_size, torch.Generator().manual_seed(cfg.seed + 1))
@@ -310,6 +325,11 @@ def train(cfg, given=()):
     start_it = it
     bar = tqdm(total=cfg.max_iters, initial=it, desc="train", dynamic_ncols=True, disable=None)
     while it < cfg.max_iters:
+        if it >= cfg.cb_warmup and cfg.cb_at != "none" and not model.codebooks():
+            idx = fsm.sample(cfg.batch_size, cfg.block_size, data_gen).to(device)
+            model = insert_codebooks(model, cfg, fsm.vocab_size, idx[:, :-1])
+            optimizer = make_optimizer(model, cfg, device)
+            bar.write(f"step {it}: inserted codebooks ({', '.join(model.codebooks())}), k-means initialised")
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
@@ -320,7 +340,7 @@ def train(cfg, given=()):
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         it += 1
-        if cfg.replace_every and it % cfg.replace_every == 0 and it < cfg.max_iters:
+        if cfg.replace_every and it % cfg.replace_every == 0 and it < cfg.max_iters and model.codebooks():
             n = sum(cb.replace_dead_codes(cfg.replace_rho) for cb in model.codebooks().values())
             bar.write(f"step {it}: replaced {n} dead codes")
         if it % cfg.log_interval == 0 or it == cfg.max_iters:
