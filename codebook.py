@@ -23,24 +23,42 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# the search: a pure function of tensors, the one piece that is compiled
+# the search: pure functions of tensors; compile=True compiles the top-k of a tile
+#
+# The work is one (N, d) @ (d, C) score matmul per group. What made it slow is everything around it: a
+# full (N, C) score matrix does not fit in cache, and torch.topk costs ~2 ns a score on CPU, more than
+# the matmul. So scores are made a tile (~2 MB) at a time into one reused buffer, and a tile's top-k is
+# found through strided blocks: the k best codes lie in the k blocks with the best maxima, so one
+# vectorised max pass touches every score and topk sees 1/16 of them, plus 16k candidates.
 
 
-def topk_scores(x, codes, k):
-    """x (G, n, d) normalised inputs, codes (G, c, d) unit-norm codes -> top-k (values, ids), (G, n, k)."""
-    scores = torch.bmm(x, codes.transpose(1, 2))  # (G, n, c)
-    if k == 1:  # max is about twice as fast as topk on CPU
-        v, i = scores.max(dim=-1, keepdim=True)
-        return v, i
-    return scores.topk(k, dim=-1)
+def topk_scores(s, k, valid, block):
+    """Top-k of a tile of scores s (G, n, c) -> (values, ids), (G, n, k), best first. Codes from `valid`
+    on are padding up to a multiple of `block` (their scores are overwritten with -inf)."""
+    G, n, c = s.shape
+    if valid < c:
+        s[..., valid:] = float("-inf")
+    m = c // block
+    if block == 1 or m < k:
+        return s.max(dim=-1, keepdim=True) if k == 1 else s.topk(k, dim=-1)  # max: 2x faster than topk
+    blocks = s.view(G, n, block, m)  # blocks[..., r, j] is code r * m + j: block j holds codes j, m + j, ...
+    best = blocks.amax(dim=2)  # (G, n, m) block maxima: an elementwise max of `block` contiguous rows
+    if k == 1:
+        v, j = best.max(dim=-1, keepdim=True)  # (G, n, 1)
+        r = blocks.gather(3, j.unsqueeze(2).expand(G, n, block, 1)).view(G, n, block).argmax(-1, keepdim=True)
+        return v, j.add_(r, alpha=m)
+    J = best.topk(k, dim=-1).indices  # (G, n, k) the blocks that hold the k best codes
+    v, p = blocks.gather(3, J.unsqueeze(2).expand(G, n, block, k)).view(G, n, block * k).topk(k, dim=-1)
+    return v, torch.div(p, k, rounding_mode="floor") * m + J.gather(-1, p % k)
 
 
 def merge_topk(vals, ids, new_vals, new_ids, k):
     """Running top-k over code chunks: keep the k best of two candidate lists, (G, n, k) each."""
-    v = torch.cat([vals, new_vals], dim=-1)
-    i = torch.cat([ids, new_ids], dim=-1)
-    v, order = v.topk(k, dim=-1)
-    return v, i.gather(-1, order)
+    if k == 1:
+        take = new_vals > vals  # a tie keeps the earlier chunk's (lower) id
+        return torch.where(take, new_vals, vals), torch.where(take, new_ids, ids)
+    v, order = torch.cat([vals, new_vals], dim=-1).topk(k, dim=-1)
+    return v, torch.cat([ids, new_ids], dim=-1).gather(-1, order)
 
 
 _compiled = {}
@@ -50,64 +68,128 @@ def _maybe_compiled(fn, compile):
     if not compile:
         return fn
     if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=False)
+        _compiled[fn] = torch.compile(fn)  # dynamic=None: a second tile shape recompiles once, with symbolic sizes
     return _compiled[fn]
+
+
+def plan(N, G, C, k, max_elems=1 << 19):
+    """Tile sizes (groups, tokens, codes) and block size: about max_elems scores a tile, at least 32
+    tokens a matmul, and as few code chunks as possible (each adds a merge and topk's per-row cost);
+    tokens before groups (each group's codes are packed anew for the matmul)."""
+    c = max(k, -(-C // -(-C * 32 // max_elems)))  # C split evenly into chunks of <= max_elems / 32 codes
+    block = 16 if c >= max(1024, 64 * k) else 1  # >= 64 blocks a row, or the block maxima are not worth it
+    c = -(-c // block) * block  # whole blocks (the last chunk is padded)
+    n = max(1, min(N, max_elems // c))
+    return max(1, min(G, max_elems // (n * c))), n, c, block
 
 
 @torch.no_grad()
 def search(x, codebook, k, max_elems=1 << 19, compile=False):
     """Ids of the k codes most cosine-similar to each input, slot 0 the best.
 
-    x (N, G, d), codebook (G, C, d) -> ids (N, G, k) int64. Never holds more than about
-    `max_elems` scores at once: tokens and, for big codebooks, codes are processed in chunks
-    with a running top-k, so memory does not grow with N * C.
+    x (N, G, d), codebook (G, C, d) -> ids (N, G, k) int64, the same as a brute-force topk over all
+    scores (up to exact ties). Holds about `max_elems` scores at once (per thread on CPU), plus one
+    normalised chunk of codes: tiles of tokens and codes with a running top-k, so memory does not
+    grow with N * C.
     """
     N, G, d = x.shape
     C = codebook.shape[1]
-    codes = codebook / codebook.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # dividing by |x| changes no ranking
-    xt = x.transpose(0, 1)  # (G, N, d)
-    if G * C <= max_elems:  # all codes at once, as many tokens as fit
-        n_chunk, c_chunk = max(1, min(N, max_elems // (G * C))), C
-    else:  # big codebook: 1024 tokens at a time against chunks of codes
-        n_chunk = min(N, 1024)
-        c_chunk = max(k, max_elems // (G * n_chunk))
-    score_fn = _maybe_compiled(topk_scores, compile)
-    merge_fn = _maybe_compiled(merge_topk, compile)
-    out = []
-    for n0 in range(0, N, n_chunk):
-        xc = xt[:, n0:n0 + n_chunk]
-        vals, ids = score_fn(xc, codes[:, :c_chunk], k)
-        for c0 in range(c_chunk, C, c_chunk):
-            v, i = score_fn(xc, codes[:, c0:c0 + c_chunk], min(k, C - c0))
-            vals, ids = merge_fn(vals, ids, v, i + c0, k)
-        out.append(ids)
-    return torch.cat(out, dim=1).transpose(0, 1).contiguous()  # (N, G, k)
+    if x.device.type == "cpu":  # a tile per core's cache, and enough rows that topk runs on all cores
+        max_elems *= torch.get_num_threads()
+    g_tile, n_tile, c_tile, block = plan(N, G, C, k, max_elems)
+    select = _maybe_compiled(topk_scores, compile)
+    xt = x.transpose(0, 1)  # (G, N, d), a strided view the matmul reads as it is
+    buf = torch.empty(g_tile * n_tile * c_tile, device=x.device, dtype=x.dtype)  # a new one per tile: page faults
+    out = torch.empty(N, G, k, device=x.device, dtype=torch.long)
+    ids = out.transpose(0, 1)  # (G, N, k)
+    vals = torch.empty(G, N, k, device=x.device, dtype=x.dtype) if C > c_tile else None  # for merges
+    for c0 in range(0, C, c_tile):
+        valid = min(c_tile, C - c0)
+        c = -(-valid // block) * block
+        for g0 in range(0, G, g_tile):
+            g = min(g_tile, G - g0)
+            chunk = codebook[g0:g0 + g, c0:c0 + valid]
+            # unit codes (dividing by |x| changes no ranking), laid out (g, d, c): the matmul packs a
+            # transposed operand much more slowly; zero padding up to whole blocks
+            inv = torch.linalg.vector_norm(chunk, dim=-1).clamp_min_(1e-12).reciprocal_()  # (g, c)
+            codes_t = chunk.new_zeros(g, d, c) if c > valid else chunk.new_empty(g, d, c)
+            torch.mul(chunk.transpose(1, 2), inv.unsqueeze(1), out=codes_t[:, :, :valid])
+            for n0 in range(0, N, n_tile):
+                n = min(n_tile, N - n0)
+                s = torch.bmm(xt[g0:g0 + g, n0:n0 + n], codes_t, out=buf[:g * n * c].view(g, n, c))
+                v, i = select(s, min(k, valid), valid, block)
+                tile = (slice(g0, g0 + g), slice(n0, n0 + n))
+                if vals is None:  # a single chunk: its top-k is the answer
+                    ids[tile] = i
+                elif c0 == 0:  # k <= C, so the first chunk fills all k slots
+                    vals[tile], ids[tile] = v, i
+                else:
+                    vals[tile], ids[tile] = merge_topk(vals[tile], ids[tile], v, i + c0, k)
+    return out
 
 
 # -----------------------------------------------------------------------------
-# the straight-through snap with the reconstruction gradient for the codes
+# the straight-through snap with the reconstruction gradient for the codes, and a lean grouped LayerNorm
 
 
 class _Snap(torch.autograd.Function):
+    """(xn (N, G, d), codebook, ids (N, G, k)) -> out, the mean of the k chosen codes, and the logged mse,
+    sum over groups of mean over tokens of |out - xn|^2. No (N, G, k, d) tensor, forward or backward."""
+
     @staticmethod
     def forward(ctx, xn, codebook, ids, mse_weight):
         G, C, d = codebook.shape
-        flat_ids = ids + torch.arange(G, device=ids.device)[:, None] * C  # (N, G, k) into (G*C) rows
-        out = F.embedding(flat_ids, codebook.reshape(G * C, d)).mean(dim=-2)  # (N, G, d)
-        ctx.save_for_backward(xn, out, flat_ids)
+        N, _, k = ids.shape
+        flat_ids = (ids + torch.arange(G, device=ids.device)[:, None] * C).reshape(N * G, k)  # rows of (G*C, d)
+        out = F.embedding_bag(flat_ids, codebook.reshape(G * C, d), mode="mean").view(N, G, d)
+        diff = (out - xn).view(-1)
+        ctx.save_for_backward(xn, out, flat_ids)  # alive anyway (the caller holds both): no extra memory
         ctx.mse_weight, ctx.shape = mse_weight, codebook.shape
-        return out
+        mse = torch.dot(diff, diff) / N
+        ctx.mark_non_differentiable(mse)
+        return out, mse
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _):
         xn, out, flat_ids = ctx.saved_tensors
-        G, C, d = ctx.shape
-        N, _, k = flat_ids.shape
-        # d/d out of sum_g mean_n |out - sg(x)|^2, plus the loss gradient; each of the k codes gets 1/k of it
-        g = (grad_out + ctx.mse_weight * 2.0 * (out - xn) / N) / k  # (N, G, d)
-        grad_codes = torch.zeros(G * C, d, device=g.device, dtype=g.dtype)
-        grad_codes.index_add_(0, flat_ids.reshape(-1), g.unsqueeze(2).expand(N, G, k, d).reshape(-1, d))
-        return grad_out, grad_codes.view(G, C, d), None, None
+        (G, C, d), (N, k) = ctx.shape, (xn.shape[0], flat_ids.shape[1])
+        grad_codes = None
+        if ctx.needs_input_grad[1]:
+            grad_codes = torch.zeros(G * C, d, device=xn.device, dtype=xn.dtype)
+            xn, out, grad = (t.reshape(N * G, d) for t in (xn, out, grad_out))
+            for r in range(0, N * G, 8192):  # a chunk of rows at a time: no temporary the size of x
+                # d/d out of sum_g mean_n |out - sg(x)|^2 plus the loss gradient; each of the k codes gets 1/k
+                g = torch.sub(out[r:r + 8192], xn[r:r + 8192]).mul_(ctx.mse_weight * 2.0 / N)
+                g = g.add_(grad[r:r + 8192]).div_(k)
+                for j in range(k):
+                    grad_codes.index_add_(0, flat_ids[r:r + 8192, j], g)
+            grad_codes = grad_codes.view(G, C, d)
+        return grad_out, grad_codes, None, None  # straight-through to the input
+
+
+class _GroupLayerNorm(torch.autograd.Function):
+    """x (N, G, d) -> F.layer_norm(x, (d,)) * weight + bias with a (G, d) affine, saving only x and the
+    row statistics (autograd would also keep the normalised copy, the size of x) for a fused backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        xhat, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), None, None, 1e-5)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return torch.addcmul(bias, xhat, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, rstd = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w, grad_b = torch.empty_like(weight), torch.empty_like(weight)
+        for g in range(weight.shape[0]):  # the kernel takes one (d,) affine, and contiguous rows only
+            dx, grad_w[g], grad_b[g] = torch.ops.aten.native_layer_norm_backward(
+                grad[:, g].contiguous(), x[:, g].contiguous(), weight.shape[1:], mean[:, g].contiguous(),
+                rstd[:, g].contiguous(), weight[g], weight[g], [need_x, True, True])
+            if need_x:
+                grad_x[:, g] = dx
+        return grad_x, grad_w, grad_b
 
 
 # -----------------------------------------------------------------------------
@@ -191,8 +273,7 @@ class CodebookLayer(nn.Module):
     def normalize(self, x):
         """(..., dim) -> (N, G, d) in the layer's LayerNorm space."""
         d = self.dim // self.groups
-        xg = x.reshape(-1, self.groups, d)
-        return F.layer_norm(xg, (d,), eps=1e-5) * self.ln_weight + self.ln_bias
+        return _GroupLayerNorm.apply(x.reshape(-1, self.groups, d), self.ln_weight, self.ln_bias)
 
     def forward(self, x, interventions=()):
         if interventions and self.training:
@@ -205,9 +286,8 @@ class CodebookLayer(nn.Module):
                      self.max_elems, self.compile)
         if interventions:
             ids = apply_interventions(ids, interventions, self.k, T)
-        out = _Snap.apply(xn, self.codebook, ids, self.mse_weight)
+        out, mse = _Snap.apply(xn, self.codebook, ids, self.mse_weight)
         with torch.no_grad():
-            mse = (out - xn).pow(2).sum(-1).mean(0).sum()
             self.last_mse = mse
             if self.training:
                 flat = (ids + torch.arange(G, device=ids.device)[:, None] * self.num_codes).reshape(-1)

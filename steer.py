@@ -3,36 +3,51 @@ Read and control a trained codebook model: which codes stand for which FSM state
 what patching them does, and sampling with codes forced or ablated. One command each:
 
     python steer.py states --ckpt=out-fsm/ckpt.pt     # codes vs neurons as classifiers of the state
-    python steer.py patch --ckpt=out-fsm/ckpt.pt      # patch the codes of state s with those of t
-    python steer.py usage --ckpt=out-fsm/ckpt.pt      # alive codes, usage entropy, histogram
-    python steer.py show L2.mlp:88 --ckpt=out-fsm/ckpt.pt       # top contexts of one code
+    python steer.py patch --ckpt=out-fsm/ckpt.pt      # force the codes of state t into an input in state s
+    python steer.py usage --ckpt=out-fsm/ckpt.pt      # alive codes, usage entropy, a histogram
+    python steer.py show L2.mlp:88 --ckpt=out-fsm/ckpt.pt       # the top contexts of one code
     python steer.py search '\\|3' --ckpt=out-fsm/ckpt.pt         # codes that fire where a regex matches
     python steer.py generate --ckpt=out-fsm/ckpt.pt --prompt=3712 --force=L3.mlp:5 --at=new
+    python steer.py topics --ckpt=out-stories-ft/ckpt.pt    # language models: steer stories to a topic
 
 Flags are --key=value; `python steer.py COMMAND --help` lists a command's flags and defaults. Each
-command writes COMMAND.json next to the checkpoint. Errors are one line on stderr, exit status 2.
-FSM tokens are shown as digits with BOS as '|' (the text `search` matches against: "|371245...").
+command writes COMMAND.json next to the checkpoint; errors are one line on stderr, exit status 2.
+FSM tokens read as digits, BOS as '|': `search` matches its regex against text like "|371245...".
 
-Definitions (SPEC section 2). A pattern is a set M of positions in the sampled sequences:
-  state s:        the last digit of state s (there "the current state is s");
-  state+digit s,d: the first digit of the state after s, when that digit is d.
-  A code fires where its codebook selects it (any of the k slots). recall = |M and fired| / |M|,
-  precision = |M and fired| / |fired|, counted over every position of every sequence (BOS included).
-  Best code of a pattern: the highest F1 = 2 P R / (P + R) among all codes of the site (all heads).
+Definitions (SPEC section 2). A pattern is a set M of positions of the sampled sequences:
+  state s           the last digit of state s (where "the current state is s");
+  state+digit (s,d) the first digit of the state after s, when that digit is d.
+  A code fires where its codebook selects it (any of the k slots); recall = |M and fired| / |M|,
+  precision = |M and fired| / |fired|, over every position of every sequence (BOS included). The best
+  code of a pattern has the highest F1 = 2PR / (P + R) among all codes of the site (all heads).
   Neurons of the same layer: for L{i}.mlp the GELU units (L{i}.mlp.hidden), the MLP output before its
   codebook (L{i}.mlp.in) and the residual after the block (L{i}.resid); for L{i}.attn the merged head
-  outputs before the codebook (L{i}.attn.in). A neuron is thresholded at its n-th largest activation on
-  M, n = ceil(r |M|) with r the best code's recall, and fires where its activation >= the threshold
-  (recall >= r, exactly r without ties); both signs are tried (-a is a neuron too). The best neuron
-  is the one with the highest precision. `states` reports the site whose best codes have the highest
-  mean F1 over the state patterns.
-  patch: for each trial an input ending in s (last token = last digit of s) and one ending in t, both
-  BOS + ctx_states states. The codes of the t-input's last position are forced at the s-input's last
-  position (every group, every slot), and the patched next-token distribution is compared with the
-  model's own on the t-input: mean JSD / mean JSD with no patch. force_success: with all MLP codes
-  patched, the greedy next state (argmax digit by digit, the patch kept at its position) is a
-  successor of t; force_success_excl also requires it not to be a successor of s; force_baseline is
-  force_success with no patch.
+  outputs before its codebook (L{i}.attn.in). A neuron's threshold is its n-th largest activation on M,
+  n = ceil(r |M|) with r the best code's recall; it fires where its activation >= that (recall r, more
+  on ties). Both signs are tried (-a is a neuron too); the best neuron has the highest precision.
+  `states` reports the site whose best state codes have the highest mean F1.
+  patch: in each trial an input ending in s (last token = last digit of s) and one ending in t != s,
+  both BOS + ctx_states states. The codes that the t-input selects at its last position (every group,
+  every slot) are forced at the s-input's last position; the score is the mean JSD between the patched
+  next-token distribution and the model's own on the t-input, divided by the same with no patch.
+  force_success: with all MLP codes patched, the fraction of trials whose next-token distribution puts
+  more mass on first digits of t's successors than on first digits of s's successors (digits that start
+  successors of both count on both sides). greedy_success: the next state decoded greedily digit by
+  digit (the patch stays at its position) is a successor of t; *_baseline: the same with no patch.
+
+Topics (SPEC section 3; checkpoints of kind "lm", tokens from meta.json). A story is the text between
+two EOT tokens of the validation data; its topic comes from labels.npz when the data has one (the
+synthetic corpus), else from the topic's regex over its lowercased text (--topics, or the data's
+patterns, or the paper's seven). Over story tokens (not the EOT), for each topic and code: in = the
+fraction of the topic's story tokens where the code fires, out = the same over all other story tokens.
+Topic codes: in >= min_in and out <= max_out, best in - out first, at most k per head and max_codes in
+all. They are forced at every position (Intervention with positions=None; codes of one head take the
+slots k-1, k-2, ...) while sampling `samples` continuations of each prompt (after EOT; temperature 1, no
+top-k; the same random draws with and without the codes). A generation mentions the topic if its
+lowercased text matches the topic's regex; reported: that fraction unsteered (baseline) and steered.
+Prompt + new tokens must fit block_size (generate has no sliding window): a stop with an error otherwise.
+topics.json: topic -> {baseline, steered, n_codes, codes, pattern, code_rates, sample}, plus "mean" (the
+same averaged over topics) and "settings".
 """
 
 import json
@@ -43,43 +58,56 @@ import string
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import tinystories_data
 import train
 from codebook import Intervention
 from fsm_data import FSM
 from model import format_code, parse_code
 
-FLAGS = dict(  # every flag and its default; the type of the default is the type of the flag
+FLAGS = dict(  # every flag and its default; the default's type is the flag's type
     ckpt="",  # a checkpoint written by train.py (required)
     device="cpu",  # cpu, cuda, mps or auto
     seed=0,  # seed of the sampled sequences, the trials and the samples
     n_seqs=500,  # sequences sampled by states, usage, show and search
     batch_size=100,  # sequences per forward pass
-    min_count=5,  # states: patterns with fewer positions are left out of the means
+    min_count=5,  # states: patterns seen fewer times are left out of the means
     pairs=500,  # patch: random (s, t) trials
-    ctx_states=8,  # patch: states per input (after BOS)
+    ctx_states=8,  # patch: states per input, after BOS
     top=10,  # show, search: rows printed
     context=24,  # show: tokens of context before the firing token
-    prompt="",  # generate: the prompt, digits (BOS is prepended)
+    prompt="",  # generate: the prompt after BOS, digits for the FSM
     force="",  # generate: codes forced, e.g. L3.mlp:5,L1.attn.h2:40
     ablate="",  # generate: codes ablated
-    at="all",  # generate: where forced/ablated: all, prompt, new, or positions like 3,4,5
+    at="all",  # generate: where: all, prompt, new (the generated tokens) or positions like 3,4,5
     n=4,  # generate: samples
     max_new_tokens=32,  # generate
     temperature=1.0,  # generate
     top_k=0,  # generate: 0 = no top-k cut
+    data_dir="",  # topics: the token data ("": the one the checkpoint was trained on)
+    topics="",  # topics: name or name=regex, comma separated ("": the data's topics, else the paper's seven)
+    n_stories=1000,  # topics: validation stories scanned for topic codes
+    min_in=0.1,  # topics: a topic code fires on at least this fraction of the topic's story tokens
+    max_out=0.01,  # topics: and on at most this fraction of the other story tokens
+    max_codes=16,  # topics: codes forced per topic (at most k per head)
+    samples=10,  # topics: samples per prompt
+    prompts="|Once upon a time,|Once there was a|A long time ago,",  # topics: '|'-separated, each after EOT
 )
+DEFAULTS = dict(topics=dict(max_new_tokens=200))  # a command's own default for a shared flag
 COMMON = ("ckpt", "device", "seed", "batch_size")
-COMMANDS = dict(  # command: (positional argument or None, its flags)
+COMMANDS = dict(  # command: (its positional argument or None, its flags)
     states=(None, COMMON + ("n_seqs", "min_count")),
     patch=(None, COMMON + ("pairs", "ctx_states")),
     usage=(None, COMMON + ("n_seqs",)),
     show=("CODE", COMMON + ("n_seqs", "top", "context")),
     search=("REGEX", COMMON + ("n_seqs", "top")),
     generate=(None, COMMON + ("prompt", "force", "ablate", "at", "n", "max_new_tokens", "temperature", "top_k")),
+    topics=(None, COMMON + ("data_dir", "topics", "n_stories", "min_in", "max_out", "max_codes", "samples",
+                            "prompts", "max_new_tokens", "temperature")),
 )
 
 
@@ -93,38 +121,39 @@ def parse_args(argv):
     if not argv or argv[0] not in COMMANDS:
         fail(f"usage: python steer.py COMMAND [ARG] --ckpt=PATH [--key=value ...]; commands: {', '.join(COMMANDS)}")
     cmd, rest = argv[0], argv[1:]
-    pos_name, allowed = COMMANDS[cmd]
+    arg_name, allowed = COMMANDS[cmd]
+    cfg, positional = {k: DEFAULTS.get(cmd, {}).get(k, FLAGS[k]) for k in allowed}, []
     if "--help" in rest or "-h" in rest:
-        print(f"python steer.py {cmd}{' ' + pos_name if pos_name else ''} " + " ".join(f"--{k}={FLAGS[k]!r}" for k in allowed))
+        print(f"python steer.py {cmd} {arg_name or ''} " + " ".join(f"--{k}={v!r}" for k, v in cfg.items()))
         sys.exit(0)
-    cfg, positional = {k: FLAGS[k] for k in allowed}, []
-    for arg in rest:
-        if not arg.startswith("--"):
-            positional.append(arg)
+    for a in rest:
+        if not a.startswith("--"):
+            positional.append(a)
             continue
-        if "=" not in arg:
-            fail(f"bad argument {arg!r}: expected --key=value")
-        key, text = arg[2:].split("=", 1)
+        key, eq, text = a[2:].partition("=")
+        if not eq:
+            fail(f"bad argument {a!r}: expected --key=value")
         if key not in allowed:
             fail(f"unknown flag --{key} for {cmd}; valid: {', '.join(allowed)}")
         try:
             cfg[key] = type(FLAGS[key])(text)
         except ValueError:
             fail(f"--{key}={text}: expected {type(FLAGS[key]).__name__}")
-    if len(positional) != (1 if pos_name else 0):
-        fail(f"{cmd} takes {'one argument, ' + pos_name if pos_name else 'no argument'}; got {positional or 'none'}")
+    if len(positional) != bool(arg_name):
+        fail(f"{cmd} takes {'one argument, ' + arg_name if arg_name else 'no argument'}; got {positional or 'none'}")
     if not cfg["ckpt"]:
         fail("--ckpt=PATH is required")
-    for key in ("n_seqs", "batch_size", "pairs", "ctx_states", "top", "n", "max_new_tokens"):
-        if key in cfg and cfg[key] < 1:
+    for key in ("n_seqs", "batch_size", "pairs", "ctx_states", "top", "n", "max_new_tokens", "n_stories",
+                "max_codes", "samples"):
+        if cfg.get(key, 1) < 1:
             fail(f"--{key}={cfg[key]}: must be >= 1")
     if cfg["device"] not in ("cpu", "cuda", "mps", "auto") or cfg.get("temperature", 1.0) <= 0:
-        fail(f"--device={cfg['device']} must be cpu, cuda, mps or auto, and --temperature > 0")
+        fail("--device must be cpu, cuda, mps or auto, and --temperature > 0")
     return cmd, (positional or [None])[0], cfg
 
 
 # -----------------------------------------------------------------------------
-# checkpoints and tokens: the only place that knows what kind of data a checkpoint was trained on
+# checkpoints and tokens: the only place that knows what data a checkpoint was trained on
 
 
 def load(cfg):
@@ -143,17 +172,32 @@ def load(cfg):
     return ckpt, model
 
 
-def need_fsm(ckpt, cmd):
+def need_fsm(ckpt, what):
     if ckpt.get("kind") != "fsm":
-        fail(f"{cmd} needs an FSM checkpoint; this one has kind={ckpt.get('kind')!r}")
+        fail(f"{what} needs an FSM checkpoint; this one has kind={ckpt.get('kind')!r}")
     f = ckpt["fsm"]
     return FSM(f["num_states"], f["num_edges"], base=f.get("base", 10), seed=f["seed"])
 
 
 def tokenizer(ckpt):
-    """(encode, decode, render) for a checkpoint: encode(text) -> ids, BOS first; decode(ids) -> one string
-    per token; render(ids, pos0, mark) -> readable text of a window that starts at position pos0, the token
-    at position mark in [brackets]. Only FSM checkpoints for now: a language-model kind adds its branch here."""
+    """(encode, decode, render): encode(text) -> ids, BOS first; decode(ids) -> one string per token;
+    render(ids, pos0, mark) -> readable text of a window starting at position pos0, the token at position
+    mark in [brackets]. Language models (kind "lm"): the encoding in the checkpoint's meta.json, EOT
+    first and shown as '|'."""
+    if ckpt.get("kind") == "lm":
+        meta = ckpt["data"]["meta"]
+        enc = tinystories_data.make_encoding(meta["encoding"])
+
+        def encode(text):
+            return [meta["eot"]] + enc.encode_ordinary(text)
+
+        def decode(ids):  # a character split over byte tokens shows as U+FFFD
+            return ["|" if i == meta["eot"] else enc.decode_single_token_bytes(i).decode("utf-8", "replace")
+                    for i in ids]
+
+        def render(ids, pos0=0, mark=None):
+            return "".join(f"[{s}]" if p == mark else s for p, s in enumerate(decode(ids), pos0))
+        return encode, decode, render
     fsm = need_fsm(ckpt, "decoding tokens")
     alphabet = (string.digits + string.ascii_lowercase)[:fsm.base]
 
@@ -166,7 +210,7 @@ def tokenizer(ckpt):
     def decode(ids):
         return ["|" if i == fsm.bos else alphabet[i] for i in ids]
 
-    def render(ids, pos0=0, mark=None):  # a space before each state's first digit
+    def render(ids, pos0=0, mark=None):  # a space before each state
         return "".join((" " if p > 0 and (p - 1) % fsm.digits == 0 else "") + (f"[{s}]" if p == mark else s)
                        for p, s in enumerate(decode(ids), pos0))
     return encode, decode, render
@@ -184,12 +228,10 @@ def parse_codes(model, text, ablate=False, positions=None):
     out = []
     for a in filter(None, (s.strip() for s in text.split(","))):
         try:
-            site, group, code = parse_code(a)
-            iv = Intervention(site, group, code, ablate, positions)
-            model.check_intervention(iv)
+            out.append(Intervention(*parse_code(a), ablate, positions))
+            model.check_intervention(out[-1])
         except ValueError as e:
             fail(str(e))
-        out.append(iv)
     return out
 
 
@@ -198,62 +240,61 @@ def parse_codes(model, text, ablate=False, positions=None):
 
 
 def pair_counts(ids, labels, num_labels, num_codes):
-    """ids (P, n) codes firing at P positions (ids >= 0, unique per row), labels (P,) pattern id or -1 ->
-    for every (pattern, code) pair that fires together: lab (U,), code (U,), tp (U,) = |M and fired|;
-    fired (num_codes,) = firings of each code; size (num_labels,) = |M| of each pattern."""
+    """ids (P, n) codes firing at P positions (distinct within a row), labels (P,) pattern id or -1 ->
+    for each (pattern, code) pair that co-occurs: lab (U,), code (U,), tp (U,) = |M and fired|;
+    fired (num_codes,) firings per code; size (num_labels,) = |M| per pattern. No loop over codes."""
     fired = torch.bincount(ids.reshape(-1), minlength=num_codes)
     m = labels >= 0
     size = torch.bincount(labels[m], minlength=num_labels)
-    keys = (labels[m, None] * num_codes + ids[m]).reshape(-1)  # one key per (pattern, code) co-firing
-    uniq, tp = torch.unique(keys, return_counts=True)
+    uniq, tp = torch.unique((labels[m, None] * num_codes + ids[m]).reshape(-1), return_counts=True)
     return uniq // num_codes, uniq % num_codes, tp, fired, size
 
 
 def best_codes(ids, labels, num_labels, num_codes):
-    """The highest-F1 code of every pattern: code, precision, recall, each (num_labels,); -1 / 0 where
-    a pattern never occurs."""
+    """The highest-F1 code of every pattern -> code (-1 if the pattern never occurs), precision, recall."""
     lab, code, tp, fired, size = pair_counts(ids, labels, num_labels, num_codes)
-    prec, rec = tp / fired[code].double(), tp / size[lab].double()  # double: recall * |M| must give back tp
-    f1 = 2 * prec * rec / (prec + rec)
-    order = torch.sort(lab * 2.0 + f1, stable=True).indices  # by pattern, then by F1 (F1 <= 1 < 2)
-    last = torch.searchsorted(lab[order], torch.arange(num_labels), right=True) - 1  # best of each pattern
-    ok = size > 0
-    pick = order[last.clamp_min(0)]
-    z = torch.zeros(num_labels, dtype=torch.double)
+    prec, rec = tp / fired[code].double(), tp / size[lab].double()  # double: recall * |M| gives tp back
+    order = torch.sort(lab * 2.0 + 2 * prec * rec / (prec + rec), stable=True).indices  # by pattern, then F1
+    pick = order[(torch.searchsorted(lab[order], torch.arange(num_labels), right=True) - 1).clamp_min(0)]
+    ok, z = size > 0, torch.zeros(num_labels, dtype=torch.double)
     return torch.where(ok, code[pick], -1), torch.where(ok, prec[pick], z), torch.where(ok, rec[pick], z)
 
 
 def neuron_precision(acts, sorted_all, labels, recall):
-    """Neurons thresholded at a pattern's recall. acts (P, H) activations at all positions, sorted_all
-    (H, P) the same sorted ascending per unit, labels (P,) pattern id or -1, recall (S,) target recall of
-    each pattern -> precision (S, H), recall (S, H) for the sign +a, and the same two for -a.
-    Unit h on pattern s fires where a >= its n-th largest value on M_s, n = ceil(recall_s |M_s|)."""
+    """Neurons thresholded at each pattern's recall. acts (P, H) at all positions, sorted_all (H, P) the same
+    sorted ascending per unit, labels (P,) pattern id or -1, recall (S,) -> precision (S, H), recall (S, H)
+    of +a, then the same two of -a. Unit h fires where a >= its n-th largest value on M_s, n = ceil(r |M_s|)."""
     S, (P, H) = len(recall), acts.shape
     m = labels >= 0
-    lab = labels[m]
-    perm = torch.argsort(lab, stable=True)
-    a = acts[m][perm].T.contiguous()  # (H, Q): the positions of each pattern contiguous
-    size = torch.bincount(lab, minlength=S)
+    a = acts[m][torch.argsort(labels[m], stable=True)].T.contiguous()  # (H, Q): each pattern contiguous
+    size = torch.bincount(labels[m], minlength=S)
     start = (size.cumsum(0) - size).tolist()
-    n = (recall.double() * size - 1e-6).ceil().long().clamp(min=1).minimum(size.clamp_min(1))  # (S,)
-    thr = torch.zeros(2, S, H, dtype=acts.dtype)  # thresholds of +a (a >= thr) and of -a (a <= thr)
+    n = (recall.double() * size - 1e-6).ceil().long().clamp(min=1).minimum(size.clamp_min(1)).tolist()
+    thr = torch.zeros(2, S, H, dtype=acts.dtype)  # +a fires where a >= thr[0], -a where a <= thr[1]
     tp = torch.zeros(2, S, H, dtype=torch.long)
     for s in size.nonzero().squeeze(1).tolist():  # a loop over patterns, vectorised over units
         seg = a[:, start[s]:start[s] + size[s]].sort(dim=1).values  # (H, |M_s|) ascending
-        ns = int(n[s])
-        thr[0, s], thr[1, s] = seg[:, -ns], seg[:, ns - 1]  # the n-th largest; the n-th smallest (-a's n-th largest)
-        tp[0, s] = size[s] - torch.searchsorted(seg, thr[0, s, :, None]).squeeze(1)  # ties count as hits
+        thr[0, s], thr[1, s] = seg[:, -n[s]], seg[:, n[s] - 1]  # n-th largest; n-th smallest = -(-a's n-th largest)
+        tp[0, s] = size[s] - torch.searchsorted(seg, thr[0, s, :, None]).squeeze(1)  # ties fire too
         tp[1, s] = torch.searchsorted(seg, thr[1, s, :, None], right=True).squeeze(1)
-    fired_pos = P - torch.searchsorted(sorted_all, thr[0].T.contiguous())  # (H, S): a >= thr
-    fired_neg = torch.searchsorted(sorted_all, thr[1].T.contiguous(), right=True)  # (H, S): a <= thr
+    fired_pos = P - torch.searchsorted(sorted_all, thr[0].T.contiguous())  # (H, S)
+    fired_neg = torch.searchsorted(sorted_all, thr[1].T.contiguous(), right=True)
     rec = tp / size.clamp_min(1)[None, :, None]
     return tp[0] / fired_pos.T.clamp_min(1), rec[0], tp[1] / fired_neg.T.clamp_min(1), rec[1]
 
 
+def successor_starts(fsm):
+    """(N, base) bool: [x, d] is True where some successor of state x begins with digit d."""
+    u, v = torch.as_tensor(fsm.transitions > 0).nonzero().unbind(1)
+    starts = torch.zeros(fsm.num_states, fsm.base, dtype=torch.bool)
+    starts[u, torch.as_tensor(fsm.state_digits[:, 0])[v]] = True
+    return starts
+
+
 def jsd(p, q):
-    """Jensen-Shannon divergence in nats of distributions along the last dim: (..., V), (..., V) -> (...)."""
+    """Jensen-Shannon divergence (nats) of distributions along the last dim: (..., V), (..., V) -> (...)."""
     m = 0.5 * (p + q)
-    return 0.5 * (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(-1) + 0.5 * (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
+    return 0.5 * ((torch.xlogy(p, p) - torch.xlogy(p, m)).sum(-1) + (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1))
 
 
 # -----------------------------------------------------------------------------
@@ -262,8 +303,7 @@ def jsd(p, q):
 
 @torch.no_grad()
 def run(model, tokens, batch_size, keep=(), desc="forward"):
-    """tokens (B, T) -> codes {site: (B, T, G, k)}, the cached activations named in keep {name: (B*T, H)},
-    and the logits (B, T, V)."""
+    """tokens (B, T) -> codes {site: (B, T, G, k)}, activations {name in keep: (B*T, H)}, logits (B, T, V)."""
     dev = next(model.parameters()).device
     codes, acts, logits = {}, {k: [] for k in keep}, []
     for x in tqdm(tokens.split(batch_size), desc=desc, disable=None, leave=False):
@@ -274,11 +314,11 @@ def run(model, tokens, batch_size, keep=(), desc="forward"):
         for k in keep:
             acts[k].append(cache[k].reshape(-1, cache[k].shape[-1]).float().cpu())
         logits.append(lg.cpu())
-    return ({s: torch.cat(v) for s, v in codes.items()}, {k: torch.cat(v) for k, v in acts.items()}, torch.cat(logits))
+    return {s: torch.cat(v) for s, v in codes.items()}, {k: torch.cat(v) for k, v in acts.items()}, torch.cat(logits)
 
 
 def flat_ids(codes, num_codes):
-    """(B, T, G, k) ids -> (B*T, G*k) ids unique across groups (group g's code c is g*C + c)."""
+    """(B, T, G, k) ids -> (B*T, G*k) ids distinct across groups: group g's code c is g*C + c."""
     B, T, G, k = codes.shape
     return (codes + torch.arange(G)[:, None] * num_codes).reshape(B * T, G * k)
 
@@ -292,8 +332,8 @@ def neuron_sources(site):
     return [f"{site}.in"] if kind == "attn" else [f"{site}.hidden", f"{site}.in", f"{layer}.resid"]
 
 
-def sample_fsm(fsm, cfg, block_size):
-    return fsm.sample(cfg["n_seqs"], block_size, torch.Generator().manual_seed(cfg["seed"]))
+def sample_fsm(fsm, cfg, model):
+    return fsm.sample(cfg["n_seqs"], model.config.block_size, torch.Generator().manual_seed(cfg["seed"]))
 
 
 # -----------------------------------------------------------------------------
@@ -301,49 +341,43 @@ def sample_fsm(fsm, cfg, block_size):
 
 
 def cmd_states(cfg, ckpt, model):
-    fsm = need_fsm(ckpt, "states")
-    t0 = time.time()
-    tokens = sample_fsm(fsm, cfg, model.config.block_size)  # (B, L)
+    fsm, t0 = need_fsm(ckpt, "states"), time.time()
+    tokens = sample_fsm(fsm, cfg, model)  # (B, L)
     state, digit = fsm.state_labels(tokens)  # (B, L) each
-    prev = torch.cat([torch.full_like(state[:, :1], -1), state[:, :-1]], 1)  # state of the position before
-    D, N = fsm.digits, fsm.num_states
-    families = dict(  # pattern id per position, -1 outside every pattern
-        state=torch.where((digit == D - 1) & (state >= 0), state, -1).reshape(-1),
+    prev = torch.cat([torch.full_like(state[:, :1], -1), state[:, :-1]], 1)  # the state one position back
+    families = dict(  # pattern id per position, -1 outside the family's patterns
+        state=torch.where((digit == fsm.digits - 1) & (state >= 0), state, -1).reshape(-1),
         state_digit=torch.where((digit == 0) & (prev >= 0), prev * fsm.base + tokens, -1).reshape(-1))
-    num = dict(state=N, state_digit=N * fsm.base)
+    num = dict(state=fsm.num_states, state_digit=fsm.num_states * fsm.base)
     cbs = model.codebooks()
-    keep = sorted({k for s in cbs for k in neuron_sources(s)})
-    codes, acts, _ = run(model, tokens, cfg["batch_size"], keep)
+    codes, acts, _ = run(model, tokens, cfg["batch_size"], sorted({k for s in cbs for k in neuron_sources(s)}))
     sites, table = {}, {}
-    for site in tqdm(cbs, desc="sites", disable=None, leave=False):
-        C = cbs[site].num_codes
-        ids = flat_ids(codes[site], C)
-        sorted_all = {k: acts[k].T.contiguous().sort(dim=1).values for k in neuron_sources(site)}
-        res = {}
+    for site, cb in tqdm(cbs.items(), desc="sites", disable=None, leave=False):
+        ids, C = flat_ids(codes[site], cb.num_codes), cb.num_codes
+        sorted_all = {k: acts[k].T.contiguous().sort(dim=1).values for k in neuron_sources(site)}  # (H, P)
+        sites[site] = {}
         for fam, labels in families.items():
-            code, prec, rec = best_codes(ids, labels, num[fam], cbs[site].groups * C)
+            code, prec, rec = best_codes(ids, labels, num[fam], cb.groups * C)
             size = torch.bincount(labels[labels >= 0], minlength=num[fam])
-            best = torch.full((num[fam],), -1.0)
-            who = [""] * num[fam]
-            for src in neuron_sources(site):  # best neuron of each pattern over sources, units and signs
+            best, who = torch.full((num[fam],), -1.0), [""] * num[fam]
+            for src in neuron_sources(site):  # the best neuron of each pattern: over sources, units, signs
                 pp, _, pn, _ = neuron_precision(acts[src], sorted_all[src], labels, rec)
                 for sign, p in (("+", pp), ("-", pn)):
                     v, h = p.max(1)
                     for s in (v > best).nonzero().squeeze(1).tolist():
                         who[s] = f"{sign}{src}[{h[s]}]"
                     best = torch.maximum(best, v)
-            keep_s = size >= cfg["min_count"]
+            ok = size >= cfg["min_count"]
             f1 = 2 * prec * rec / (prec + rec).clamp_min(1e-12)
-            res[fam] = dict(patterns=int(keep_s.sum()), code_precision=prec[keep_s].mean().item(),
-                            code_recall=rec[keep_s].mean().item(), code_f1=f1[keep_s].mean().item(),
-                            neuron_precision=best[keep_s].mean().item())
+            sites[site][fam] = dict(patterns=int(ok.sum()), code_precision=prec[ok].mean().item(),
+                                    code_recall=rec[ok].mean().item(), code_f1=f1[ok].mean().item(),
+                                    neuron_precision=best[ok].mean().item())
             if fam == "state":
                 table[site] = [dict(state=s, count=int(size[s]), code=code_name(site, code[s], C),
                                     precision=round(prec[s].item(), 4), recall=round(rec[s].item(), 4),
                                     neuron=who[s], neuron_precision=round(best[s].item(), 4))
-                               for s in range(N) if keep_s[s]]
-        sites[site] = res
-    print(f"{'site':10s} | {'state: code prec':>16s} {'recall':>6s} {'neuron prec':>11s} | "
+                               for s in range(fsm.num_states) if ok[s]]
+    print(f"{'':10s} | {'state: code prec':>16s} {'recall':>6s} {'neuron prec':>11s} | "
           f"{'state+digit: code prec':>22s} {'recall':>6s} {'neuron prec':>11s}")
     for site, r in sites.items():
         a, b = r["state"], r["state_digit"]
@@ -351,7 +385,7 @@ def cmd_states(cfg, ckpt, model):
               f"{b['code_precision']:22.3f} {b['code_recall']:6.3f} {b['neuron_precision']:11.3f}")
     top = max(sites, key=lambda s: sites[s]["state"]["code_f1"])
     r = sites[top]["state"]
-    print(f"best site {top}: state codes precision {r['code_precision']:.3f} (recall {r['code_recall']:.3f}) vs "
+    print(f"best site {top}: state codes precision {r['code_precision']:.3f} (recall {r['code_recall']:.3f}), "
           f"best neurons {r['neuron_precision']:.3f} at the same recall, over {r['patterns']} states")
     out = dict(site=top, code_precision=r["code_precision"], code_recall=r["code_recall"],
                neuron_precision=r["neuron_precision"], state_digit=sites[top]["state_digit"], sites=sites,
@@ -362,52 +396,47 @@ def cmd_states(cfg, ckpt, model):
 
 @torch.no_grad()
 def patched_run(model, x, codes, sites, steps, base):
-    """x (B, L) inputs; codes {site: (B, G, k)} forced at position L-1 of each row. Rows that force the
-    same codes share one forward pass. -> next-token probs at L-1 (B, V) and `steps` greedy digits (B, steps)."""
+    """x (B, L); codes {site: (B, G, k)} forced at position L-1, row by row, in the codebooks of `sites`
+    -> next-token probs at L-1 (B, V) and `steps` greedy digits (B, steps), the patch kept at L-1.
+    Interventions hold for a whole batch, so rows that force the same codes share a forward pass."""
     B, L = x.shape
-    key = torch.cat([codes[s].reshape(B, -1) for s in sites], 1) if sites else torch.zeros(B, 1, dtype=torch.long)
+    key = torch.cat([codes[s].reshape(B, -1) for s in sites] + [torch.zeros(B, 1, dtype=torch.long)], 1)
     uniq, inv = torch.unique(key, dim=0, return_inverse=True)
     probs, greedy = torch.zeros(B, model.config.vocab_size), torch.zeros(B, steps, dtype=torch.long)
     for u in range(len(uniq)):
         rows = (inv == u).nonzero().squeeze(1)
-        ivs = [Intervention(s, g, int(c[g, j]), positions=(L - 1,))
-               for s in sites for c in [codes[s][rows[0]]] for g in range(c.shape[0])
-               for j in reversed(range(c.shape[1]))]  # slot k-1 first: the k forced codes fill slots k-1..0
+        c = {s: codes[s][rows[0]] for s in sites}  # (G, k) each
+        ivs = [Intervention(s, g, int(c[s][g, j]), positions=(L - 1,)) for s in sites
+               for g in range(c[s].shape[0]) for j in reversed(range(c[s].shape[1]))]  # fills slots k-1 .. 0
         xr = x[rows]
         for step in range(max(1, steps)):
-            logits = model(xr, interventions=ivs)[0][:, -1]  # (b, V)
+            logits = model(xr, interventions=ivs)[0][:, -1].cpu()  # (b, V)
             if step == 0:
-                probs[rows] = F.softmax(logits.float(), -1).cpu()
+                probs[rows] = F.softmax(logits.float(), -1)
             if steps:
-                d = logits[:, :base].argmax(-1)  # digits only: the next state's digits
-                greedy[rows, step] = d.cpu()
-                xr = torch.cat([xr, d[:, None]], 1)
+                greedy[rows, step] = d = logits[:, :base].argmax(-1)  # digits only
+                xr = torch.cat([xr, d[:, None].to(xr.device)], 1)
     return probs, greedy
 
 
 def cmd_patch(cfg, ckpt, model):
-    fsm = need_fsm(ckpt, "patch")
-    t0 = time.time()
+    fsm, t0 = need_fsm(ckpt, "patch"), time.time()
     D, N, n = fsm.digits, fsm.num_states, cfg["ctx_states"]
     L = 1 + D * n
     if L + D - 1 > model.config.block_size:
-        fail(f"--ctx_states={n}: 1 + {D}*{n} tokens plus {D - 1} greedy digits exceed block_size {model.config.block_size}")
+        fail(f"--ctx_states={n}: {L} tokens plus {D - 1} greedy digits exceed block_size {model.config.block_size}")
     gen = torch.Generator().manual_seed(cfg["seed"])
-    walks = fsm.sample_states(max(20 * N, 4 * cfg["pairs"]), n, gen)  # (pool, n): the pool of inputs
+    walks = fsm.sample_states(max(20 * N, 4 * cfg["pairs"]), n, gen)  # (pool, n): the inputs to draw from
     pool, last = fsm.encode(walks, L), walks[:, -1]
     count = torch.bincount(last, minlength=N)
-    have = count.nonzero().squeeze(1)  # states some pool input ends in
+    have = count.nonzero().squeeze(1)  # the states that some input ends in
     if len(have) < 2:
-        fail("fewer than two states reachable as the last state of an input: try a larger --ctx_states")
+        fail("fewer than two distinct last states among the inputs: try another --ctx_states")
     order, start = torch.argsort(last, stable=True), count.cumsum(0) - count
     s = have[torch.randint(len(have), (cfg["pairs"],), generator=gen)]
     t = have[(torch.searchsorted(have, s) + torch.randint(1, len(have), (cfg["pairs"],), generator=gen)) % len(have)]
-
-    def pick(st):  # a random pool input ending in each state of st
-        return order[start[st] + (torch.rand(len(st), generator=gen) * count[st]).long()]
-    dev = next(model.parameters()).device
-    xs, xt = pool[pick(s)].to(dev), pool[pick(t)].to(dev)  # (pairs, L): inputs ending in s, in t
-    codes_t, _, logits_t = run(model, xt, cfg["batch_size"], desc="target inputs")
+    xs, xt = (pool[order[start[st] + (torch.rand(len(st), generator=gen) * count[st]).long()]] for st in (s, t))
+    codes_t, _, logits_t = run(model, xt, cfg["batch_size"], desc="t-inputs")  # (pairs, L) inputs in s, in t
     p_t = F.softmax(logits_t[:, -1].float(), -1)  # (pairs, V): the model's own distribution in state t
     last_codes = {site: c[:, -1] for site, c in codes_t.items()}  # (pairs, G, k)
     cbs = list(model.codebooks())
@@ -416,52 +445,53 @@ def cmd_patch(cfg, ckpt, model):
         if any(x.endswith(kind) for x in cbs):
             conditions[f"all_{kind}"] = [x for x in cbs if x.endswith(kind)]
     conditions["all"] = cbs
-    raw, greedy = {}, {}
+    raw, probs, greedy = {}, {}, {}
+    dev = next(model.parameters()).device
     for name in tqdm(conditions, desc="conditions", disable=None, leave=False):
         steps = D if name in ("none", "all_mlp") else 0
-        p, greedy[name] = patched_run(model, xs, last_codes, conditions[name], steps, fsm.base)
-        raw[name] = jsd(p, p_t).mean().item()
+        probs[name], greedy[name] = patched_run(model, xs.to(dev), last_codes, conditions[name], steps, fsm.base)
+        raw[name] = jsd(probs[name], p_t).mean().item()
     norm = {k: v / raw["none"] for k, v in raw.items()}
-    succ = torch.as_tensor(fsm.transitions > 0)
-    digits_value = torch.as_tensor([fsm.base ** (D - 1 - j) for j in range(D)])
+    succ, starts = torch.as_tensor(fsm.transitions > 0), successor_starts(fsm)  # (N, N), (N, base)
+    place = torch.as_tensor([fsm.base ** (D - 1 - j) for j in range(D)])
 
-    def succ_of(g, st):  # is the greedy next state (B,) a successor of st (B,)?
-        nxt = (g.cpu() * digits_value).sum(1)
-        ok = nxt < N
-        return ok & succ[st, nxt.clamp_max(N - 1)]
-    out = dict(jsd=norm, jsd_raw=raw, pairs=cfg["pairs"], ctx_states=n, seed=cfg["seed"])
-    if "all_mlp" in greedy:
-        ok_t = succ_of(greedy["all_mlp"], t)
-        out.update(force_success=ok_t.float().mean().item(),
-                   force_success_excl=(ok_t & ~succ_of(greedy["all_mlp"], s)).float().mean().item(),
-                   force_baseline=succ_of(greedy["none"], t).float().mean().item())
-    out["wall_s"] = time.time() - t0
+    def moved(p):  # more next-token mass on first digits of t's successors than on those of s's
+        return ((p[:, :fsm.base] * starts[t]).sum(-1) > (p[:, :fsm.base] * starts[s]).sum(-1)).float().mean().item()
+
+    def greedy_ok(g):  # the greedy next state is a successor of t
+        nxt = (g * place).sum(1)
+        return ((nxt < N) & succ[t, nxt.clamp_max(N - 1)]).float().mean().item()
+    out = dict(jsd=norm, jsd_raw=raw)
+    if "all_mlp" in probs:
+        out.update(force_success=moved(probs["all_mlp"]), force_baseline=moved(probs["none"]),
+                   greedy_success=greedy_ok(greedy["all_mlp"]), greedy_baseline=greedy_ok(greedy["none"]))
+    out.update(pairs=cfg["pairs"], ctx_states=n, seed=cfg["seed"], wall_s=time.time() - t0)
     for k, v in norm.items():
         print(f"{k:10s} normalised JSD {v:.3f}  (raw {raw[k]:.4f} nats)")
     if "force_success" in out:
-        print(f"forcing t's MLP codes: greedy next state is a successor of t in {out['force_success']:.3f} of trials "
-              f"({out['force_success_excl']:.3f} not also of s; {out['force_baseline']:.3f} with no patch)")
+        print(f"t's MLP codes forced: the next digit favours t's successors over s's in {out['force_success']:.3f} "
+              f"of trials ({out['force_baseline']:.3f} with no patch); the greedy next state is a successor of t "
+              f"in {out['greedy_success']:.3f} ({out['greedy_baseline']:.3f} with no patch)")
     write_json(cfg, "patch.json", out)
     return out
 
 
 def cmd_usage(cfg, ckpt, model):
-    fsm = need_fsm(ckpt, "usage")
-    codes, _, _ = run(model, sample_fsm(fsm, cfg, model.config.block_size), cfg["batch_size"])
+    codes, _, _ = run(model, sample_fsm(need_fsm(ckpt, "usage"), cfg, model), cfg["batch_size"])
     out = {}
-    buckets = [(0, 0), (1, 9), (10, 99), (100, 999), (1000, 9999), (10000, float("inf"))]  # firings per code
     for site, cb in model.codebooks().items():
         G, C = cb.groups, cb.num_codes
         n = torch.bincount(flat_ids(codes[site], C).reshape(-1), minlength=G * C).view(G, C).double()
         p = n / n.sum(1, keepdim=True)
-        entropy = -(torch.xlogy(p, p) / math.log(2)).sum(1).mean().item()
-        hist = {(str(lo) if lo == hi else f"{lo}+" if hi == float("inf") else f"{lo}-{hi}"): int(((n >= lo) & (n <= hi)).sum())
-                for lo, hi in buckets}
-        out[site] = dict(alive=(n > 0).double().mean().item(), entropy_bits=entropy,
-                         max_entropy_bits=math.log2(C), histogram=hist)
-        print(f"{site:10s} alive {out[site]['alive']:.3f}  entropy {entropy:.2f} of {math.log2(C):.2f} bits")
+        entropy = -(torch.xlogy(p, p) / math.log(2)).sum(1).mean().item()  # bits, mean over groups
+        hist = {"0": int((n == 0).sum())}  # codes by firings, in decades
+        for e in range(int(math.log10(max(n.max().item(), 1))) + 1):
+            hist[f"{10 ** e}-{10 ** (e + 1) - 1}"] = int(((n >= 10 ** e) & (n < 10 ** (e + 1))).sum())
+        out[site] = dict(alive=(n > 0).double().mean().item(), entropy_bits=entropy, max_bits=math.log2(C),
+                         histogram=hist)
+        print(f"{site:10s} alive {out[site]['alive']:.3f}, entropy {entropy:.2f} of {math.log2(C):.2f} bits")
         for k, v in hist.items():
-            print(f"    fired {k:>9s} times: {v:6d} codes {'#' * math.ceil(40 * v / (G * C))}")
+            print(f"    {v:6d} codes fired {k:>11s} times {'#' * math.ceil(40 * v / (G * C))}")
     write_json(cfg, "usage.json", out)
     return out
 
@@ -469,26 +499,21 @@ def cmd_usage(cfg, ckpt, model):
 def cmd_show(cfg, ckpt, model, address):
     fsm = need_fsm(ckpt, "show")
     (iv,) = parse_codes(model, address)
-    cb = model.codebooks()[iv.site]
-    tokens = sample_fsm(fsm, cfg, model.config.block_size)
+    cb, tokens = model.codebooks()[iv.site], sample_fsm(fsm, cfg, model)
     codes, acts, _ = run(model, tokens, cfg["batch_size"], keep=(f"{iv.site}.in",))
     fired = (codes[iv.site][:, :, iv.group] == iv.code).any(-1).reshape(-1)  # (B*T,)
     where = fired.nonzero().squeeze(1)
-    x = cb.normalize(acts[f"{iv.site}.in"][where].to(cb.codebook.device))[:, iv.group]  # (n, d) in LN space
-    c = cb.codebook[iv.group, iv.code]
-    score = (x @ c / c.norm()).cpu()  # cosine-style similarity: how strongly each firing selects the code
-    render = tokenizer(ckpt)[2]
-    state, digit = fsm.state_labels(tokens)
-    L = tokens.shape[1]
+    with torch.no_grad():  # how strongly each firing selects the code: its cosine score in the layer's LN space
+        x = cb.normalize(acts[f"{iv.site}.in"][where].to(cb.codebook.device))[:, iv.group]  # (n, d)
+        score = (x @ cb.codebook[iv.group, iv.code] / cb.codebook[iv.group, iv.code].norm()).cpu()
+    state, digit = (t.reshape(-1)[where] for t in fsm.state_labels(tokens))
     print(f"{address} fires at {len(where)} of {fired.numel()} positions ({len(where) / fired.numel():.4f})")
-    lab = (state.reshape(-1)[where] * fsm.digits + digit.reshape(-1)[where]).clamp_min(-1)
-    if len(where):
-        vals, cnt = torch.unique(lab, return_counts=True)
-        for i in cnt.argsort(descending=True)[:5].tolist():
-            v = int(vals[i])
-            what = "BOS or a cut-off state" if v < 0 else f"state {v // fsm.digits} digit {v % fsm.digits}"
-            print(f"  {cnt[i] / len(where):6.1%} at {what}")
-    rows = []
+    what, cnt = torch.unique(torch.where(state >= 0, state * fsm.digits + digit, -1), return_counts=True)
+    for i in cnt.argsort(descending=True)[:5].tolist():
+        w = int(what[i])
+        print(f"  {cnt[i] / len(where):6.1%} at " + (f"state {w // fsm.digits} digit {w % fsm.digits}" if w >= 0
+                                                     else "BOS or an unfinished state"))
+    render, L, rows = tokenizer(ckpt)[2], tokens.shape[1], []
     for i in score.argsort(descending=True)[:cfg["top"]].tolist():
         b, p = divmod(int(where[i]), L)
         lo = max(0, p - cfg["context"])
@@ -501,35 +526,34 @@ def cmd_show(cfg, ckpt, model, address):
 
 
 def cmd_search(cfg, ckpt, model, regex):
-    fsm = need_fsm(ckpt, "search")
+    tokens, decode = sample_fsm(need_fsm(ckpt, "search"), cfg, model), tokenizer(ckpt)[1]
     try:
         pattern = re.compile(regex)
     except re.error as e:
         fail(f"bad regex {regex!r}: {e}")
-    tokens = sample_fsm(fsm, cfg, model.config.block_size)
-    decode = tokenizer(ckpt)[1]
-    B, L = tokens.shape
-    labels = torch.full((B, L), -1)
-    for b in range(B):  # a position matches if a match of the regex ends at its token
-        pieces = decode(tokens[b].tolist())
+    labels = torch.full(tokens.shape, -1)  # 0 where a match ends at the token
+    for b, row in enumerate(tokens.tolist()):
+        pieces = decode(row)
         ends = torch.tensor([len(s) for s in pieces]).cumsum(0)  # one past each token's last character
         for m in pattern.finditer("".join(pieces)):
             if m.end() > m.start():
                 labels[b, torch.searchsorted(ends, m.end() - 1, right=True)] = 0
     labels = labels.reshape(-1)
     if not (labels == 0).any():
-        fail(f"regex {regex!r} matches nowhere in {B} sampled sequences")
+        fail(f"regex {regex!r} matches nowhere in {len(tokens)} sampled sequences")
     codes, _, _ = run(model, tokens, cfg["batch_size"])
     rows = []
     for site, cb in model.codebooks().items():
         _, code, tp, fired, size = pair_counts(flat_ids(codes[site], cb.num_codes), labels, 1, cb.groups * cb.num_codes)
-        prec, rec = tp / fired[code], tp / size[0]
-        rows += [dict(code=code_name(site, c, cb.num_codes), precision=p, recall=r, f1=2 * p * r / (p + r), fired=int(f))
-                 for c, p, r, f in zip(code.tolist(), prec.tolist(), rec.tolist(), fired[code].tolist())]
+        for c, k, f in zip(code.tolist(), tp.tolist(), fired[code].tolist()):
+            p, r = k / f, k / size[0].item()
+            rows.append(dict(code=code_name(site, c, cb.num_codes), precision=p, recall=r,
+                             f1=2 * p * r / (p + r), fired=f))
     rows.sort(key=lambda r: -r["f1"])
-    print(f"{regex!r} matches {int((labels == 0).sum())} of {labels.numel()} positions; best codes by F1:")
+    print(f"/{regex}/ matches at {int((labels == 0).sum())} of {labels.numel()} positions; the best codes by F1:")
     for r in rows[:cfg["top"]]:
-        print(f"  {r['code']:16s} precision {r['precision']:.3f} recall {r['recall']:.3f} f1 {r['f1']:.3f} fired {r['fired']}")
+        print(f"  {r['code']:16s} precision {r['precision']:.3f} recall {r['recall']:.3f} F1 {r['f1']:.3f} "
+              f"fired {r['fired']}")
     out = dict(regex=regex, matches=int((labels == 0).sum()), codes=rows[:max(cfg["top"], 100)])
     write_json(cfg, "search.json", out)
     return out
@@ -548,22 +572,159 @@ def cmd_generate(cfg, ckpt, model):
     except ValueError:
         fail(f"--at={cfg['at']}: expected all, prompt, new or positions like 3,4,5")
     ivs = parse_codes(model, cfg["force"], False, positions) + parse_codes(model, cfg["ablate"], True, positions)
-    k = {s: cb.k for s, cb in model.codebooks().items()}
     for iv in ivs:
-        if sum(j.site == iv.site and j.group == iv.group and not j.ablate for j in ivs) > k[iv.site]:
-            fail(f"more than k={k[iv.site]} codes forced into {iv.site} group {iv.group}")
-    dev = next(model.parameters()).device
-    out = {}
+        if sum((j.site, j.group, j.ablate) == (iv.site, iv.group, False) for j in ivs) > model.codebooks()[iv.site].k:
+            fail(f"more than k={model.codebooks()[iv.site].k} codes forced into {iv.site} group {iv.group}")
+    dev, out = next(model.parameters()).device, {}
     for name, use in (("baseline", []), ("steered", ivs)):
         gen = torch.Generator(device=dev).manual_seed(cfg["seed"])  # the same noise for both: only the codes differ
         y = model.generate(idx.to(dev), new, cfg["temperature"], cfg["top_k"] or None, use, gen).cpu()
-        texts = [render(row) for row in y.tolist()]
-        out[name] = dict(samples=texts, state_acc=fsm.state_accuracy(y))
-        print(f"{name} (valid transitions {out[name]['state_acc']:.3f}):")
-        for s in texts:
-            print("  " + s)
+        out[name] = dict(samples=[render(row) for row in y.tolist()], state_acc=fsm.state_accuracy(y))
+        print(f"{name} (valid transitions {out[name]['state_acc']:.3f}):\n  " + "\n  ".join(out[name]["samples"]))
     out.update(prompt=cfg["prompt"], force=cfg["force"], ablate=cfg["ablate"], at=cfg["at"], seed=cfg["seed"])
     write_json(cfg, "generate.json", out)
+    return out
+
+# -----------------------------------------------------------------------------
+# topics: codes that stand for a story's topic, forced to steer generation (SPEC section 3)
+
+
+def topic_rates(ids, member, num_codes):
+    """ids (P, n) codes firing at P story tokens (unique per row), member (P, K) whether each token's story
+    is about topic K -> in_rate (K, num_codes): fraction of the topic's tokens where the code fires;
+    out_rate (K, num_codes): the same over all other story tokens."""
+    member = member.bool()
+    fired = torch.bincount(ids.reshape(-1), minlength=num_codes).double()  # (C,) firings over all tokens
+    fired_in = torch.stack([torch.bincount(ids[m].reshape(-1), minlength=num_codes) for m in member.T]).double()
+    n_in = member.sum(0).double()[:, None]  # (K, 1)
+    return fired_in / n_in.clamp_min(1), (fired - fired_in) / (len(ids) - n_in).clamp_min(1)
+
+
+def pick_topic_codes(rows, k, min_in, max_out, max_codes):
+    """rows: [(address, site, group, code, in_rate, out_rate)] of one topic -> the codes to force, best first:
+    in_rate >= min_in and out_rate <= max_out, by in_rate - out_rate, at most k per (site, group) (they
+    take the slots k-1, k-2, ... of that group) and max_codes in all."""
+    ok = sorted((r for r in rows if r[4] >= min_in and r[5] <= max_out), key=lambda r: (r[5] - r[4], r[0]))
+    out, used = [], {}
+    for r in ok:
+        if len(out) < max_codes and used.get((r[1], r[2]), 0) < k[r[1]]:
+            out.append(r)
+            used[(r[1], r[2])] = used.get((r[1], r[2]), 0) + 1
+    return out
+
+
+def mention_rate(texts, pattern):
+    """Fraction of texts whose lowercased text matches the regex pattern."""
+    rx = re.compile(pattern)
+    return sum(bool(rx.search(t.lower())) for t in texts) / max(1, len(texts))
+
+
+def lm_stories(ckpt, cfg):
+    """(val tokens as a tensor, the stories' (start, end) token spans after each EOT, meta, labels or None)."""
+    meta = ckpt["data"]["meta"]
+    data_dir = cfg["data_dir"] or ckpt["data"]["data_dir"]
+    path = os.path.join(data_dir, "val.bin")
+    if not os.path.exists(path):
+        fail(f"no {path}: pass --data_dir= (the data the checkpoint was trained on)")
+    val = torch.from_numpy(np.memmap(path, dtype=np.uint16, mode="r").astype(np.int64))
+    eots = (val == meta["eot"]).nonzero().squeeze(1).tolist() + [len(val)]
+    spans = [(a + 1, b) for a, b in zip(eots, eots[1:]) if b > a + 1]
+    labels = os.path.join(data_dir, "labels.npz")
+    topic_ids = np.load(labels)["val_topic"] if os.path.exists(labels) else None
+    return val, spans, meta, topic_ids
+
+
+@torch.no_grad()
+def cmd_topics(cfg, ckpt, model):
+    if ckpt.get("kind") != "lm":
+        fail(f"topics needs a language-model checkpoint (kind='lm'); this one has kind={ckpt.get('kind')!r}")
+    t0 = time.time()
+    encode, _, _ = tokenizer(ckpt)
+    enc = tinystories_data.make_encoding(ckpt["data"]["meta"]["encoding"])
+    val, spans, meta, topic_ids = lm_stories(ckpt, cfg)
+    if cfg["topics"]:  # name=pattern or a built-in name, comma separated; stories labelled by the pattern
+        patterns = {}
+        for item in cfg["topics"].split(","):
+            name, _, pat = item.partition("=")
+            if not pat and name not in tinystories_data.TOPICS:
+                fail(f"--topics: {name!r} has no pattern; built in: {', '.join(tinystories_data.TOPICS)}")
+            patterns[name] = pat or tinystories_data.TOPICS[name]
+        topic_ids = None
+    else:
+        patterns = meta.get("patterns") or tinystories_data.TOPICS
+        if topic_ids is None:
+            patterns = {t: patterns[t] for t in meta.get("topics", patterns)}
+    names = list(meta["topics"]) if topic_ids is not None else list(patterns)
+    B, L = cfg["batch_size"], model.config.block_size
+    spans = spans[:cfg["n_stories"]]
+    cbs = model.codebooks()
+    dev = next(model.parameters()).device
+    ids_all = {s: [] for s in cbs}
+    member_all = []
+    for b0 in tqdm(range(0, len(spans), B), desc="stories", disable=None, leave=False):
+        batch = spans[b0:b0 + B]
+        x = torch.full((len(batch), L), meta["eot"], dtype=torch.long)
+        valid = torch.zeros(len(batch), L, dtype=torch.bool)
+        member = torch.zeros(len(batch), len(names), dtype=torch.bool)
+        for i, (a, e) in enumerate(batch):
+            toks = val[a:min(e, a + L - 1)]
+            x[i, 1:1 + len(toks)] = toks
+            valid[i, 1:1 + len(toks)] = True
+            if topic_ids is not None:
+                t = int(topic_ids[b0 + i])
+                member[i, t] = t >= 0
+            else:
+                text = enc.decode(val[a:e].tolist()).lower()
+                member[i] = torch.tensor([bool(re.search(patterns[n], text)) for n in names])
+        _, _, codes, _ = model(x.to(dev))
+        for s, c in codes.items():
+            ids_all[s].append(flat_ids(c.cpu(), cbs[s].num_codes)[valid.reshape(-1)])
+        member_all.append(member[:, None, :].expand(-1, L, -1)[valid])
+    member = torch.cat(member_all)  # (P, K)
+    rows = {n: [] for n in names}
+    for s, cb in cbs.items():
+        rin, rout = topic_rates(torch.cat(ids_all[s]), member, cb.groups * cb.num_codes)
+        for ti, n in enumerate(names):
+            cand = (rin[ti] >= cfg["min_in"]).nonzero().squeeze(1).tolist()
+            rows[n] += [(code_name(s, c, cb.num_codes), s, c // cb.num_codes, c % cb.num_codes,
+                         rin[ti, c].item(), rout[ti, c].item()) for c in cand]
+    k = {s: cb.k for s, cb in cbs.items()}
+    prompts = cfg["prompts"].split("|")
+    new = cfg["max_new_tokens"]
+    for p in prompts:
+        if len(encode(p)) + new - 1 > L:
+            fail(f"prompt {p!r} ({len(encode(p))} tokens with EOT) + {new} new tokens exceed block_size {L}: "
+                 f"lower --max_new_tokens")
+
+    def generate(ivs):
+        texts = []
+        for j, p in enumerate(prompts):  # the same noise for every condition: only the codes differ
+            gen = torch.Generator(device=dev).manual_seed(cfg["seed"] + j)
+            idx = torch.tensor([encode(p)] * cfg["samples"], device=dev)
+            y = model.generate(idx, new, cfg["temperature"], None, ivs, gen).cpu()
+            texts += [enc.decode(row[1:]) for row in y.tolist()]
+        return texts
+    base_texts = generate([])
+    out = {}
+    for n in tqdm(names, desc="topics", disable=None, leave=False):
+        pick = pick_topic_codes(rows[n], k, cfg["min_in"], cfg["max_out"], cfg["max_codes"])
+        ivs = [Intervention(r[1], r[2], r[3]) for r in pick]  # positions=None: every position
+        texts = generate(ivs) if ivs else base_texts
+        out[n] = dict(baseline=mention_rate(base_texts, patterns[n]), steered=mention_rate(texts, patterns[n]),
+                      n_codes=len(ivs), codes=[r[0] for r in pick], pattern=patterns[n],
+                      code_rates=[[round(r[4], 3), round(r[5], 4)] for r in pick], sample=texts[-1][:400])
+        print(f"{n:10s} baseline {out[n]['baseline']:.3f} steered {out[n]['steered']:.3f} "
+              f"({len(ivs)} codes: {' '.join(out[n]['codes'][:6])}{' ...' if len(ivs) > 6 else ''})")
+    mean_b = sum(v["baseline"] for v in out.values()) / len(out)
+    mean_s = sum(v["steered"] for v in out.values()) / len(out)
+    print(f"mean over {len(out)} topics: baseline {mean_b:.3f}, steered {mean_s:.3f} "
+          f"({len(prompts)} prompts x {cfg['samples']} samples, {new} new tokens, {time.time() - t0:.0f} s)")
+    out["mean"] = dict(baseline=mean_b, steered=mean_s, n_codes=sum(v["n_codes"] for v in out.values()) / len(out))
+    out["settings"] = dict(prompts=prompts, samples=cfg["samples"], max_new_tokens=new, temperature=cfg["temperature"],
+                           n_stories=len(spans), seed=cfg["seed"], min_in=cfg["min_in"], max_out=cfg["max_out"],
+                           max_codes=cfg["max_codes"], labels="labels.npz" if topic_ids is not None else "regex",
+                           baseline_sample=base_texts[-1][:400], wall_s=time.time() - t0)
+    write_json(cfg, "topics.json", out)
     return out
 
 
@@ -571,7 +732,7 @@ def main(argv=None):
     cmd, arg, cfg = parse_args(sys.argv[1:] if argv is None else argv)
     ckpt, model = load(cfg)
     fn = globals()[f"cmd_{cmd}"]
-    return fn(cfg, ckpt, model, arg) if arg is not None else fn(cfg, ckpt, model)
+    return fn(cfg, ckpt, model) if arg is None else fn(cfg, ckpt, model, arg)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,15 @@ Train a transformer with codebooks. The default is the TokFSM experiment, sized 
     python train.py --config=fsm_paper              # the paper's run (batch 512, C=10k, 20k steps): a GPU
     python train.py --max_iters=4000 --resume=True  # continue out_dir/ckpt.pt up to 4000 steps
 
+Language models on token data prepared by tinystories_data.py (train.bin / val.bin / meta.json); the
+synthetic stories on a CPU: a baseline, then the paper's finetuning with and without attention codebooks:
+
+    python train.py --config=stories --cb_at=none --out_dir=out-stories-none     # data_dir=data/stories
+    python train.py --config=stories_ft --init_from=out-stories-none/ckpt.pt       # k-means-initialised codes
+    python train.py --config=stories_ft --init_from=out-stories-none/ckpt.pt --cb_at=none --out_dir=out-stories-ft-none
+    python train.py --config=stories                # or: codebooks inserted half-way through one run
+    python train.py --config=tinystories --data_dir=data/tinystories              # the real data: a GPU
+
 Overrides are --key=value (no exec); unknown keys and bad values stop with a one-line error.
 Writes out_dir/ckpt.pt (atomically, loadable with torch.load(weights_only=True)) and out_dir/metrics.json.
 """
@@ -21,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+import tinystories_data
 from fsm_data import FSM
 from model import CB_AT, GPT, GPTConfig
 
@@ -28,6 +38,8 @@ from model import CB_AT, GPT, GPTConfig
 @dataclass
 class TrainConfig:
     out_dir: str = "out-fsm"  # where ckpt.pt and metrics.json go
+    data_dir: str = ""  # token data from tinystories_data.py ("": the finite state machine below)
+    init_from: str = ""  # a checkpoint without codebooks to finetune with codebooks inserted (token data)
     # data: the finite state machine
     fsm_seed: int = 42  # seed of the FSM's construction (42: the paper's FSM)
     num_states: int = 100
@@ -36,7 +48,7 @@ class TrainConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    block_size: int = 128  # tokens per sequence (BOS + 63 states + 1 digit: 127 predictions)
+    block_size: int = 128  # tokens per sequence (FSM: BOS + 63 states + 1 digit: 127 predictions)
     cb_at: str = "attn+mlp"  # codebook sites: none, attn, mlp, attn+mlp
     num_codes: int = 1024  # codes per codebook (per head at attention)
     k: int = 1  # codes per token per group
@@ -58,7 +70,7 @@ class TrainConfig:
     min_lr: float = 5e-4
     # evaluation and logging
     eval_interval: int = 250
-    eval_seqs: int = 512  # held-out sequences for val_loss / val_acc
+    eval_seqs: int = 512  # held-out sequences (token data: windows of val.bin) for val_loss / val_acc
     state_seqs: int = 200  # sequences sampled from BOS for state accuracy
     log_interval: int = 50
     # system
@@ -73,6 +85,22 @@ PRESETS = {
     "fsm_paper": dict(out_dir="out-fsm-paper", batch_size=512, max_iters=20000, num_codes=10000,
                       learning_rate=1e-3, decay_lr=False, warmup_iters=0, cb_warmup=0, replace_every=0,
                       eval_interval=2000, eval_seqs=2048, compile=True),
+    # a 2-core CPU in a few minutes on the synthetic stories (tinystories_data.py --synthetic)
+    "stories": dict(out_dir="out-stories", data_dir="data/stories", n_layer=2, n_head=4, n_embd=128,
+                    block_size=256, cb_at="attn", num_codes=512, k=8, cb_warmup=250, batch_size=16, max_iters=500,
+                    learning_rate=3e-3, min_lr=3e-4, eval_interval=100, eval_seqs=128, log_interval=10),
+    # the paper's protocol: finetune a trained model (--init_from=CKPT) with codebooks inserted, or without
+    # them (--cb_at=none: the baseline to compare with), at a lower learning rate
+    "stories_ft": dict(out_dir="out-stories-ft", data_dir="data/stories", n_layer=2, n_head=4, n_embd=128,
+                       block_size=256, cb_at="attn", num_codes=512, k=8, batch_size=16, max_iters=200,
+                       learning_rate=1e-3, min_lr=1e-4, warmup_iters=0, eval_interval=50, eval_seqs=128,
+                       log_interval=10),
+    # the real TinyStories on a GPU (gpt2 tokens): the paper's width, k=8 attention codebooks inserted
+    # half-way (standing in for its finetuning), C=10k, lr 5e-4, block 512
+    "tinystories": dict(out_dir="out-tinystories", data_dir="data/tinystories", n_layer=2, n_head=16, n_embd=1024,
+                        block_size=512, cb_at="attn", num_codes=10000, k=8, cb_warmup=10000, replace_every=0,
+                        batch_size=32, max_iters=20000, learning_rate=5e-4, min_lr=5e-5, warmup_iters=200,
+                        eval_interval=1000, eval_seqs=512, compile=True),
 }
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "cb_at", "num_codes", "k", "cb_layers")
@@ -205,6 +233,25 @@ def load_checkpoint(path, map_location="cpu"):
         raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
 
+def load_base(cfg, given):
+    """The checkpoint that --init_from names, checked: no codebooks yet, the same kind of data.
+    With --cb_at=none it is finetuned as it is: the baseline to compare a finetune with codebooks with."""
+    try:
+        base = load_checkpoint(cfg.init_from)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"--init_from: {e}")
+    if base["model_args"]["cb_at"] != "none":
+        fail(f"--init_from inserts codebooks into a model without them: {cfg.init_from} has cb_at="
+             f"{base['model_args']['cb_at']}")
+    if base.get("kind") != ("lm" if cfg.data_dir else "fsm"):
+        fail(f"--init_from={cfg.init_from} was trained on kind={base.get('kind')!r} data")
+    shape = ("n_layer", "n_head", "n_embd", "block_size")
+    changed = [k for k in shape if k in given and getattr(cfg, k) != base["config"][k]]
+    if changed:
+        fail(f"--init_from: {', '.join(changed)} differ from the checkpoint's (its shape is kept)")
+    return base
+
+
 def model_from_checkpoint(ckpt, device="cpu"):
     """Rebuild the model stored in a checkpoint dict (from load_checkpoint)."""
     model = GPT(GPTConfig(**ckpt["model_args"]))
@@ -291,16 +338,44 @@ def train(cfg, given=()):
             fail(f"cannot resume with a different model: {', '.join(changed)} differ from the checkpoint")
         cfg = TrainConfig(**{**stored, **{k: getattr(cfg, k) for k in given}})
         check(cfg)
+    base = None
+    if cfg.init_from and ckpt is None:  # finetune a trained model with codebooks: its shape, our codebooks
+        base = load_base(cfg, given)
+        cfg = dataclasses.replace(cfg, **{k: base["config"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")})
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    fsm = FSM(cfg.num_states, cfg.num_edges, seed=cfg.fsm_seed)
+    fsm, meta = None, None
+    if cfg.data_dir:  # token data: windows of block_size + 1 tokens, all predicted
+        try:
+            train_data, val_data, meta = tinystories_data.load_tokens(cfg.data_dir)
+            val = tinystories_data.fixed_windows(val_data, cfg.eval_seqs, cfg.block_size + 1)
+        except (OSError, ValueError) as e:
+            fail(f"--data_dir={cfg.data_dir}: {e}")
+        vocab_size = meta["vocab_size"]
+
+        def sample(gen):
+            return tinystories_data.get_batch(train_data, cfg.batch_size, cfg.block_size + 1, gen)
+    else:
+        fsm = FSM(cfg.num_states, cfg.num_edges, seed=cfg.fsm_seed)
+        vocab_size = fsm.vocab_size
+        val = fsm.sample(cfg.eval_seqs, cfg.block_size, torch.Generator().manual_seed(cfg.seed + 1))
+
+        def sample(gen):
+            return fsm.sample(cfg.batch_size, cfg.block_size, gen)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
     if ckpt is not None:  # the stored model: with or without its codebooks yet
         model = GPT(GPTConfig(**ckpt["model_args"])).to(device)
+    elif base is not None:
+        if base["model_args"]["vocab_size"] != vocab_size:
+            fail(f"--init_from={cfg.init_from}: its vocab {base['model_args']['vocab_size']} is not the data's "
+                 f"{vocab_size}")
+        model = model_from_checkpoint(base, device)
+        if cfg.cb_at != "none":
+            model = insert_codebooks(model, cfg, vocab_size, sample(data_gen)[:, :-1].to(device))
+            print(f"inserted codebooks ({', '.join(model.codebooks())}) into {cfg.init_from}, k-means initialised")
     else:
-        model = build_model(cfg, fsm.vocab_size, "none" if cfg.cb_warmup else None).to(device)
+        model = build_model(cfg, vocab_size, "none" if cfg.cb_warmup else None).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    val = fsm.sample(cfg.eval_seqs, cfg.block_size, torch.Generator().manual_seed(cfg.seed + 1))
     it, wall_before = 0, 0.0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -309,31 +384,34 @@ def train(cfg, given=()):
         torch.set_rng_state(ckpt["torch_rng"])
         it, wall_before = ckpt["iter_num"], ckpt["wall_s"]
         print(f"resumed from {ckpt_path} at step {it}")
-    bayes_loss, bayes_acc = fsm.bayes(cfg.block_size)
+    bayes_loss, bayes_acc = fsm.bayes(cfg.block_size) if fsm else (0.0, 0.0)
     print(json.dumps(dataclasses.asdict(cfg)))
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
-          f"Bayes-optimal loss {bayes_loss:.4f} acc {bayes_acc:.4f}")
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, " +
+          (f"Bayes-optimal loss {bayes_loss:.4f} acc {bayes_acc:.4f}" if fsm else
+           f"vocab {vocab_size}, {len(train_data)} train / {len(val_data)} val tokens"))
+    data = (dict(kind="fsm", fsm=dict(num_states=cfg.num_states, num_edges=cfg.num_edges, seed=cfg.fsm_seed)) if fsm
+            else dict(kind="lm", data=dict(data_dir=os.path.abspath(cfg.data_dir), meta=meta)))
 
     def checkpoint():
         save_checkpoint(ckpt_path, dict(
             model=model.state_dict(), optimizer=optimizer.state_dict(), iter_num=it,
             config=dataclasses.asdict(cfg), model_args=dataclasses.asdict(model.config),
             data_rng=data_gen.get_state(), torch_rng=torch.get_rng_state(), wall_s=wall_before + time.time() - t0,
-            kind="fsm", fsm=dict(num_states=cfg.num_states, num_edges=cfg.num_edges, seed=cfg.fsm_seed)))
+            **data))
 
     t0 = time.time()
     start_it = it
     bar = tqdm(total=cfg.max_iters, initial=it, desc="train", dynamic_ncols=True, disable=None)
     while it < cfg.max_iters:
         if it >= cfg.cb_warmup and cfg.cb_at != "none" and not model.codebooks():
-            idx = fsm.sample(cfg.batch_size, cfg.block_size, data_gen).to(device)
-            model = insert_codebooks(model, cfg, fsm.vocab_size, idx[:, :-1])
+            idx = sample(data_gen).to(device)
+            model = insert_codebooks(model, cfg, vocab_size, idx[:, :-1])
             optimizer = make_optimizer(model, cfg, device)
             bar.write(f"step {it}: inserted codebooks ({', '.join(model.codebooks())}), k-means initialised")
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
-        seq = fsm.sample(cfg.batch_size, cfg.block_size, data_gen).to(device)
+        seq = sample(data_gen).to(device)
         _, loss, _, mse = model(seq[:, :-1], seq[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -350,23 +428,30 @@ def train(cfg, given=()):
             vl, va = evaluate(model, val, cfg.batch_size, device)
             usage = codebook_stats(model)
             alive = f" alive {usage['all']['alive']:.3f} mse {usage['all']['mse']:.3f}" if usage else ""
-            bar.write(f"step {it}: val loss {vl:.4f} (Bayes +{vl - bayes_loss:.4f}) acc {va:.4f}{alive}")
+            bayes = f" (Bayes +{vl - bayes_loss:.4f})" if fsm else ""
+            bar.write(f"step {it}: val loss {vl:.4f}{bayes} acc {va:.4f}{alive}")
             checkpoint()
     bar.close()
     wall = time.time() - t0
     if it == start_it:  # nothing to train (resumed at max_iters): still report
         usage = codebook_stats(model)
     vl, va = evaluate(model, val, cfg.batch_size, device)
-    sacc = fsm_state_accuracy(model, fsm, cfg.state_seqs, cfg.block_size, device, seed=cfg.seed)
-    metrics = dict(val_loss=vl, val_acc=va, state_acc=sacc, bayes_loss=bayes_loss, bayes_acc=bayes_acc,
-                   alive={n: s["alive"] for n, s in usage.items()}, mse=usage.get("all", {}).get("mse"),
+    metrics = dict(val_loss=vl, val_acc=va)
+    if fsm:
+        sacc = fsm_state_accuracy(model, fsm, cfg.state_seqs, cfg.block_size, device, seed=cfg.seed)
+        metrics.update(state_acc=sacc, bayes_loss=bayes_loss, bayes_acc=bayes_acc)
+    predicted = cfg.block_size - 1 if fsm else cfg.block_size  # predictions per sequence
+    metrics.update(alive={n: s["alive"] for n, s in usage.items()}, mse=usage.get("all", {}).get("mse"),
                    iters=it, wall_s=wall_before + wall,
-                   tokens_per_s=(it - start_it) * cfg.batch_size * (cfg.block_size - 1) / max(wall, 1e-9),
+                   tokens_per_s=(it - start_it) * cfg.batch_size * predicted / max(wall, 1e-9),
                    device=device, config=dataclasses.asdict(cfg))
     with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    print(f"val loss {vl:.4f} (Bayes {bayes_loss:.4f}, +{vl - bayes_loss:.4f}), acc {va:.4f}, "
-          f"state acc {sacc:.4f}; wrote {cfg.out_dir}/metrics.json")
+    if fsm:
+        print(f"val loss {vl:.4f} (Bayes {bayes_loss:.4f}, +{vl - bayes_loss:.4f}), acc {va:.4f}, "
+              f"state acc {sacc:.4f}; wrote {cfg.out_dir}/metrics.json")
+    else:
+        print(f"val loss {vl:.4f}, acc {va:.4f}, {wall_before + wall:.0f} s; wrote {cfg.out_dir}/metrics.json")
     return metrics
 
 

@@ -1,0 +1,404 @@
+"""
+Speed and memory of the codebook layer, side by side with an official-style reference and the bare
+score matmul, plus what codebooks cost a training step.
+
+    python bench.py                                # three shapes + training: a few minutes on 2 CPU cores
+    python bench.py --out=bench.json               # also write the table, with its ratios, as JSON
+    python bench.py --quick --out=/tmp/bench.json  # tiny shapes, seconds: the smoke test
+    python bench.py --shapes=lm --compile=False --threads=1 --reps=3
+
+Rows, per shape (N tokens, G groups of width d, C codes per group, k codes per token):
+  reference  an official-style codebook (taufeeque9/codebook-features, written again here): one head at
+             a time in a Python loop, each with its own LayerNorm, the head's full (N, C) cosine-score
+             matrix at once, topk, mean of the k code vectors by F.embedding, and a custom backward that
+             is straight-through for the input and gives the codes the output gradient plus the MSE
+             gradient, both by autograd (the official 'aeloss'). Without the official per-call host
+             copies (code counts, mse.item()), which would only slow it down.
+  layer      codebook.CodebookLayer, eager; compiled: CodebookLayer(compile=True), the search compiled.
+  matmul     the bare score matmul, the irreducible work: per head, (N, d) @ (d, C) into one preallocated
+             (N, C) buffer (the codes already normalised and laid out (d, C)), forward only. It is the
+             irreducible work of forward + backward too: a codebook's backward never touches the scores
+             (straight-through to the input, a scatter onto the k chosen codes for the codebook), so
+             "vs matmul" is the layer's forward + backward time over the matmul's forward time.
+Times: the best of --reps calls after one warm-up call (fewer reps for rows slower than --budget seconds;
+the best is the call least disturbed by other work on the machine),
+wall clock, with torch.cuda.synchronize() around each call on CUDA. Inputs require grad, as inside a
+network; "fwd" is the forward alone (autograd recording), "fwd+bwd" adds backward() of a fixed random
+output gradient; parameter and input gradients are set to None before each call.
+Memory: "peak MB" is how far one forward + backward raises peak memory above what the process holds just
+before (parameters, inputs; the gradients the call creates count). On CPU: the resident set's high-water
+mark (VmHWM), reset through /proc/self/clear_refs after malloc_trim has handed freed heap back to the OS;
+on CUDA: torch.cuda.max_memory_allocated above torch.cuda.memory_allocated. For the matmul row the (N, C)
+buffer is allocated inside the measured call.
+Training: train.py's FSM preset (TrainConfig defaults via build_model and make_optimizer; --quick shrinks
+it): microseconds per token of a training step (forward, backward, grad clip, AdamW; data sampling excluded),
+the best of --train_steps steps after 2 warm-up steps, with the preset's codebooks and with cb_at=none
+(both models in one process, steps alternating); train_overhead = codebook / plain.
+Every row runs in a fresh subprocess (`--row=...`), one after another, with OMP_WAIT_POLICY=passive
+unless set: on a machine shared with other work, OpenMP's spinning threads otherwise wait a scheduler
+time slice (~7 ms here) at every parallel op when another process holds a core, which swamps everything
+(it made a 2-thread search 40x slower than a 1-thread one). Wall-clock timings on a shared machine are
+noisy: compare rows of one run, not runs.
+"""
+
+import ctypes
+import dataclasses
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import train
+from codebook import CodebookLayer
+from fsm_data import FSM
+
+
+@dataclass
+class BenchConfig:
+    shapes: str = "fsm,lm,large"  # comma-separated names from SHAPES
+    reps: int = 5  # timed calls per row and mode (fewer when a call is slower than budget / reps)
+    budget: float = 15.0  # seconds of timed calls per row and mode, about
+    compile: bool = True  # also time CodebookLayer(compile=True)
+    train_steps: int = 8  # timed training steps per model (after 2 warm-up steps)
+    threads: int = 0  # torch threads (0: torch's default, all cores)
+    omp_wait: str = "passive"  # OMP_WAIT_POLICY of the rows, unless already set ("": OpenMP's default)
+    device: str = "auto"  # auto, cpu, cuda
+    out: str = ""  # write the results as JSON to this path
+    quick: bool = False  # tiny shapes, one rep, a tiny training config: a smoke test in seconds
+    row: str = ""  # internal: run one row (shape:variant, or train) here and print it as JSON
+
+
+# (N tokens, G groups, d width, C codes, k)
+SHAPES = {
+    "fsm": (8192, 4, 32, 10000, 1),  # TokFSM attention codebooks at the paper's size: 4 heads x 32, C=10k, k=1
+    "lm": (4096, 16, 64, 10000, 8),  # TinyStories-style attention codebooks: 16 heads x 64, C=10k, k=8
+    "large": (2048, 16, 64, 100000, 8),  # a 100k-code codebook
+    "tiny": (256, 2, 16, 300, 2),  # --quick
+}
+QUICK = dict(shapes="tiny", reps=1, compile=False, train_steps=1)
+QUICK_TRAIN = dict(batch_size=4, n_layer=1, num_codes=64)  # TrainConfig overrides for --quick
+VARIANTS = ("reference", "layer", "compiled", "matmul")
+
+
+def parse(argv):
+    fields = {f.name: f for f in dataclasses.fields(BenchConfig)}
+    values = {}
+    for arg in argv:
+        key, _, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if key not in fields:
+            sys.exit(f"error: bad argument {arg!r}; valid: " + ", ".join(f"--{k}=" for k in fields))
+        kind = type(fields[key].default)
+        if kind is bool:
+            if text.lower() not in ("", "true", "1", "false", "0"):
+                sys.exit(f"error: --{key}={text}: expected True or False")
+            values[key] = text.lower() in ("", "true", "1")  # --quick alone means --quick=True
+        else:
+            try:
+                values[key] = kind(text)
+            except ValueError:
+                sys.exit(f"error: --{key}={text}: expected {kind.__name__}")
+    if values.get("quick"):
+        values = {**QUICK, **values}
+    cfg = BenchConfig(**values)
+    unknown = [s for s in cfg.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        sys.exit(f"error: unknown shape {unknown[0]!r}; valid: {', '.join(SHAPES)}")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# the official-style reference
+
+
+class RefSnap(torch.autograd.Function):
+    """One head: every cosine score at once, topk, mean of the codes; the official custom backward."""
+
+    @staticmethod
+    def forward(ctx, x, codebook, k):
+        scores = x @ F.normalize(codebook, dim=-1).T  # (N, C): the whole matrix at once
+        _, ids = scores.topk(k, dim=-1)
+        with torch.enable_grad():  # a graph from the codes to the output, for the backward
+            out = F.embedding(ids, codebook).sum(dim=-2) / k
+        ctx.save_for_backward(x, codebook, out)
+        ctx.mark_non_differentiable(ids)
+        return out.detach().clone(), ids
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_ids):
+        x, codebook, out = ctx.saved_tensors
+        with torch.enable_grad():
+            mse = ((out - x) ** 2).sum(dim=-1).mean()
+            grad_mse = torch.autograd.grad(mse, codebook, retain_graph=True)[0]
+        grad_codes = torch.autograd.grad(out, codebook, grad_out)[0] + grad_mse
+        return grad_out, grad_codes, None  # straight-through to the input
+
+
+class Reference(nn.Module):
+    """Official-style grouped codebook: one LayerNorm + codebook per head, run in a Python loop.
+    Built from a CodebookLayer, with copies of its parameters, so the two can be compared."""
+
+    def __init__(self, layer):
+        super().__init__()
+        G, C, d = layer.codebook.shape
+        self.k, self.d = layer.k, d
+        self.lns = nn.ModuleList(nn.LayerNorm(d, eps=1e-5) for _ in range(G))
+        self.codebooks = nn.ParameterList(nn.Parameter(layer.codebook[h].detach().clone()) for h in range(G))
+        with torch.no_grad():
+            for h, ln in enumerate(self.lns):
+                ln.weight.copy_(layer.ln_weight[h])
+                ln.bias.copy_(layer.ln_bias[h])
+
+    def forward(self, x):
+        """x (N, G*d) -> out (N, G*d), ids (N, G, k)."""
+        outs, ids = [], []
+        for h, (ln, codebook) in enumerate(zip(self.lns, self.codebooks)):
+            out, i = RefSnap.apply(ln(x[:, h * self.d:(h + 1) * self.d]), codebook, self.k)
+            outs.append(out)
+            ids.append(i)
+        return torch.cat(outs, dim=-1), torch.stack(ids, dim=1)
+
+
+# -----------------------------------------------------------------------------
+# measuring
+
+
+def pick_device(name):
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def peak_mb(fn, device):
+    """How far one call of fn raises peak memory above what the process holds before it (MB)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS, so reuse cannot hide growth
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident set
+    except OSError:
+        return None  # not Linux with glibc: no honest number
+    base = _status_kb("VmRSS")
+    fn()
+    return (_status_kb("VmHWM") - base) / 1024
+
+
+def layer_row(cfg, shape, variant, device):
+    N, G, d, C, k = SHAPES[shape]
+    torch.manual_seed(0)
+    if variant == "matmul":
+        xs = [torch.randn(N, d, device=device) for _ in range(G)]
+        codes = [F.normalize(torch.randn(C, d, device=device), dim=-1).T.contiguous() for _ in range(G)]
+        buf = torch.empty(N, C, device=device)
+
+        def fwd(out=None):
+            out = torch.empty(N, C, device=device) if out is None else out
+            for h in range(G):
+                torch.mm(xs[h], codes[h], out=out)
+
+        fwd(buf)
+        mem = peak_mb(fwd, device)
+        reps = max(1, min(cfg.reps, int(cfg.budget / max(timed(lambda: fwd(buf), device), 1e-9))))
+        return dict(fwd_ms=1e3 * min(timed(lambda: fwd(buf), device) for _ in range(reps)),
+                    peak_mb=mem, reps=reps)
+    layer = CodebookLayer(G * d, C, k, G, compile=variant == "compiled").to(device)
+    model = Reference(layer) if variant == "reference" else layer
+    x = torch.randn(N, G * d, device=device, requires_grad=True)
+    grad = torch.randn(N, G * d, device=device)
+    params = list(model.parameters())
+
+    def clear():
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    def fwd():
+        clear()
+        model(x)
+
+    def fwd_bwd():
+        clear()
+        model(x)[0].backward(grad)
+
+    t_warm = timed(fwd_bwd, device)  # compiles, for "compiled"
+    clear()  # the gradients this call makes are part of its peak
+    t0 = time.perf_counter()
+    mem = peak_mb(fwd_bwd, device)
+    reps = max(1, min(cfg.reps, int(cfg.budget / (time.perf_counter() - t0))))
+    out = dict(fwd_ms=1e3 * min(timed(fwd, device) for _ in range(reps)),
+               fwdbwd_ms=1e3 * min(timed(fwd_bwd, device) for _ in range(reps)),
+               peak_mb=mem, reps=reps)
+    if variant == "compiled":
+        out["warmup_s"] = t_warm  # includes compilation
+    return out
+
+
+def train_row(cfg, device):
+    """Both models in one process, their steps alternating, so that a change in the machine's load
+    hits both alike."""
+    models = {}
+    for cb_at in ("none", train.TrainConfig.cb_at):
+        tc = train.TrainConfig(cb_at=cb_at, **(QUICK_TRAIN if cfg.quick else {}))
+        fsm = FSM(tc.num_states, tc.num_edges, seed=tc.fsm_seed)
+        torch.manual_seed(tc.seed)
+        model = train.build_model(tc, fsm.vocab_size).to(device)
+        models[cb_at] = (tc, fsm, model, train.make_optimizer(model, tc, device), torch.Generator().manual_seed(tc.seed))
+
+    def step(tc, model, optimizer, seq):
+        _, loss, _, _ = model(seq[:, :-1], seq[:, 1:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+
+    times = {cb_at: [] for cb_at in models}
+    for i in range(2 + cfg.train_steps):
+        for cb_at, (tc, fsm, model, optimizer, gen) in models.items():
+            seq = fsm.sample(tc.batch_size, tc.block_size, gen).to(device)
+            t = timed(lambda: step(tc, model, optimizer, seq), device)
+            if i >= 2:
+                times[cb_at].append(t)
+    out = {}
+    for cb_at, (tc, *_) in models.items():
+        tokens = tc.batch_size * (tc.block_size - 1)
+        out["plain" if cb_at == "none" else "codebook"] = dict(
+            us_per_token=1e6 * min(times[cb_at]) / tokens, steps=len(times[cb_at]),
+            tokens_per_step=tokens, config={k: getattr(tc, k) for k in (
+                "n_layer", "n_head", "n_embd", "batch_size", "block_size", "cb_at", "num_codes", "k")})
+    return out
+
+
+def run_row(cfg):
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    what, _, arg = cfg.row.partition(":")
+    out = train_row(cfg, device) if what == "train" else layer_row(cfg, what, arg, device)
+    print("ROW " + json.dumps(out), flush=True)
+
+
+def spawn(cfg, row):
+    args = [f"--{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg) if f.name not in ("row", "out")]
+    env = dict(os.environ)
+    if cfg.omp_wait and "OMP_WAIT_POLICY" not in env:
+        env["OMP_WAIT_POLICY"] = cfg.omp_wait
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *args, f"--row={row}"],
+                          capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        print(f"row {row} failed (exit {proc.returncode}): " + " | ".join(tail), file=sys.stderr)
+        return None
+    return json.loads(lines[-1][4:])
+
+
+# -----------------------------------------------------------------------------
+# the table
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def fmt(v, spec, unit=""):
+    """v formatted by spec plus unit, or '-' right-aligned to the same width."""
+    if v is None:
+        return "-".rjust(len(format(0.0, spec) + unit))
+    return format(v, spec) + unit
+
+
+def main(cfg):
+    device = pick_device(cfg.device)
+    threads = cfg.threads or torch.get_num_threads()
+    cpu = platform.processor() or platform.machine()
+    if device == "cpu" and os.path.exists("/proc/cpuinfo"):
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else cpu
+    wait = os.environ.get("OMP_WAIT_POLICY", cfg.omp_wait) or "default"
+    print(f"device {device} ({dev_name}), {threads} threads (OMP_WAIT_POLICY {wait}), torch {torch.__version__}")
+    result = dict(device=device, device_name=dev_name, threads=threads, omp_wait_policy=wait, torch=torch.__version__,
+                  config=dataclasses.asdict(cfg), load_before=os.getloadavg(), shapes={})
+    variants = [v for v in VARIANTS if cfg.compile or v != "compiled"]
+    print(f"{'shape':6} {'N':>6} {'G x d':>8} {'C':>7} {'k':>2}  {'row':10} {'fwd ms':>9} {'fwd+bwd ms':>11} "
+          f"{'peak MB':>8} {'speedup':>8} {'vs matmul':>9} {'memory':>7}")
+    for name in cfg.shapes.split(","):
+        N, G, d, C, k = SHAPES[name]
+        rows = {v: spawn(cfg, f"{name}:{v}") for v in variants}
+        ref, mm = rows.get("reference") or {}, rows.get("matmul") or {}
+        entry = dict(N=N, G=G, d=d, C=C, k=k, rows=rows, ratios={})
+        for v in variants:
+            r = rows[v] or {}
+            total = r.get("fwdbwd_ms")
+            ratios = dict(speedup_vs_reference=ratio(ref.get("fwdbwd_ms"), total),
+                          vs_matmul=ratio(total, mm.get("fwd_ms")),
+                          memory_vs_reference=ratio(r.get("peak_mb"), ref.get("peak_mb")))
+            if v in ("layer", "compiled"):
+                entry["ratios"].update({(k_ if v == "layer" else f"compiled_{k_}"): val for k_, val in ratios.items()})
+            head = f"{name:6} {N:6d} {f'{G} x {d}':>8} {C:7d} {k:2d}" if v == variants[0] else " " * 33
+            print(f"{head}  {v:10} {fmt(r.get('fwd_ms'), '9.1f')} {fmt(total, '11.1f')} {fmt(r.get('peak_mb'), '8.1f')} "
+                  f"{fmt(ratios['speedup_vs_reference'], '7.2f', 'x')} {fmt(ratios['vs_matmul'], '8.2f', 'x')} "
+                  f"{fmt(ratios['memory_vs_reference'], '6.2f', 'x')}", flush=True)
+        result["shapes"][name] = entry
+    trained = spawn(cfg, "train") or {}
+    plain, coded = trained.get("plain"), trained.get("codebook")
+    overhead = ratio((coded or {}).get("us_per_token"), (plain or {}).get("us_per_token"))
+    result["train"] = dict(plain=plain, codebook=coded)
+    result["train_overhead"] = overhead
+    if coded:
+        c = coded["config"]
+        print(f"training, FSM preset ({c['n_layer']} layers, {c['n_head']} heads, n_embd {c['n_embd']}, batch "
+              f"{c['batch_size']} x {c['block_size']}, {c['cb_at']} codebooks, C={c['num_codes']}, k={c['k']}): "
+              f"plain {fmt((plain or {}).get('us_per_token'), '.2f')} us/token, with codebooks "
+              f"{coded['us_per_token']:.2f} us/token, train_overhead {fmt(overhead, '.2f')}x")
+    result["load_after"] = os.getloadavg()
+    print("speedup: reference fwd+bwd / row fwd+bwd; vs matmul: row fwd+bwd / bare matmul fwd; "
+          "memory: row peak / reference peak")
+    print("load average (1, 5, 15 min) before: {:.2f} {:.2f} {:.2f}, after: {:.2f} {:.2f} {:.2f} "
+          "(this run adds about 1-2; more means other work shared the cores)".format(*result["load_before"], *result["load_after"]))
+    if cfg.out:
+        with open(cfg.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {cfg.out}")
+    return result
+
+
+if __name__ == "__main__":
+    config = parse(sys.argv[1:])
+    if config.row:
+        run_row(config)
+    else:
+        main(config)

@@ -1,0 +1,335 @@
+"""
+Language-model data: TinyStories, any local text file, or an offline synthetic story corpus whose
+stories each have a known topic. Writes into --data_dir: train.bin and val.bin (uint16 tokens, each
+document after an <|endoftext|> token, read back with np.memmap as nanoGPT does), meta.json (the encoding,
+vocab_size, eot id, topics and their regexes) and, for the synthetic corpus, labels.npz (per story of each
+split: its topic id, -1 for none, and the offset of its first token).
+
+    python tinystories_data.py                                    # TinyStoriesV2-GPT4 (internet), gpt2 tokens
+    python tinystories_data.py --synthetic --data_dir=data/stories    # offline: 7 topics + none, 20k stories
+    python tinystories_data.py --input=FILE --data_dir=data/file --encoding=words
+
+The download is plain HTTP (urllib) and resumes a partial file with a Range request; --input documents
+are separated by <|endoftext|> if the file has any, else by blank lines, and every --val_every-th goes to
+val.bin. Encodings (all tiktoken): gpt2 (tiktoken downloads its BPE once); bytes (256 byte tokens + EOT,
+offline); words (bytes + the --words most frequent GPT-2 pre-tokenizer pieces of the training text as
+whole tokens, offline: a piece in the vocabulary is one token, any other text falls back to bytes; the
+synthetic corpus uses it with all its pieces). meta.json holds what make_encoding() needs to rebuild it.
+"""
+
+import collections
+import itertools
+import json
+import os
+import random
+import re
+import sys
+import urllib.request
+
+import numpy as np
+import regex
+import tiktoken
+import torch
+from tqdm import tqdm
+
+URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
+EOT = "<|endoftext|>"
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# the paper's topic patterns for TinyStories (lowercased text, substring match)
+TOPICS = dict(dragon="dragon", slide="slide", friend="friend", flower="flower", fire="fire", baby="baby",
+              princess="prince|crown|king|castle")
+
+# -----------------------------------------------------------------------------
+# encodings and token files
+
+
+def make_encoding(spec):
+    """{'kind': 'gpt2' | 'bytes' | 'words', 'words': [...]} (meta.json's 'encoding') -> tiktoken.Encoding."""
+    if spec["kind"] == "gpt2":
+        return tiktoken.get_encoding("gpt2")
+    ranks = {bytes([i]): i for i in range(256)}
+    for w in spec.get("words", []):
+        ranks.setdefault(w.encode("utf-8"), len(ranks))
+    return tiktoken.Encoding(name=f"codebook-{spec['kind']}", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                             special_tokens={EOT: len(ranks)})
+
+
+def fit_words(texts, n):
+    """The n most frequent multi-byte pieces of the GPT-2 pre-tokenizer over texts (ties by text)."""
+    count = collections.Counter(p for t in texts for p in regex.findall(GPT2_PAT, t) if len(p.encode()) > 1)
+    return [w for w, _ in sorted(count.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+
+
+def encode_docs(enc, docs):
+    """docs -> (uint16 tokens: EOT, doc, EOT, doc, ...; int64 offset of each doc's first token)."""
+    ids = enc.encode_ordinary_batch(list(docs)) if docs else []
+    lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
+    offsets = np.cumsum(lengths) - lengths + 1
+    tokens = np.fromiter((t for x in ids for t in (enc.eot_token, *x)), dtype=np.uint16, count=int(lengths.sum()))
+    return tokens, offsets
+
+
+def write_split(path, enc, docs, chunk=4096):
+    """Tokenise docs chunk by chunk and append to path (uint16). -> offsets of the docs' first tokens."""
+    if enc.n_vocab > 65536:
+        raise ValueError(f"vocab {enc.n_vocab} does not fit uint16")
+    offsets, n = [], 0
+    with open(path, "wb") as f:
+        batch = []
+        for doc in tqdm(docs, desc=os.path.basename(path), unit="doc", disable=None):
+            batch.append(doc)
+            if len(batch) == chunk:
+                tokens, offs = encode_docs(enc, batch)
+                f.write(tokens.tobytes())
+                offsets.append(offs + n)
+                n += len(tokens)
+                batch = []
+        tokens, offs = encode_docs(enc, batch)
+        f.write(tokens.tobytes())
+        offsets.append(offs + n)
+    return np.concatenate(offsets)
+
+
+def write_meta(data_dir, enc, spec, **extra):
+    meta = dict(encoding=spec, vocab_size=enc.n_vocab, eot=enc.eot_token, **extra)
+    with open(os.path.join(data_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta
+
+
+def load_tokens(data_dir):
+    """-> (train memmap, val memmap, meta dict) of a prepared data_dir."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {path}: prepare the data first (python tinystories_data.py --help)")
+    meta = json.load(open(path))
+    mm = [np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=np.uint16, mode="r") for s in ("train", "val")]
+    return mm[0], mm[1], meta
+
+
+def get_batch(data, batch_size, length, generator):
+    """(batch_size, length) int64 windows at random offsets of a token array (nanoGPT's get_batch)."""
+    ix = torch.randint(len(data) - length, (batch_size,), generator=generator)
+    return torch.from_numpy(np.stack([data[i:i + length].astype(np.int64) for i in ix.tolist()]))
+
+
+def fixed_windows(data, n, length):
+    """n windows of length tokens at evenly spaced offsets: the same held-out set every time."""
+    if len(data) < length:
+        raise ValueError(f"{len(data)} tokens cannot fill one window of {length}")
+    starts = np.linspace(0, len(data) - length, n).astype(np.int64)
+    return torch.from_numpy(np.stack([data[i:i + length].astype(np.int64) for i in starts]))
+
+
+# -----------------------------------------------------------------------------
+# documents: the download, a local file
+
+
+def download(url, path):
+    """Plain HTTP with resume: a partial file is continued with a Range request."""
+    have = os.path.getsize(path) if os.path.exists(path) else 0
+    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        resp = urllib.request.urlopen(req)
+    except urllib.error.HTTPError as e:
+        if e.code == 416:  # range not satisfiable: already complete
+            return path
+        raise
+    mode = "ab" if resp.status == 206 else "wb"  # 200: the server ignored the range, start over
+    total = int(resp.headers.get("Content-Length", 0)) + (have if mode == "ab" else 0)
+    with open(path, mode) as f, tqdm(total=total or None, initial=have if mode == "ab" else 0, unit="B",
+                                     unit_scale=True, desc=os.path.basename(path), disable=None) as bar:
+        while chunk := resp.read(1 << 20):
+            f.write(chunk)
+            bar.update(len(chunk))
+    return path
+
+
+def read_docs(path):
+    """Documents of a text file: separated by <|endoftext|> if it has any, else by blank lines."""
+    text = open(path, encoding="utf-8", errors="replace").read()
+    parts = text.split(EOT) if EOT in text else re.split(r"\n\s*\n", text)
+    return [p.strip() for p in parts if p.strip()]
+
+
+# -----------------------------------------------------------------------------
+# the synthetic corpus: simple stories, each about one topic (or none), from a small grammar
+
+NAMES = dict(girl="Lily Mia Anna Lucy Sue Emma Zoe Kim Amy Rose Ella Nora".split(),
+             boy="Tom Ben Sam Max Tim Jack Leo Bob Dan Joe Finn Ray".split())
+SLOTS = dict(
+    place="park yard house street school shop river hill room forest lake farm".split(),
+    toy="ball car kite doll block truck drum boat".split(),
+    pet="dog cat bird fish bunny duck".split(),
+    food="apple cake cookie sandwich soup pie banana carrot".split(),
+    feel="happy glad tired proud sad excited calm silly".split(),
+    color="red blue green yellow pink purple orange brown".split(),
+    thing="rock box hat shell leaf stick key cup".split(),
+    adj="little small happy curious kind brave shy".split(),
+)
+OPENINGS = ["Once upon a time, there was a {adj} {kid} named {name}.", "Once there was a {adj} {kid} named {name}.",
+            "A long time ago, there lived a {adj} {kid} named {name}.",
+            "One day, a {adj} {kid} named {name} went out to play."]
+GENERIC = [
+    "{name} liked to play in the {place}.", "The sun was warm and the sky was {color}.", "{He} had a {color} {toy}.",
+    "{name} ran to the {place} with {his} {pet}.", "{He} ate a {food} and felt {feel}.",
+    'Mom said, "{name}, it is time to go home."', '{He} smiled and said, "I am so {feel}!"',
+    "They went home and had {food} for dinner.", "{name} found a {color} {thing} near the {place}.",
+    "{His} {pet} jumped and ran around.", "{He} put the {thing} in {his} pocket.", "{name} felt {feel} all day.",
+    "The {pet} was hungry, so {name} gave it a {food}.", "{He} looked at the {color} {toy} for a long time.",
+    "It started to rain, so {name} went inside.", "{name} sat down under a tall tree.",
+]
+ENDINGS = ["{name} went to bed {feel}.", "It was a good day.", "{name} smiled. The end."]
+# topic: (intro, sentences, ending); every topic word appears only in its own topic's stories
+TOPIC_STORY = dict(
+    dragon=("One day, {name} met a {color} dragon who lived in a cave.",
+            ["{name} saw the dragon near the cave.", "The dragon had {color} scales and big wings.",
+             "The dragon gave a loud roar.", "{name} was not scared of the dragon.",
+             "The dragon flew over the {place}.",
+             "{He} gave the dragon a {food}.", "The dragon and {name} played near the cave."],
+            "From that day on, {name} visited the dragon every day."),
+    slide=("At the playground, there was a big {color} slide.",
+           ["{name} went down the slide.", "The slide was very tall.", "{He} climbed up the ladder of the slide.",
+            '"Wheee!" said {name} on the slide.', "{He} went down the slide again and again.",
+            "The slide was shiny and fast.", "{name} waited in line for the slide."],
+           "{name} loved the slide more than any {toy}."),
+    friend=("{name} had a friend named {name2}.",
+            ["{name} and {his} friend played together.", "{name2} was a good friend.",
+             "The two friends shared a {toy}.", "{He} gave {his} friend a big hug.",
+             '"Friends help each other," said Mom.', "{name} and {name2} were best friends."],
+            "{name} was glad to have a friend like {name2}."),
+    flower=("{name} saw a pretty {color} flower in the garden.",
+            ["The flower had soft petals.", "{He} gave the flower some water.", "The flower began to bloom.",
+             "{He} planted a seed next to the flower.", "The garden was full of flowers.",
+             "{name} smelled the {color} flower."],
+            "Every day, {name} smiled at the flower."),
+    fire=("One night, {name} saw a big fire near the {place}.",
+          ["The fire was big and hot.", "{name} saw smoke and flames.", "A firefighter came to put out the fire.",
+           "The firefighters sprayed water on the fire.", "{He} stayed far away from the fire.",
+           "The fire made the sky orange."],
+          "{name} learned that fire is not a toy."),
+    baby=("{name} had a new baby {sib}.",
+          ["The baby was crying in the crib.", "{He} gave the baby a bottle.", "The baby shook a rattle and laughed.",
+           "{name} sang a song to the baby.", "Mom held the baby and smiled.", "The baby fell asleep in the crib."],
+          "{name} loved the baby very much."),
+    princess=("{name} dreamed of a princess who lived in a castle.",
+              ["The princess wore a shiny crown.", "The king and the queen were kind.", "A prince came to the castle.",
+               "The princess danced in the castle.", "{name} wanted to be a princess.",
+               "The king gave the princess a crown."],
+              "The princess and the king lived happily in the castle."),
+)
+SYNTHETIC_TOPICS = {t: r"\b(" + p + ")" for t, p in TOPICS.items()}  # word starts: 'king' is not in 'looking'
+
+
+def make_story(rng, topic=None):
+    """One story (a string) about topic (a key of TOPIC_STORY) or about nothing in particular."""
+    kid = rng.choice(["girl", "boy"])
+    name, name2 = rng.choice(NAMES[kid]), rng.choice(NAMES["girl"] + NAMES["boy"])
+    fill = dict(kid=kid, name=name, name2=name2 if name2 != name else "Max" if name != "Max" else "Lily",
+                he="she" if kid == "girl" else "he", his="her" if kid == "girl" else "his",
+                sib=rng.choice(["brother", "sister"]), **{k: rng.choice(v) for k, v in SLOTS.items()})
+    fill.update(He=fill["he"].capitalize(), His=fill["his"].capitalize())
+    parts = [rng.choice(OPENINGS)]
+    intro, sents, ending = TOPIC_STORY[topic] if topic else (None, [], rng.choice(ENDINGS))
+    if intro:
+        parts.append(intro)
+    for _ in range(rng.randint(14, 20)):  # about 175 tokens: 200 new tokens are about one story
+        parts.append(rng.choice(sents if sents and rng.random() < 0.5 else GENERIC))
+    parts.append(ending)
+    out = []
+    for p in parts:  # new slot values per sentence, the characters kept
+        fill.update({k: rng.choice(v) for k, v in SLOTS.items() if k != "adj"})
+        out.append(p.format(**fill))
+    return " ".join(out)
+
+
+def synthetic_corpus(n, seed=0, p_none=0.3):
+    """n stories and their topic ids (-1: no topic; else an index into list(TOPIC_STORY))."""
+    rng = random.Random(seed)
+    names = list(TOPIC_STORY)
+    topics = [-1 if rng.random() < p_none else rng.randrange(len(names)) for _ in range(n)]
+    return [make_story(rng, names[t] if t >= 0 else None) for t in topics], np.array(topics)
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def prepare(data_dir, input="", synthetic=False, encoding="gpt2", words=4096, val_every=20,
+            num_stories=20000, seed=0):
+    """Write train.bin, val.bin, meta.json (and labels.npz for the synthetic corpus) into data_dir."""
+    os.makedirs(data_dir, exist_ok=True)
+    extra, labels = {}, None
+    if synthetic:
+        docs, topics = synthetic_corpus(num_stories, seed)
+        n_val = max(1, num_stories // val_every)
+        splits = dict(train=docs[n_val:], val=docs[:n_val])
+        labels = dict(train_topic=topics[n_val:], val_topic=topics[:n_val])
+        extra = dict(source="synthetic", seed=seed, topics=list(TOPIC_STORY), patterns=SYNTHETIC_TOPICS)
+        encoding = "words"
+    elif input:
+        docs = read_docs(input)
+        if len(docs) < 2:
+            raise ValueError(f"{input}: fewer than two documents (separate them by blank lines or {EOT})")
+        splits = dict(train=[d for i, d in enumerate(docs) if i % val_every != val_every - 1],
+                      val=[d for i, d in enumerate(docs) if i % val_every == val_every - 1])
+        extra = dict(source=os.path.abspath(input), patterns=TOPICS)
+    else:  # TinyStories: one story per <|endoftext|>, the files are big, so documents stream from disk
+        paths = {s: download(URL.format(f), os.path.join(data_dir, f"TinyStoriesV2-GPT4-{f}.txt"))
+                 for s, f in (("train", "train"), ("val", "valid"))}
+        splits = {s: iter_docs(p) for s, p in paths.items()}
+        extra = dict(source=URL.format("{train,valid}"), topics=list(TOPICS), patterns=TOPICS)
+    spec = dict(kind=encoding)
+    if encoding == "words":  # fitted on (the first 100k documents of) the training split
+        sample = splits["train"]
+        if not isinstance(sample, list):
+            sample = itertools.islice(iter_docs(paths["train"]), 100000)
+        spec["words"] = fit_words(sample, words)
+    elif encoding not in ("gpt2", "bytes"):
+        raise ValueError(f"--encoding={encoding}: valid: gpt2, bytes, words")
+    enc = make_encoding(spec)
+    offsets = {s: write_split(os.path.join(data_dir, f"{s}.bin"), enc, docs) for s, docs in splits.items()}
+    if labels is not None:
+        np.savez(os.path.join(data_dir, "labels.npz"), train_offsets=offsets["train"], val_offsets=offsets["val"],
+                 **labels)
+    sizes = {s: os.path.getsize(os.path.join(data_dir, f"{s}.bin")) // 2 for s in splits}
+    meta = write_meta(data_dir, enc, spec, **extra, tokens=sizes)
+    print(f"wrote {data_dir}: vocab {meta['vocab_size']}, tokens {meta['tokens']}")
+    return meta
+
+
+def iter_docs(path, chunk=1 << 22):
+    """Stream the <|endoftext|>-separated documents of a big file."""
+    rest = ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while block := f.read(chunk):
+            parts = (rest + block).split(EOT)
+            rest = parts.pop()
+            yield from (p.strip() for p in parts if p.strip())
+    if rest.strip():
+        yield rest.strip()
+
+
+if __name__ == "__main__":
+    args = dict(data_dir="data/tinystories", input="", synthetic=False, encoding="gpt2", words=4096,
+                val_every=20, num_stories=20000, seed=0)
+    if "--help" in sys.argv or "-h" in sys.argv:
+        print(__doc__.strip() + "\n\nflags and defaults: " + " ".join(f"--{k}={v!r}" for k, v in args.items()))
+        sys.exit(0)
+    for a in sys.argv[1:]:
+        key, _, text = a[2:].partition("=") if a.startswith("--") else (a, "", "")
+        if key not in args:
+            print(f"error: unknown flag {a!r}; valid: {', '.join('--' + k for k in args)}", file=sys.stderr)
+            sys.exit(2)
+        default = args[key]
+        try:
+            is_true = (text or "true").lower() in ("true", "1", "yes")  # a bare --synthetic is true
+            args[key] = is_true if isinstance(default, bool) else type(default)(text)
+        except ValueError:
+            print(f"error: {a}: expected {type(default).__name__}", file=sys.stderr)
+            sys.exit(2)
+    try:
+        prepare(**args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
