@@ -1,5 +1,6 @@
 """
-The test suite: offline, CPU, tiny shapes, fixed seeds.
+The test suite: offline, CPU, tiny shapes, fixed seeds. Sections: the codebook layer, the model, TokFSM,
+training, steer.py, the fast search and bench.py, language models.
 
     python -m pytest -q test_all.py
 """
@@ -9,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 
 import bench
 import steer
+import tinystories_data as td
 import train
 from codebook import CodebookLayer, Intervention, plan, search
 from fsm_data import FSM
@@ -680,3 +683,166 @@ def test_bench_quick_writes_json(tmp_path):
     assert result["train_overhead"] > 0
     assert result["train"]["plain"]["config"]["cb_at"] == "none"
     assert result["train"]["codebook"]["us_per_token"] > 0
+
+
+# =============================================================================
+# language models: story data, LM training, topic steering
+
+DOCS = ["Once upon a time, there was a cat.\nIt sat.", "The dog ran to the park!", "Ünïcödé and 42 numbers.",
+        "A fourth story, with a comma.", "One more: the cat and the dog."]
+
+
+def write_docs(tmp_path, sep):
+    path = tmp_path / "docs.txt"
+    path.write_text(sep.join(DOCS), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("sep,encoding", [("\n\n", "words"), ("<|endoftext|>", "bytes")])
+def test_text_file_round_trip(tmp_path, sep, encoding):
+    """encode, write, memmap, decode: the documents come back, each after one EOT."""
+    meta = td.prepare(str(tmp_path / "d"), input=str(write_docs(tmp_path, sep)), encoding=encoding, words=10,
+                      val_every=2)
+    train_data, val_data, meta2 = td.load_tokens(str(tmp_path / "d"))
+    assert meta2 == json.loads(json.dumps(meta)) and isinstance(train_data, np.memmap)
+    enc = td.make_encoding(meta["encoding"])
+    assert meta["vocab_size"] == enc.n_vocab and meta["eot"] == enc.eot_token == enc.n_vocab - 1
+    for data, docs in ((train_data, DOCS[0::2]), (val_data, DOCS[1::2])):
+        assert data.dtype == np.uint16 and data[0] == meta["eot"] and (data == meta["eot"]).sum() == len(docs)
+        assert enc.decode(data.tolist()) == "".join("<|endoftext|>" + d for d in docs)
+    if encoding == "words":  # frequent pieces became single tokens: fewer tokens than bytes
+        assert 10 + 257 == meta["vocab_size"] and len(train_data) < len("".join(DOCS[0::2]).encode())
+        assert len(enc.encode_ordinary(" the")) == 1
+    else:
+        assert meta["vocab_size"] == 257 and len(train_data) == len("".join(DOCS[0::2]).encode()) + 3
+
+
+def test_batches_are_windows_of_the_data():
+    data = np.arange(1000, dtype=np.uint16)
+    x = td.get_batch(data, 8, 33, torch.Generator().manual_seed(0))
+    assert x.shape == (8, 33) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(8, 32, dtype=torch.int64))  # contiguous windows
+    y = td.fixed_windows(data, 4, 100)
+    assert y[0, 0] == 0 and y[-1, -1] == 999 and torch.equal(y, td.fixed_windows(data, 4, 100))
+    with pytest.raises(ValueError):
+        td.fixed_windows(data, 4, 1001)
+
+
+def test_synthetic_corpus_is_deterministic_and_varied(tmp_path):
+    a, ta = td.synthetic_corpus(300, seed=1)
+    b, tb = td.synthetic_corpus(300, seed=1)
+    c, _ = td.synthetic_corpus(300, seed=2)
+    assert a == b and np.array_equal(ta, tb) and a != c
+    assert len(set(a)) == 300  # no story twice
+    assert set(ta.tolist()) == set(range(-1, len(td.TOPIC_STORY)))  # every topic, and stories about none
+    td.prepare(str(tmp_path / "x"), synthetic=True, num_stories=200, seed=3)
+    td.prepare(str(tmp_path / "y"), synthetic=True, num_stories=200, seed=3)
+    for f in ("train.bin", "val.bin", "meta.json"):
+        assert (tmp_path / "x" / f).read_bytes() == (tmp_path / "y" / f).read_bytes()
+
+
+def test_topic_labels(tmp_path):
+    """Each story matches its own topic's pattern and no other; stories about nothing match none; the
+    saved labels and offsets point at the right stories of train.bin / val.bin."""
+    docs, topics = td.synthetic_corpus(400, seed=5)
+    names = list(td.TOPIC_STORY)
+    assert len(names) >= 7 and {"dragon", "slide", "friend", "flower", "fire", "baby", "princess"} <= set(names)
+    for d, t in zip(docs, topics):
+        hits = [n for n in names if re.search(td.SYNTHETIC_TOPICS[n], d.lower())]
+        assert hits == ([names[t]] if t >= 0 else []), (d, hits)
+    meta = td.prepare(str(tmp_path), synthetic=True, num_stories=400, seed=5, val_every=10)
+    enc = td.make_encoding(meta["encoding"])
+    lab = np.load(tmp_path / "labels.npz")
+    for split, first in (("val", 0), ("train", 40)):
+        data = np.memmap(tmp_path / f"{split}.bin", dtype=np.uint16, mode="r")
+        offs, tops = lab[f"{split}_offsets"], lab[f"{split}_topic"]
+        assert len(offs) == len(tops) and np.array_equal(tops, topics[first:first + len(tops)])
+        ends = list(offs[1:] - 1) + [len(data)]
+        for i in (0, len(offs) // 2, len(offs) - 1):
+            assert data[offs[i] - 1] == meta["eot"]
+            assert enc.decode(data[offs[i]:ends[i]].tolist()) == docs[first + i]
+
+
+def test_topic_scorer_by_hand():
+    # 6 story tokens, 2 topics; codes 0..4. Token rows: the codes firing there (2 per token).
+    ids = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 4], [1, 4], [2, 3]])
+    member = torch.tensor([[1, 0], [1, 0], [1, 0], [0, 1], [0, 1], [0, 0]], dtype=torch.bool)
+    rin, rout = steer.topic_rates(ids, member, 5)
+    assert torch.allclose(rin[0], torch.tensor([1.0, 2 / 3, 1 / 3, 0.0, 0.0], dtype=torch.double))
+    assert torch.allclose(rout[0], torch.tensor([0.0, 1 / 3, 1 / 3, 2 / 3, 2 / 3], dtype=torch.double))
+    assert torch.allclose(rin[1], torch.tensor([0.0, 0.5, 0.0, 0.5, 1.0], dtype=torch.double))
+    assert torch.allclose(rout[1], torch.tensor([0.75, 0.5, 0.5, 0.25, 0.0], dtype=torch.double))
+    rows = [("a:0", "a", 0, 0, 1.0, 0.0), ("a:1", "a", 0, 1, 0.9, 0.0), ("a:2", "a", 0, 2, 0.8, 0.01),
+            ("b:3", "b", 1, 3, 0.7, 0.0), ("b:4", "b", 1, 4, 0.95, 0.5), ("b:5", "b", 1, 5, 0.3, 0.0)]
+    pick = [r[0] for r in steer.pick_topic_codes(rows, {"a": 2, "b": 8}, 0.5, 0.1, 10)]
+    assert pick == ["a:0", "a:1", "b:3"]  # best first; 2 = k per head; b:4 fires elsewhere; b:5 too rarely
+    assert [r[0] for r in steer.pick_topic_codes(rows, {"a": 8, "b": 8}, 0.5, 0.1, 2)] == ["a:0", "a:1"]
+    texts = ["The Dragon flew.", "a dragonfly", "no topic here", "the KING smiled", "looking"]
+    assert steer.mention_rate(texts, "dragon") == 0.4
+    assert steer.mention_rate(texts, r"\b(prince|crown|king|castle)") == 0.2
+    assert steer.mention_rate(texts, "prince|crown|king|castle") == 0.4  # the paper's substring match
+
+
+# -----------------------------------------------------------------------------
+# training on tokens, finetuning with codebooks, steering by topic (a tiny model: the plumbing, not the numbers)
+
+
+def tiny_lm(out_dir, data_dir, **kw):
+    base = dict(out_dir=str(out_dir), data_dir=str(data_dir), n_layer=1, n_head=2, n_embd=32, block_size=48,
+                cb_at="attn", num_codes=32, k=2, batch_size=8, max_iters=6, eval_interval=3, eval_seqs=8,
+                warmup_iters=1, log_interval=1, cb_warmup=0, replace_every=0, learning_rate=1e-2)
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lm")
+    td.prepare(str(d / "data"), synthetic=True, num_stories=300, seed=0, val_every=10)
+    plain = train.train(tiny_lm(d / "plain", d / "data", cb_at="none", max_iters=30))
+    return d, plain
+
+
+def test_lm_training_and_checkpoint(lm):
+    d, plain = lm
+    saved = json.load(open(d / "plain" / "metrics.json"))
+    assert {"val_loss", "val_acc", "alive", "mse", "iters", "wall_s", "tokens_per_s", "config"} <= set(saved)
+    assert "state_acc" not in saved and "bayes_loss" not in saved and saved["iters"] == 30
+    assert saved["val_loss"] < 0.8 * np.log(json.load(open(d / "data" / "meta.json"))["vocab_size"])  # it learned
+    ckpt = train.load_checkpoint(str(d / "plain" / "ckpt.pt"))
+    assert ckpt["kind"] == "lm" and ckpt["data"]["meta"]["eot"] == ckpt["model_args"]["vocab_size"] - 1
+    model = train.model_from_checkpoint(ckpt).eval()
+    val = td.fixed_windows(td.load_tokens(str(d / "data"))[1], 8, 49)
+    assert model(val[:, :-1], val[:, 1:])[1].item() == pytest.approx(saved["val_loss"], rel=1e-5)
+    encode, decode, _ = steer.tokenizer(ckpt)
+    ids = encode("Once upon a time, the dragon")
+    assert ids[0] == ckpt["data"]["meta"]["eot"] and "".join(decode(ids[1:])) == "Once upon a time, the dragon"
+
+
+def test_init_from_inserts_codebooks_into_the_plain_model(lm):
+    d, plain = lm
+    m = train.train(tiny_lm(d / "cb0", d / "data", init_from=str(d / "plain" / "ckpt.pt"), max_iters=0))
+    assert set(m["alive"]) == {"L0.attn", "all"}
+    # k-means codes in a trained network: the loss moves little (random N(0, 1) codes would ruin it)
+    assert m["val_loss"] < plain["val_loss"] + 0.5
+    m = train.train(tiny_lm(d / "cb", d / "data", init_from=str(d / "plain" / "ckpt.pt"), max_iters=3))
+    ckpt = train.load_checkpoint(str(d / "cb" / "ckpt.pt"))
+    assert ckpt["model_args"]["cb_at"] == "attn" and ckpt["config"]["init_from"].endswith("ckpt.pt")
+    with pytest.raises(SystemExit):  # a model with codebooks already is not a base
+        train.train(tiny_lm(d / "x", d / "data", init_from=str(d / "cb" / "ckpt.pt")))
+
+
+def test_topics_command(lm, capsys):
+    d, _ = lm
+    out = steer.main(["topics", f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--samples=2", "--max_new_tokens=12",
+                      "--prompts=|Once upon a time,", "--n_stories=30", "--min_in=0", "--max_out=1", "--max_codes=3"])
+    saved = json.load(open(d / "cb" / "topics.json"))
+    topics = [t for t in saved if t not in ("mean", "settings")]
+    assert topics == list(td.TOPIC_STORY)
+    for t in topics:
+        assert 0 <= saved[t]["baseline"] <= 1 and 0 <= saved[t]["steered"] <= 1
+        assert saved[t]["n_codes"] == len(saved[t]["codes"]) == 3  # at most k=2 per head, 2 heads
+    assert out["mean"]["steered"] == pytest.approx(np.mean([saved[t]["steered"] for t in topics]))
+    with pytest.raises(SystemExit) as e:  # generation must fit in block_size 48
+        steer.main(["topics", f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--max_new_tokens=48"])
+    assert e.value.code == 2 and "block_size" in capsys.readouterr().err
