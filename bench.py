@@ -95,16 +95,9 @@ def parse(argv):
         key, _, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
         if key not in fields:
             sys.exit(f"error: bad argument {arg!r}; valid: " + ", ".join(f"--{k}=" for k in fields))
-        kind = type(fields[key].default)
-        if kind is bool:
-            if text.lower() not in ("", "true", "1", "false", "0"):
-                sys.exit(f"error: --{key}={text}: expected True or False")
-            values[key] = text.lower() in ("", "true", "1")  # --quick alone means --quick=True
-        else:
-            try:
-                values[key] = kind(text)
-            except ValueError:
-                sys.exit(f"error: --{key}={text}: expected {kind.__name__}")
+        default = fields[key].default
+        bare = isinstance(default, bool) and "=" not in arg  # --quick alone means --quick=True
+        values[key] = train.parse_value(key, "True" if bare else text, default)
     if values.get("quick"):
         values = {**QUICK, **values}
     cfg = BenchConfig(**values)

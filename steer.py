@@ -65,9 +65,10 @@ from tqdm import tqdm
 
 import tinystories_data
 import train
+from train import fail
 from codebook import Intervention
 from fsm_data import FSM
-from model import format_code, parse_code
+from model import format_code, make_interventions
 
 FLAGS = dict(  # every flag and its default; the default's type is the flag's type
     ckpt="",  # a checkpoint written by train.py (required)
@@ -109,11 +110,6 @@ COMMANDS = dict(  # command: (its positional argument or None, its flags)
     topics=(None, COMMON + ("data_dir", "topics", "n_stories", "min_in", "max_out", "max_codes", "samples",
                             "prompts", "max_new_tokens", "temperature")),
 )
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def parse_args(argv):
@@ -225,13 +221,12 @@ def write_json(cfg, name, obj):
 
 def parse_codes(model, text, ablate=False, positions=None):
     """'L3.mlp:5,L1.attn.h2:40' -> [Intervention], checked against the model."""
-    out = []
-    for a in filter(None, (s.strip() for s in text.split(","))):
-        try:
-            out.append(Intervention(*parse_code(a), ablate, positions))
-            model.check_intervention(out[-1])
-        except ValueError as e:
-            fail(str(e))
+    try:
+        out = make_interventions(filter(None, (s.strip() for s in text.split(","))), ablate, positions)
+        for iv in out:
+            model.check_intervention(iv)
+    except ValueError as e:
+        fail(str(e))
     return out
 
 

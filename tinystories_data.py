@@ -27,7 +27,6 @@ import sys
 import urllib.request
 
 import numpy as np
-import regex
 import tiktoken
 import torch
 from tqdm import tqdm
@@ -54,9 +53,14 @@ def make_encoding(spec):
                              special_tokens={EOT: len(ranks)})
 
 
+# GPT2_PAT in the standard library's re: \p{L} becomes [^\W\d_], \p{N} becomes \d. It only picks which
+# whole words get a token; a word it splits differently from tiktoken just goes unused.
+_WORD_RE = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
+
+
 def fit_words(texts, n):
     """The n most frequent multi-byte pieces of the GPT-2 pre-tokenizer over texts (ties by text)."""
-    count = collections.Counter(p for t in texts for p in regex.findall(GPT2_PAT, t) if len(p.encode()) > 1)
+    count = collections.Counter(p for t in texts for p in _WORD_RE.findall(t) if len(p.encode()) > 1)
     return [w for w, _ in sorted(count.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
 
 
