@@ -57,6 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
+from common import parse_value
 from codebook import CodebookLayer
 from fsm_data import FSM
 
@@ -97,7 +98,7 @@ def parse(argv):
             sys.exit(f"error: bad argument {arg!r}; valid: " + ", ".join(f"--{k}=" for k in fields))
         default = fields[key].default
         bare = isinstance(default, bool) and "=" not in arg  # --quick alone means --quick=True
-        values[key] = train.parse_value(key, "True" if bare else text, default)
+        values[key] = parse_value(key, "True" if bare else text, default)
     if values.get("quick"):
         values = {**QUICK, **values}
     cfg = BenchConfig(**values)

@@ -64,8 +64,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import tinystories_data
-import train
-from train import fail
+from common import fail, load_checkpoint, model_from_checkpoint, pick_device
 from codebook import Intervention
 from fsm_data import FSM
 from model import format_code, make_interventions
@@ -154,13 +153,13 @@ def parse_args(argv):
 
 def load(cfg):
     try:
-        ckpt = train.load_checkpoint(cfg["ckpt"])
+        ckpt = load_checkpoint(cfg["ckpt"])
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
         fail(f"{cfg['ckpt']} is not a checkpoint written by train.py")
     try:
-        model = train.model_from_checkpoint(ckpt, train.pick_device(cfg["device"])).eval()
+        model = model_from_checkpoint(ckpt, pick_device(cfg["device"])).eval()
     except (KeyError, TypeError, RuntimeError) as e:
         fail(f"{cfg['ckpt']}: the weights do not fit its model_args ({type(e).__name__})")
     if not model.codebooks():

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import common
 import steer
 import tinystories_data as td
 import train
@@ -302,13 +303,13 @@ def test_train_checkpoint_round_trip(tmp_path):
                 "wall_s", "tokens_per_s", "config"):
         assert key in saved
     assert saved["iters"] == 4 and set(saved["alive"]) == {"L0.attn", "L0.mlp", "all"} and m["val_loss"] > 0
-    ckpt = train.load_checkpoint(str(tmp_path / "ckpt.pt"))  # weights_only=True inside
-    model = train.model_from_checkpoint(ckpt).eval()
+    ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"))  # weights_only=True inside
+    model = common.model_from_checkpoint(ckpt).eval()
     fsm = FSM()
     val = fsm.sample(8, 16, torch.Generator().manual_seed(ckpt["config"]["seed"] + 1))
     logits, loss, _, _ = model(val[:, :-1], val[:, 1:])
     assert loss.item() == pytest.approx(saved["val_loss"], rel=1e-5)
-    again = train.model_from_checkpoint(train.load_checkpoint(str(tmp_path / "ckpt.pt"))).eval()
+    again = common.model_from_checkpoint(common.load_checkpoint(str(tmp_path / "ckpt.pt"))).eval()
     assert torch.equal(again(val[:, :-1])[0], logits)
 
 
@@ -317,7 +318,7 @@ def test_resume_gives_the_same_model(tmp_path):
     # a constant learning rate: with decay_lr the schedule depends on max_iters, which resume changes
     train.train(tiny_cfg(a, max_iters=6, decay_lr=False))
     train.train(tiny_cfg(b, max_iters=4, decay_lr=False))
-    cfg, given = train.parse_args([f"--out_dir={b}", "--resume=True", "--max_iters=6"])
+    cfg, given = common.parse_args([f"--out_dir={b}", "--resume=True", "--max_iters=6"], train.TrainConfig, train.PRESETS)
     train.train(cfg, given)
     sa = torch.load(a / "ckpt.pt", weights_only=True)
     sb = torch.load(b / "ckpt.pt", weights_only=True)
@@ -343,7 +344,7 @@ def run_train(*args):
 ])
 def test_bad_config_is_one_line_error(args, msg, capsys):
     with pytest.raises(SystemExit) as e:
-        cfg, _ = train.parse_args(args)
+        cfg, _ = common.parse_args(args, train.TrainConfig, train.PRESETS)
         train.check(cfg)
     assert e.value.code == 2
     err = capsys.readouterr().err
@@ -363,7 +364,7 @@ def test_insert_codebooks_into_a_trained_model(tmp_path):
     """cb_warmup: the plain weights carry over unchanged, the codes are k-means centroids."""
     cfg = tiny_cfg(tmp_path, cb_warmup=3, max_iters=5, replace_every=0, num_codes=8)
     train.train(cfg)
-    ckpt = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["model_args"]["cb_at"] == "attn+mlp"
     plain = train.build_model(cfg, 11, "none")
     idx = FSM().sample(4, 16, torch.Generator().manual_seed(0))[:, :-1]
@@ -396,7 +397,7 @@ def save_tiny(path, kind="fsm", k=1):
     fsm = FSM(cfg.num_states, cfg.num_edges, seed=cfg.fsm_seed)
     model = train.build_model(cfg, fsm.vocab_size)
     opt = train.make_optimizer(model, cfg, "cpu")
-    train.save_checkpoint(str(path), dict(
+    common.save_checkpoint(str(path), dict(
         model=model.state_dict(), optimizer=opt.state_dict(), iter_num=0, config=dataclasses.asdict(cfg),
         model_args=dataclasses.asdict(model.config), data_rng=torch.Generator().get_state(),
         torch_rng=torch.get_rng_state(), wall_s=0.0, kind=kind,
@@ -512,7 +513,7 @@ def test_code_address_round_trip_and_errors():
 
 
 def test_forcing_a_code_equals_a_codebook_that_only_has_it(ckpt):
-    model = train.model_from_checkpoint(train.load_checkpoint(ckpt)).eval()
+    model = common.model_from_checkpoint(common.load_checkpoint(ckpt)).eval()
     idx = torch.tensor([[10, 1, 2, 0, 3, 1, 1]])
     base, _, codes, _ = model(idx)
     c = next(i for i in range(64) if not (codes["L1.mlp"] == i).any())  # a code the model does not pick here
@@ -531,7 +532,7 @@ def test_forcing_a_code_equals_a_codebook_that_only_has_it(ckpt):
 
 
 def test_generate_follows_the_forced_distribution(ckpt, capsys):
-    model = train.model_from_checkpoint(train.load_checkpoint(ckpt)).eval()
+    model = common.model_from_checkpoint(common.load_checkpoint(ckpt)).eval()
     idx = torch.tensor([[10, 0, 1, 0, 5]])  # BOS + the prompt "0105"
     base = model(idx)[0][0, -1].argmax().item()
     moved = [c for c in range(64) if model(idx, interventions=[Intervention("L1.mlp", 0, c)])[0][0, -1].argmax() != base]
@@ -540,14 +541,14 @@ def test_generate_follows_the_forced_distribution(ckpt, capsys):
     want = model(idx, interventions=[Intervention("L1.mlp", 0, c)])[0][0, -1].argmax().item()
     out = steer.main(["generate", f"--ckpt={ckpt}", "--prompt=0105", f"--force=L1.mlp:{c}", "--top_k=1", "--n=1",
                       "--max_new_tokens=1"])
-    _, decode, _ = steer.tokenizer(train.load_checkpoint(ckpt))
+    _, decode, _ = steer.tokenizer(common.load_checkpoint(ckpt))
     assert out["baseline"]["samples"][0][-1] == decode([base])[0]  # greedy: the argmax, unforced
     assert out["steered"]["samples"][0][-1] == decode([want])[0]  # and forced
     capsys.readouterr()
 
 
 def test_patching_own_codes_changes_nothing(tmp_path):
-    model = train.model_from_checkpoint(train.load_checkpoint(save_tiny(tmp_path / "ckpt.pt", k=2))).eval()
+    model = common.model_from_checkpoint(common.load_checkpoint(save_tiny(tmp_path / "ckpt.pt", k=2))).eval()
     x = torch.tensor([[10, 1, 2, 0, 3], [10, 0, 4, 1, 1], [10, 1, 1, 0, 2]])
     logits, _, codes, _ = model(x)
     last = {s: c[:, -1] for s, c in codes.items()}  # (B, G, k)
@@ -809,9 +810,9 @@ def test_lm_training_and_checkpoint(lm):
     assert {"val_loss", "val_acc", "alive", "mse", "iters", "wall_s", "tokens_per_s", "config"} <= set(saved)
     assert "state_acc" not in saved and "bayes_loss" not in saved and saved["iters"] == 30
     assert saved["val_loss"] < 0.8 * np.log(json.load(open(d / "data" / "meta.json"))["vocab_size"])  # it learned
-    ckpt = train.load_checkpoint(str(d / "plain" / "ckpt.pt"))
+    ckpt = common.load_checkpoint(str(d / "plain" / "ckpt.pt"))
     assert ckpt["kind"] == "lm" and ckpt["data"]["meta"]["eot"] == ckpt["model_args"]["vocab_size"] - 1
-    model = train.model_from_checkpoint(ckpt).eval()
+    model = common.model_from_checkpoint(ckpt).eval()
     val = td.fixed_windows(td.load_tokens(str(d / "data"))[1], 8, 49)
     assert model(val[:, :-1], val[:, 1:])[1].item() == pytest.approx(saved["val_loss"], rel=1e-5)
     encode, decode, _ = steer.tokenizer(ckpt)
@@ -826,7 +827,7 @@ def test_init_from_inserts_codebooks_into_the_plain_model(lm):
     # k-means codes in a trained network: the loss moves little (random N(0, 1) codes would ruin it)
     assert m["val_loss"] < plain["val_loss"] + 0.5
     m = train.train(tiny_lm(d / "cb", d / "data", init_from=str(d / "plain" / "ckpt.pt"), max_iters=3))
-    ckpt = train.load_checkpoint(str(d / "cb" / "ckpt.pt"))
+    ckpt = common.load_checkpoint(str(d / "cb" / "ckpt.pt"))
     assert ckpt["model_args"]["cb_at"] == "attn" and ckpt["config"]["init_from"].endswith("ckpt.pt")
     with pytest.raises(SystemExit):  # a model with codebooks already is not a base
         train.train(tiny_lm(d / "x", d / "data", init_from=str(d / "cb" / "ckpt.pt")))

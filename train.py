@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 import tinystories_data
+from common import Progress, fail, load_checkpoint, model_from_checkpoint, parse_args, pick_device, save_checkpoint
 from fsm_data import FSM
 from model import CB_AT, GPT, GPTConfig
 
@@ -107,48 +107,7 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "cb_at", "num_codes",
 
 
 # -----------------------------------------------------------------------------
-# configuration: --key=value, checked
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_value(key, text, default):
-    if isinstance(default, bool):
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
-        fail(f"--{key}={text}: expected True or False")
-    try:
-        return type(default)(text)
-    except ValueError:
-        fail(f"--{key}={text}: expected {type(default).__name__}")
-
-
-def parse_args(argv, cls=TrainConfig, presets=PRESETS):
-    """['--config=fsm', '--k=4'] -> (config, the keys given on the command line)."""
-    fields = {f.name: f.default for f in dataclasses.fields(cls)}
-    pairs = []
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            fail(f"bad argument {arg!r}: expected --key=value")
-        pairs.append(arg[2:].split("=", 1))
-    preset = dict(pairs).get("config", "fsm")
-    if preset not in presets:
-        fail(f"--config={preset}: unknown preset; valid: {', '.join(presets)}")
-    values = dict(fields, **presets[preset])
-    given = set()
-    for key, text in pairs:
-        if key == "config":
-            continue
-        if key not in fields:
-            fail(f"unknown key --{key}; valid: config, {', '.join(fields)}")
-        values[key] = parse_value(key, text, fields[key])
-        given.add(key)
-    return cls(**values), given
+# configuration: parsed by common.parse_args, checked here
 
 
 def check(cfg):
@@ -189,16 +148,6 @@ def layers(cfg):
     return out
 
 
-def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def build_model(cfg, vocab_size, cb_at=None):
     return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
                          n_head=cfg.n_head, n_embd=cfg.n_embd, cb_at=cb_at or cfg.cb_at,
@@ -215,22 +164,7 @@ def insert_codebooks(model, cfg, vocab_size, idx):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: atomic writes, weights_only reads
-
-
-def save_checkpoint(path, obj):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint whole
-
-
-def load_checkpoint(path, map_location="cpu"):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+# finetuning a trained model
 
 
 def load_base(cfg, given):
@@ -250,13 +184,6 @@ def load_base(cfg, given):
     if changed:
         fail(f"--init_from: {', '.join(changed)} differ from the checkpoint's (its shape is kept)")
     return base
-
-
-def model_from_checkpoint(ckpt, device="cpu"):
-    """Rebuild the model stored in a checkpoint dict (from load_checkpoint)."""
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -401,7 +328,7 @@ def train(cfg, given=()):
 
     t0 = time.time()
     start_it = it
-    bar = tqdm(total=cfg.max_iters, initial=it, desc="train", dynamic_ncols=True, disable=None)
+    bar = Progress(cfg.max_iters, "train", initial=it)
     while it < cfg.max_iters:
         if it >= cfg.cb_warmup and cfg.cb_at != "none" and not model.codebooks():
             idx = sample(data_gen).to(device)
@@ -456,6 +383,6 @@ def train(cfg, given=()):
 
 
 if __name__ == "__main__":
-    config, given_keys = parse_args(sys.argv[1:])
+    config, given_keys = parse_args(sys.argv[1:], TrainConfig, PRESETS)
     check(config)
     train(config, given_keys)

@@ -1,0 +1,143 @@
+"""
+What every script shares, and nothing else: `--key=value` parsing into a config dataclass, one-line
+errors, picking a device, progress that shows in a terminal and in a log, and checkpoints.
+
+    from common import fail, parse_args, pick_device, Progress, save_checkpoint, load_checkpoint
+    cfg, given = parse_args(sys.argv[1:], TrainConfig, PRESETS)   # --config=NAME picks a preset
+    ckpt = load_checkpoint("out-fsm/ckpt.pt")                     # torch.load(weights_only=True)
+    model = model_from_checkpoint(ckpt, "cpu")
+"""
+
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from model import GPT, GPTConfig
+
+
+def fail(msg):
+    """Stop with a one-line error: what was wrong and what is valid."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# --key=value, checked: no exec, unknown keys rejected with the list of valid ones
+
+
+def parse_value(key, text, default):
+    """text parsed as the type of default; a bool takes true/false/1/0/yes/no."""
+    if isinstance(default, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        fail(f"--{key}={text}: expected True or False")
+    try:
+        return type(default)(text)
+    except ValueError:
+        fail(f"--{key}={text}: expected {type(default).__name__}")
+
+
+def parse_args(argv, cls, presets):
+    """['--config=fsm', '--k=4'] -> (cls instance, the keys given on the command line). The first preset
+    is the default; a preset's values sit between the dataclass defaults and the command line."""
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    pairs = []
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            fail(f"bad argument {arg!r}: expected --key=value")
+        pairs.append(arg[2:].split("=", 1))
+    preset = dict(pairs).get("config", next(iter(presets)))
+    if preset not in presets:
+        fail(f"--config={preset}: unknown preset; valid: {', '.join(presets)}")
+    values = dict(fields, **presets[preset])
+    given = set()
+    for key, text in pairs:
+        if key == "config":
+            continue
+        if key not in fields:
+            fail(f"unknown key --{key}; valid: config, {', '.join(fields)}")
+        values[key] = parse_value(key, text, fields[key])
+        given.add(key)
+    return cls(**values), given
+
+
+def pick_device(name):
+    """'auto' -> cuda if there is one, else mps, else cpu; any other name as it is."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+# -----------------------------------------------------------------------------
+# progress: a tqdm bar on a terminal; in a log (nohup, a job's stdout) a plain line every `every` seconds
+
+
+class Progress:
+    def __init__(self, total, desc, initial=0, every=30.0):
+        self.total, self.desc, self.n, self.every = total, desc, initial, every
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True) if self.tty else None
+        self.t0 = self.last = time.time()
+        self.n0, self.postfix = initial, ""
+
+    def update(self, n=1):
+        self.n += n
+        if self.bar is not None:
+            return self.bar.update(n)
+        now = time.time()
+        if now - self.last >= self.every or self.n >= self.total:
+            self.last = now
+            rate = (self.n - self.n0) / max(now - self.t0, 1e-9)
+            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+            print(f"{self.desc}: {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%) "
+                  f"{rate:.2f} it/s, {now - self.t0:.0f} s elapsed, ETA {eta:.0f} s{self.postfix}", flush=True)
+
+    def set_postfix(self, **kw):
+        if self.bar is not None:
+            return self.bar.set_postfix(**kw)
+        self.postfix = "".join(f", {k} {v}" for k, v in kw.items())
+
+    def write(self, line):
+        if self.bar is not None:
+            return self.bar.write(line)
+        print(line, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: atomic writes, weights_only reads
+
+
+def save_checkpoint(path, obj):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint whole
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def model_from_checkpoint(ckpt, device="cpu"):
+    """Rebuild the model stored in a checkpoint dict (from load_checkpoint)."""
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device)
