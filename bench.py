@@ -58,13 +58,14 @@ import torch.nn.functional as F
 
 import train
 from common import parse_value
+import codebook
 from codebook import CodebookLayer
 from fsm_data import FSM
 
 
 @dataclass
 class BenchConfig:
-    shapes: str = "fsm,lm,large"  # comma-separated names from SHAPES
+    shapes: str = "auto"  # comma-separated names from SHAPES (auto: CPU_SHAPES on a CPU, GPU_SHAPES on a GPU)
     reps: int = 5  # timed calls per row and mode (fewer when a call is slower than budget / reps)
     budget: float = 15.0  # seconds of timed calls per row and mode, about
     compile: bool = True  # also time CodebookLayer(compile=True)
@@ -74,6 +75,9 @@ class BenchConfig:
     device: str = "auto"  # auto, cpu, cuda
     out: str = ""  # write the results as JSON to this path
     quick: bool = False  # tiny shapes, one rep, a tiny training config: a smoke test in seconds
+    tile_elems: int = 0  # try another codebook.PLANS setting for this device (0: keep the plan's)
+    block_k1: int = 0
+    block: int = 0
     row: str = ""  # internal: run one row (shape:variant, or train) here and print it as JSON
 
 
@@ -83,7 +87,14 @@ SHAPES = {
     "lm": (4096, 16, 64, 10000, 8),  # TinyStories-style attention codebooks: 16 heads x 64, C=10k, k=8
     "large": (2048, 16, 64, 100000, 8),  # a 100k-code codebook
     "tiny": (256, 2, 16, 300, 2),  # --quick
+    # a GPU: the paper's training batches (TokFSM: 512 x 128 tokens; TinyStories-style: 32 x 512)
+    "fsm_attn": (65536, 4, 32, 10000, 1),  # TokFSM attention site
+    "fsm_mlp": (65536, 1, 128, 10000, 1),  # TokFSM MLP site
+    "lm_gpu": (16384, 16, 64, 10000, 8),  # TinyStories-style attention site
+    "big": (4096, 16, 64, 100000, 8),  # a 100k-code codebook
 }
+CPU_SHAPES, GPU_SHAPES = "fsm,lm,large", "fsm_attn,fsm_mlp,lm_gpu,big"
+GOALS = dict(speedup_vs_reference=3.0, vs_matmul=2.0, memory_vs_reference=0.5)  # on a GPU: >=, <=, <=
 QUICK = dict(shapes="tiny", reps=1, compile=False, train_steps=1)
 QUICK_TRAIN = dict(batch_size=4, n_layer=1, num_codes=64)  # TrainConfig overrides for --quick
 VARIANTS = ("reference", "layer", "compiled", "matmul")
@@ -102,6 +113,8 @@ def parse(argv):
     if values.get("quick"):
         values = {**QUICK, **values}
     cfg = BenchConfig(**values)
+    if cfg.shapes == "auto":
+        cfg.shapes = GPU_SHAPES if pick_device(cfg.device) == "cuda" else CPU_SHAPES
     unknown = [s for s in cfg.shapes.split(",") if s not in SHAPES]
     if unknown:
         sys.exit(f"error: unknown shape {unknown[0]!r}; valid: {', '.join(SHAPES)}")
@@ -299,6 +312,9 @@ def run_row(cfg):
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    for key in ("tile_elems", "block_k1", "block"):  # --tile_elems=... etc.: try another plan
+        if getattr(cfg, key):
+            codebook.PLANS["cpu" if device == "cpu" else "cuda"][key] = getattr(cfg, key)
     what, _, arg = cfg.row.partition(":")
     out = train_row(cfg, device) if what == "train" else layer_row(cfg, what, arg, device)
     print("ROW " + json.dumps(out), flush=True)
@@ -366,6 +382,12 @@ def main(cfg):
             print(f"{head}  {v:10} {fmt(r.get('fwd_ms'), '9.1f')} {fmt(total, '11.1f')} {fmt(r.get('peak_mb'), '8.1f')} "
                   f"{fmt(ratios['speedup_vs_reference'], '7.2f', 'x')} {fmt(ratios['vs_matmul'], '8.2f', 'x')} "
                   f"{fmt(ratios['memory_vs_reference'], '6.2f', 'x')}", flush=True)
+        if device == "cuda" and "layer" in rows:
+            met = {key: (v is not None and (v >= goal if key.startswith("speedup") else v <= goal))
+                   for key, goal in GOALS.items() for v in [entry["ratios"].get(key)]}
+            entry["goals_met"] = met
+            print(" " * 35 + "goals (speedup >= 3x, vs matmul <= 2x, memory <= 0.5x): " +
+                  ", ".join(f"{key} {'met' if ok else 'MISSED'}" for key, ok in met.items()), flush=True)
         result["shapes"][name] = entry
     trained = spawn(cfg, "train") or {}
     plain, coded = trained.get("plain"), trained.get("codebook")

@@ -25,11 +25,48 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # the search: pure functions of tensors; compile=True compiles the top-k of a tile
 #
-# The work is one (N, d) @ (d, C) score matmul per group. What made it slow is everything around it: a
-# full (N, C) score matrix does not fit in cache, and torch.topk costs ~2 ns a score on CPU, more than
-# the matmul. So scores are made a tile (~2 MB) at a time into one reused buffer, and a tile's top-k is
-# found through strided blocks: the k best codes lie in the k blocks with the best maxima, so one
-# vectorised max pass touches every score and topk sees 1/16 of them, plus 16k candidates.
+# The work is one (N, d) @ (d, C) score matmul per group. What makes it slow is everything around it, and
+# that differs per device. On a CPU a full (N, C) score matrix does not fit in cache, and torch.topk costs
+# ~2 ns a score, more than the matmul: so scores are made a tile (~2 MB a thread) at a time into one
+# reused buffer, and a tile's top-k is found through strided blocks (the k best codes lie in the k blocks
+# with the best maxima, so one vectorised max pass touches every score and topk sees 1/16 of them, plus
+# 16k candidates). On a GPU each op is a kernel launch: cache-sized tiles meant thousands of tiny
+# kernels (10-25x slower than one big matmul), so a GPU gets tiles of tens of millions of scores.
+
+# The per-device choices, in one place (measured with bench.py; README "Speed"):
+#   tile_elems  scores held at once (on CPU per thread); on CUDA also at most 1/8 of the free memory
+#   block_k1    block size of the top-1 pass (1: a plain max over the codes, one read of the scores)
+#   block       block size of the top-k pass, k > 1
+#   bwd_rows    rows of (tokens x groups) per step of the codes' gradient scatter
+PLANS = {
+    "cpu": dict(tile_elems=1 << 19, block_k1=16, block=16, bwd_rows=8192),
+    "cuda": dict(tile_elems=1 << 25, block_k1=1, block=16, bwd_rows=1 << 16),
+}
+
+
+def device_plan(kind, threads=1, free_bytes=None):
+    """The PLANS entry for a device kind ('cpu', 'cuda'; others, e.g. mps, take the GPU plan), its
+    tile_elems scaled for the machine: per thread on a CPU, at most 1/8 of free_bytes on a GPU."""
+    p = dict(PLANS["cpu" if kind == "cpu" else "cuda"])
+    if kind == "cpu":
+        p["tile_elems"] *= threads  # a tile per core's cache, and rows enough that topk runs on all cores
+    elif free_bytes is not None:
+        p["tile_elems"] = max(1 << 20, min(p["tile_elems"], free_bytes // 8 // 4))  # fp32 scores
+    return p
+
+
+_free = {}
+
+
+def plan_for(device):
+    """device_plan for a torch.device, with this process's threads or the GPU's free memory (read once
+    per device: a driver call, not a per-forward cost)."""
+    if device.type != "cuda":
+        return device_plan(device.type, torch.get_num_threads())
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _free:
+        _free[i] = torch.cuda.mem_get_info(i)[0]
+    return device_plan("cuda", free_bytes=_free[i])
 
 
 def topk_scores(s, k, valid, block):
@@ -72,31 +109,31 @@ def _maybe_compiled(fn, compile):
     return _compiled[fn]
 
 
-def plan(N, G, C, k, max_elems=1 << 19):
+def plan(N, G, C, k, max_elems=1 << 19, block=16):
     """Tile sizes (groups, tokens, codes) and block size: about max_elems scores a tile, at least 32
     tokens a matmul, and as few code chunks as possible (each adds a merge and topk's per-row cost);
-    tokens before groups (each group's codes are packed anew for the matmul)."""
+    tokens before groups (each group's codes are packed anew for the matmul). block: the device's block
+    size for this k (device_plan), used where a row has >= 64 blocks."""
     c = max(k, -(-C // -(-C * 32 // max_elems)))  # C split evenly into chunks of <= max_elems / 32 codes
-    block = 16 if c >= max(1024, 64 * k) else 1  # >= 64 blocks a row, or the block maxima are not worth it
+    block = block if c >= max(1024, 64 * k) else 1  # >= 64 blocks a row, or the block maxima are not worth it
     c = -(-c // block) * block  # whole blocks (the last chunk is padded)
     n = max(1, min(N, max_elems // c))
     return max(1, min(G, max_elems // (n * c))), n, c, block
 
 
 @torch.no_grad()
-def search(x, codebook, k, max_elems=1 << 19, compile=False):
+def search(x, codebook, k, max_elems=None, compile=False, kind=None):
     """Ids of the k codes most cosine-similar to each input, slot 0 the best.
 
     x (N, G, d), codebook (G, C, d) -> ids (N, G, k) int64, the same as a brute-force topk over all
-    scores (up to exact ties). Holds about `max_elems` scores at once (per thread on CPU), plus one
-    normalised chunk of codes: tiles of tokens and codes with a running top-k, so memory does not
-    grow with N * C.
+    scores (up to exact ties). Holds about `max_elems` scores at once (None: the device's plan), plus
+    one normalised chunk of codes: tiles of tokens and codes with a running top-k, so memory does not
+    grow with N * C. kind: follow another device kind's plan ('cpu', 'cuda'; None: x's own).
     """
     N, G, d = x.shape
     C = codebook.shape[1]
-    if x.device.type == "cpu":  # a tile per core's cache, and enough rows that topk runs on all cores
-        max_elems *= torch.get_num_threads()
-    g_tile, n_tile, c_tile, block = plan(N, G, C, k, max_elems)
+    p = plan_for(x.device) if kind is None else device_plan(kind, torch.get_num_threads(), 1 << 34)
+    g_tile, n_tile, c_tile, block = plan(N, G, C, k, max_elems or p["tile_elems"], p["block_k1" if k == 1 else "block"])
     select = _maybe_compiled(topk_scores, compile)
     xt = x.transpose(0, 1)  # (G, N, d), a strided view the matmul reads as it is
     buf = torch.empty(g_tile * n_tile * c_tile, device=x.device, dtype=x.dtype)  # a new one per tile: page faults
@@ -157,12 +194,13 @@ class _Snap(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_codes = torch.zeros(G * C, d, device=xn.device, dtype=xn.dtype)
             xn, out, grad = (t.reshape(N * G, d) for t in (xn, out, grad_out))
-            for r in range(0, N * G, 8192):  # a chunk of rows at a time: no temporary the size of x
+            rows = plan_for(xn.device)["bwd_rows"]  # CPU: no temporary the size of x; GPU: few launches
+            for r in range(0, N * G, rows):
                 # d/d out of sum_g mean_n |out - sg(x)|^2 plus the loss gradient; each of the k codes gets 1/k
-                g = torch.sub(out[r:r + 8192], xn[r:r + 8192]).mul_(ctx.mse_weight * 2.0 / N)
-                g = g.add_(grad[r:r + 8192]).div_(k)
+                g = torch.sub(out[r:r + rows], xn[r:r + rows]).mul_(ctx.mse_weight * 2.0 / N)
+                g = g.add_(grad[r:r + rows]).div_(k)
                 for j in range(k):
-                    grad_codes.index_add_(0, flat_ids[r:r + 8192, j], g)
+                    grad_codes.index_add_(0, flat_ids[r:r + rows, j], g)
             grad_codes = grad_codes.view(G, C, d)
         return grad_out, grad_codes, None, None  # straight-through to the input
 
@@ -180,15 +218,20 @@ class _GroupLayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, mean, rstd = ctx.saved_tensors
-        need_x = ctx.needs_input_grad[0]
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_w, grad_b = torch.empty_like(weight), torch.empty_like(weight)
-        for g in range(weight.shape[0]):  # the kernel takes one (d,) affine, and contiguous rows only
-            dx, grad_w[g], grad_b[g] = torch.ops.aten.native_layer_norm_backward(
-                grad[:, g].contiguous(), x[:, g].contiguous(), weight.shape[1:], mean[:, g].contiguous(),
-                rstd[:, g].contiguous(), weight[g], weight[g], [need_x, True, True])
-            if need_x:
-                grad_x[:, g] = dx
+        N, G, d = x.shape
+        grad = grad.contiguous()
+        mask = [ctx.needs_input_grad[0], True, True]
+        if G == 1:  # one affine: the fused kernel does it all
+            dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+                grad.view(N, d), x.view(N, d), (d,), mean.view(N, 1), rstd.view(N, 1), weight[0], weight[0], mask)  # (bias: its shape only)
+            return None if dx is None else dx.view(N, 1, d), dw[None], db[None]
+        grad_b = grad.sum(0)  # (G, d)
+        grad_w = (x - mean).mul_(rstd).mul_(grad).sum(0)  # sum over tokens of grad * xhat, one temporary
+        grad_x = None
+        if mask[0]:  # the affine applied by hand, then one kernel for all G * N rows
+            grad_x = torch.ops.aten.native_layer_norm_backward(
+                (grad * weight).view(N * G, d), x.reshape(N * G, d), (d,), mean.reshape(N * G, 1),
+                rstd.reshape(N * G, 1), None, None, [True, False, False])[0].view(N, G, d)
         return grad_x, grad_w, grad_b
 
 
@@ -250,7 +293,7 @@ def apply_interventions(ids_ext, interventions, k, T):
 
 
 class CodebookLayer(nn.Module):
-    def __init__(self, dim, num_codes, k=1, groups=1, mse_weight=1.0, compile=False, max_elems=1 << 19):
+    def __init__(self, dim, num_codes, k=1, groups=1, mse_weight=1.0, compile=False, max_elems=None):
         super().__init__()
         if dim % groups:
             raise ValueError(f"dim={dim} is not divisible by groups={groups}")

@@ -5,7 +5,8 @@ TokFSM: random walks on a finite state machine, written as digit tokens (SPEC se
 
     from fsm_data import FSM
     fsm = FSM()                               # 100 states, 10 out-edges each, seed 42
-    seq = fsm.sample(512, 128, generator)     # (512, 128) int64: BOS, then states as base-10 digits
+    seq = fsm.sample(512, 128, generator)     # (512, 128) int64: BOS, then states as base-10 digits,
+                                              # on the generator's device (torch.Generator(device="cuda"))
 
 A state is written as `digits` base-`base` digits, most significant first ("08"); BOS = base.
 A sequence is BOS + a uniformly random start state + a random walk, cut to block_size tokens.
@@ -34,29 +35,42 @@ class FSM:
         # (N, D) digits of every state, most significant first
         self.state_digits = np.stack([(np.arange(num_states) // base ** (self.digits - 1 - j)) % base
                                       for j in range(self.digits)], axis=1)
+        self._tables = {}  # device -> (successors, digits) tensors
 
     def __repr__(self):
         return f"FSM(num_states={self.num_states}, num_edges={self.num_edges}, base={self.base}, seed={self.seed})"
 
     # --- sampling ---
 
+    def tables(self, device):
+        """(successors (N, E): the out-edges of each state, digits (N, D)) as int64 tensors on device."""
+        key = str(device)
+        if key not in self._tables:
+            succ = np.stack([np.nonzero(row)[0] for row in self.transitions])  # every state has E edges
+            self._tables[key] = (torch.as_tensor(succ, device=device), torch.as_tensor(self.state_digits, device=device))
+        return self._tables[key]
+
     def sample_states(self, batch, n_states, generator=None):
-        """(batch, n_states) int64 random walks from uniform start states."""
-        T = torch.as_tensor(self.transitions, dtype=torch.float32)
-        s = torch.randint(self.num_states, (batch,), generator=generator)
-        walk = [s]
-        for _ in range(n_states - 1):  # one vectorised step per state, over the whole batch
-            s = torch.multinomial(T[s], 1, generator=generator).squeeze(1)
-            walk.append(s)
-        return torch.stack(walk, dim=1)
+        """(batch, n_states) int64 random walks from uniform start states, on the generator's device. Every
+        out-edge is equally likely, so a step is a uniform edge number looked up in the successor table:
+        all random numbers in two calls, then one gather per step (no per-step sampling kernels)."""
+        device = generator.device if generator is not None else torch.device("cpu")
+        succ = self.tables(device)[0].view(-1)
+        walk = torch.empty(batch, n_states, dtype=torch.long, device=device)
+        walk[:, 0] = torch.randint(self.num_states, (batch,), generator=generator, device=device)
+        edge = torch.randint(self.num_edges, (n_states - 1, batch), generator=generator, device=device)
+        for t in range(1, n_states):
+            walk[:, t] = succ[walk[:, t - 1] * self.num_edges + edge[t - 1]]
+        return walk
 
     def encode(self, states, block_size):
         """(B, S) states -> (B, block_size) tokens: BOS then the digits, cut to block_size."""
-        digits = torch.as_tensor(self.state_digits)[states].reshape(states.shape[0], -1)  # (B, S*D)
-        bos = torch.full((states.shape[0], 1), self.bos, dtype=torch.long)
+        digits = self.tables(states.device)[1][states].reshape(states.shape[0], -1)  # (B, S*D)
+        bos = torch.full((states.shape[0], 1), self.bos, dtype=torch.long, device=states.device)
         return torch.cat([bos, digits], dim=1)[:, :block_size]
 
     def sample(self, batch, block_size, generator=None):
+        """(batch, block_size) tokens, made on the generator's device (a CUDA generator: on the GPU)."""
         n_states = math.ceil((block_size - 1) / self.digits)
         return self.encode(self.sample_states(batch, n_states, generator), block_size)
 

@@ -284,6 +284,69 @@ def test_fsm_sampling_and_labels():
     assert 0 < l3 < np.log(10) and 0 < a3 < 1
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fsm_walks_have_the_fsm_statistics(device):
+    """The table sampler draws each out-edge with probability 1/E and start states uniformly, on the
+    generator's device, reproducibly from the seed."""
+    fsm = FSM()
+    gen = torch.Generator(device=device).manual_seed(0)
+    s = fsm.sample_states(4000, 26, gen)
+    assert s.device.type == device
+    s = s.cpu()
+    again = fsm.sample_states(4000, 26, torch.Generator(device=device).manual_seed(0)).cpu()
+    assert torch.equal(s, again)
+    counts = np.zeros((100, 100))
+    np.add.at(counts, (s[:, :-1].reshape(-1).numpy(), s[:, 1:].reshape(-1).numpy()), 1)
+    assert counts[fsm.transitions == 0].sum() == 0  # only edges
+    freq = counts / counts.sum(1, keepdims=True)
+    edges = freq[fsm.transitions > 0]  # 1000 edges, each seen ~100 times: 1/10 within ~5 standard errors
+    assert abs(edges.mean() - 0.1) < 1e-9 and np.abs(edges - 0.1).max() < 0.16
+    starts = np.bincount(s[:, 0].numpy(), minlength=100)  # 40 per state on average
+    assert starts.min() > 10 and starts.max() < 80
+    tokens = fsm.sample(8, 128, torch.Generator(device=device).manual_seed(1))
+    assert tokens.device.type == device and fsm.state_accuracy(tokens.cpu()) == 1.0
+
+
+def test_device_plans():
+    """The tile plan per device kind: CPU tiles scale with threads; GPU tiles are large but bounded by
+    free memory, and a GPU takes a plain max for k = 1."""
+    from codebook import PLANS, device_plan
+    assert device_plan("cpu", threads=4)["tile_elems"] == 4 * PLANS["cpu"]["tile_elems"]
+    big = device_plan("cuda", free_bytes=80 << 30)
+    assert big == PLANS["cuda"] and big["tile_elems"] >= 1 << 24 and big["block_k1"] == 1
+    assert device_plan("cuda", free_bytes=1 << 30)["tile_elems"] == (1 << 30) // 32  # 1/8 of free, fp32
+    assert device_plan("mps")["tile_elems"] == PLANS["cuda"]["tile_elems"]
+    # the LM shape of bench.py on a GPU: 3 tiles of one group each instead of ~1,000 CPU-sized tiles
+    assert plan(16384, 16, 10000, 8, big["tile_elems"], big["block"]) == (1, 3355, 10000, 16)
+
+
+@pytest.mark.parametrize("G", [1, 3])
+def test_group_layernorm_gradients(G):
+    """The hand-written LayerNorm backward (one fused kernel for G = 1, vectorised over groups otherwise)
+    against finite differences, with and without a gradient for the input."""
+    from codebook import _GroupLayerNorm
+    torch.manual_seed(0)
+    x = torch.randn(20, G, 6, dtype=torch.float64, requires_grad=True)
+    w, b = (torch.randn(G, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(_GroupLayerNorm.apply, (x, w, b))
+    assert torch.autograd.gradcheck(lambda w, b: _GroupLayerNorm.apply(x.detach(), w, b), (w, b))
+
+
+def test_progress_in_a_log_prints_lines(capsys):
+    """With stderr not a terminal (as under pytest, or nohup), progress is a plain line with rate and ETA."""
+    bar = common.Progress(10, "train", every=0.0)
+    bar.set_postfix(loss="1.0")
+    for _ in range(10):
+        bar.update()
+    bar.close()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("train: 10/10 (100%)")
+    assert "it/s" in lines[0] and "ETA" in lines[0] and lines[0].endswith("loss 1.0")
+
+
 # -----------------------------------------------------------------------------
 # training: checkpoints, resume, bad input
 
@@ -299,6 +362,7 @@ def tiny_cfg(tmp_path, **kw):
 def test_train_checkpoint_round_trip(tmp_path):
     m = train.train(tiny_cfg(tmp_path))
     saved = json.load(open(tmp_path / "metrics.json"))
+    assert saved["step_ms"] > 0
     for key in ("val_loss", "val_acc", "state_acc", "bayes_loss", "bayes_acc", "alive", "mse", "iters",
                 "wall_s", "tokens_per_s", "config"):
         assert key in saved
@@ -315,9 +379,11 @@ def test_train_checkpoint_round_trip(tmp_path):
 
 def test_resume_gives_the_same_model(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    # a constant learning rate: with decay_lr the schedule depends on max_iters, which resume changes
-    train.train(tiny_cfg(a, max_iters=6, decay_lr=False))
-    train.train(tiny_cfg(b, max_iters=4, decay_lr=False))
+    # a constant learning rate: with decay_lr the schedule depends on max_iters, which resume changes.
+    # On the CPU even with a GPU present: bitwise equality is a CPU property (CUDA's index_add_ and
+    # LayerNorm backward add in a varying order).
+    train.train(tiny_cfg(a, max_iters=6, decay_lr=False, device="cpu"))
+    train.train(tiny_cfg(b, max_iters=4, decay_lr=False, device="cpu"))
     cfg, given = common.parse_args([f"--out_dir={b}", "--resume=True", "--max_iters=6"], train.TrainConfig, train.PRESETS)
     train.train(cfg, given)
     sa = torch.load(a / "ckpt.pt", weights_only=True)
@@ -622,13 +688,13 @@ def test_tiled_search_matches_brute_force(k, groups, C, max_elems):
     N, d = 200, 16
     x = torch.randn(N, groups, d)
     codebook = torch.randn(groups, C, d) * torch.rand(groups, C, 1)  # codes of different norms: cosine matters
-    per_thread = max_elems // torch.get_num_threads()  # search's tiles are max_elems per CPU thread
-    g_tile, n_tile, c_tile, block = plan(N, groups, C, k, per_thread * torch.get_num_threads())
+    g_tile, n_tile, c_tile, block = plan(N, groups, C, k, max_elems)
     assert C % c_tile and C // c_tile >= 1 and N % n_tile  # several code chunks and token tiles, with remainders
     assert (block > 1) == (C == 2500)
-    ids = search(x, codebook, k, per_thread)
-    assert ids.shape == (N, groups, k) and ids.dtype == torch.long
-    assert torch.equal(ids, brute_force(x, codebook, k))
+    for kind in ("cpu", "cuda"):  # the GPU's plan (a plain max for k = 1) run here on the CPU
+        ids = search(x, codebook, k, max_elems, kind=kind)
+        assert ids.shape == (N, groups, k) and ids.dtype == torch.long
+        assert torch.equal(ids, brute_force(x, codebook, k))
 
 
 def test_compiled_tiled_search_equals_eager():

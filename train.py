@@ -280,16 +280,18 @@ def train(cfg, given=()):
             fail(f"--data_dir={cfg.data_dir}: {e}")
         vocab_size = meta["vocab_size"]
 
-        def sample(gen):
-            return tinystories_data.get_batch(train_data, cfg.batch_size, cfg.block_size + 1, gen)
+        def sample(gen):  # on a GPU through pinned memory, copied while the last step still runs (nanoGPT)
+            batch = tinystories_data.get_batch(train_data, cfg.batch_size, cfg.block_size + 1, gen)
+            return batch.pin_memory().to(device, non_blocking=True) if device == "cuda" else batch.to(device)
     else:
         fsm = FSM(cfg.num_states, cfg.num_edges, seed=cfg.fsm_seed)
         vocab_size = fsm.vocab_size
         val = fsm.sample(cfg.eval_seqs, cfg.block_size, torch.Generator().manual_seed(cfg.seed + 1))
 
-        def sample(gen):
-            return fsm.sample(cfg.batch_size, cfg.block_size, gen)
-    data_gen = torch.Generator().manual_seed(cfg.seed)
+        def sample(gen):  # made where gen lives: on a GPU, no host work and no copy
+            return fsm.sample(cfg.batch_size, cfg.block_size, gen).to(device)
+    # the FSM's walks are drawn on the GPU when training on one; token windows are cut on the host
+    data_gen = torch.Generator(device="cuda" if fsm and device == "cuda" else "cpu").manual_seed(cfg.seed)
     if ckpt is not None:  # the stored model: with or without its codebooks yet
         model = GPT(GPTConfig(**ckpt["model_args"])).to(device)
     elif base is not None:
@@ -298,7 +300,7 @@ def train(cfg, given=()):
                  f"{vocab_size}")
         model = model_from_checkpoint(base, device)
         if cfg.cb_at != "none":
-            model = insert_codebooks(model, cfg, vocab_size, sample(data_gen)[:, :-1].to(device))
+            model = insert_codebooks(model, cfg, vocab_size, sample(data_gen)[:, :-1])
             print(f"inserted codebooks ({', '.join(model.codebooks())}) into {cfg.init_from}, k-means initialised")
     else:
         model = build_model(cfg, vocab_size, "none" if cfg.cb_warmup else None).to(device)
@@ -307,9 +309,13 @@ def train(cfg, given=()):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        data_gen.set_state(ckpt["data_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
         it, wall_before = ckpt["iter_num"], ckpt["wall_s"]
+        try:
+            data_gen.set_state(ckpt["data_rng"])
+        except RuntimeError:  # a generator of another device kind (a GPU run resumed on a CPU, or back)
+            data_gen.manual_seed(cfg.seed + it)
+            print(f"the checkpoint's data stream was drawn on another device: data restarts from seed {cfg.seed + it}")
         print(f"resumed from {ckpt_path} at step {it}")
     bayes_loss, bayes_acc = fsm.bayes(cfg.block_size) if fsm else (0.0, 0.0)
     print(json.dumps(dataclasses.asdict(cfg)))
@@ -326,19 +332,20 @@ def train(cfg, given=()):
             data_rng=data_gen.get_state(), torch_rng=torch.get_rng_state(), wall_s=wall_before + time.time() - t0,
             **data))
 
-    t0 = time.time()
-    start_it = it
+    t0 = t_log = time.time()
+    start_it = it_log = it
+    step_ms = None  # ms per training step over the last log interval
     bar = Progress(cfg.max_iters, "train", initial=it)
     while it < cfg.max_iters:
         if it >= cfg.cb_warmup and cfg.cb_at != "none" and not model.codebooks():
-            idx = sample(data_gen).to(device)
+            idx = sample(data_gen)
             model = insert_codebooks(model, cfg, vocab_size, idx[:, :-1])
             optimizer = make_optimizer(model, cfg, device)
             bar.write(f"step {it}: inserted codebooks ({', '.join(model.codebooks())}), k-means initialised")
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
-        seq = sample(data_gen).to(device)
+        seq = sample(data_gen)
         _, loss, _, mse = model(seq[:, :-1], seq[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -349,7 +356,12 @@ def train(cfg, given=()):
             n = sum(cb.replace_dead_codes(cfg.replace_rho) for cb in model.codebooks().values())
             bar.write(f"step {it}: replaced {n} dead codes")
         if it % cfg.log_interval == 0 or it == cfg.max_iters:
-            bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{mse.item():.2f}" if mse is not None else "-")
+            loss_now = loss.item()  # waits for the GPU, so the interval below is the steps' real time
+            now = time.time()
+            step_ms = 1e3 * (now - t_log) / max(1, it - it_log)
+            bar.set_postfix(loss=f"{loss_now:.4f}", mse=f"{mse.item():.2f}" if mse is not None else "-",
+                            ms_per_step=f"{step_ms:.0f}")
+            t_log, it_log = now, it
         bar.update(1)
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             vl, va = evaluate(model, val, cfg.batch_size, device)
@@ -358,6 +370,7 @@ def train(cfg, given=()):
             bayes = f" (Bayes +{vl - bayes_loss:.4f})" if fsm else ""
             bar.write(f"step {it}: val loss {vl:.4f}{bayes} acc {va:.4f}{alive}")
             checkpoint()
+            t_log, it_log = time.time(), it  # step times leave evaluation out
     bar.close()
     wall = time.time() - t0
     if it == start_it:  # nothing to train (resumed at max_iters): still report
@@ -369,7 +382,7 @@ def train(cfg, given=()):
         metrics.update(state_acc=sacc, bayes_loss=bayes_loss, bayes_acc=bayes_acc)
     predicted = cfg.block_size - 1 if fsm else cfg.block_size  # predictions per sequence
     metrics.update(alive={n: s["alive"] for n, s in usage.items()}, mse=usage.get("all", {}).get("mse"),
-                   iters=it, wall_s=wall_before + wall,
+                   iters=it, wall_s=wall_before + wall, step_ms=step_ms,
                    tokens_per_s=(it - start_it) * cfg.batch_size * predicted / max(wall, 1e-9),
                    device=device, config=dataclasses.asdict(cfg))
     with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
