@@ -242,7 +242,7 @@ def layer_row(cfg, shape, variant, device):
         return dict(fwd_ms=1e3 * min(timed(lambda: fwd(buf), device) for _ in range(reps)),
                     peak_mb=mem, reps=reps)
     layer = CodebookLayer(G * d, C, k, G, compile=variant == "compiled").to(device)
-    model = Reference(layer) if variant == "reference" else layer
+    model = Reference(layer).to(device) if variant == "reference" else layer
     x = torch.randn(N, G * d, device=device, requires_grad=True)
     grad = torch.randn(N, G * d, device=device)
     params = list(model.parameters())

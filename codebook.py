@@ -34,13 +34,18 @@ import torch.nn.functional as F
 # kernels (10-25x slower than one big matmul), so a GPU gets tiles of tens of millions of scores.
 
 # The per-device choices, in one place (measured with bench.py; README "Speed"):
-#   tile_elems  scores held at once (on CPU per thread); on CUDA also at most 1/8 of the free memory
-#   block_k1    block size of the top-1 pass (1: a plain max over the codes, one read of the scores)
-#   block       block size of the top-k pass, k > 1
+#   tile_elems  scores held at once (on CPU per thread); on CUDA also at most 1/8 of the free memory.
+#               On an H200 each halving of a 2^26 tile cost 5-10% (k = 1) to 25-40% (k = 8, C = 100k):
+#               every tile is ~10 small kernels after its matmul, so launches add up
+#   block_k1    block size of the top-1 pass (1: a plain max over the codes, one read of the scores;
+#               on the H200 the block maxima were 8% slower than a plain max)
+#   block       block size of the top-k pass, k > 1 (on the H200 a plain topk was 1.7-1.9x slower)
 #   bwd_rows    rows of (tokens x groups) per step of the codes' gradient scatter
+#   compile     whether compile=True compiles a tile's top-k here: on the H200 it gained nothing at
+#               k = 1, 7% at the LM shape and lost 25% at 100k codes, so a GPU runs it eagerly
 PLANS = {
-    "cpu": dict(tile_elems=1 << 19, block_k1=16, block=16, bwd_rows=8192),
-    "cuda": dict(tile_elems=1 << 25, block_k1=1, block=16, bwd_rows=1 << 16),
+    "cpu": dict(tile_elems=1 << 19, block_k1=16, block=16, bwd_rows=8192, compile=True),
+    "cuda": dict(tile_elems=1 << 26, block_k1=1, block=16, bwd_rows=1 << 16, compile=False),
 }
 
 
@@ -134,7 +139,7 @@ def search(x, codebook, k, max_elems=None, compile=False, kind=None):
     C = codebook.shape[1]
     p = plan_for(x.device) if kind is None else device_plan(kind, torch.get_num_threads(), 1 << 34)
     g_tile, n_tile, c_tile, block = plan(N, G, C, k, max_elems or p["tile_elems"], p["block_k1" if k == 1 else "block"])
-    select = _maybe_compiled(topk_scores, compile)
+    select = _maybe_compiled(topk_scores, compile and p["compile"])
     xt = x.transpose(0, 1)  # (G, N, d), a strided view the matmul reads as it is
     buf = torch.empty(g_tile * n_tile * c_tile, device=x.device, dtype=x.dtype)  # a new one per tile: page faults
     out = torch.empty(N, G, k, device=x.device, dtype=torch.long)
@@ -321,7 +326,11 @@ class CodebookLayer(nn.Module):
     def forward(self, x, interventions=()):
         if interventions and self.training:
             raise RuntimeError("interventions are for inference only: call model.eval() first")
-        xn = self.normalize(x)  # (N, G, d)
+        with torch.autocast(x.device.type, enabled=False):  # under bf16 autocast the layer stays fp32:
+            return self._forward(x, interventions)  # a bf16 search would pick other codes than fp32's
+
+    def _forward(self, x, interventions):
+        xn = self.normalize(x.float())  # (N, G, d)
         N, G, d = xn.shape
         T = x.shape[-2] if x.dim() >= 3 else N
         n_ablate = max([sum(iv.ablate and iv.group == g for iv in interventions) for g in range(G)], default=0)

@@ -19,6 +19,7 @@ Overrides are --key=value (no exec); unknown keys and bad values stop with a one
 Writes out_dir/ckpt.pt (atomically, loadable with torch.load(weights_only=True)) and out_dir/metrics.json.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -76,6 +77,7 @@ class TrainConfig:
     # system
     device: str = "auto"  # auto, cpu, cuda, mps
     compile: bool = False  # torch.compile the codebook search
+    dtype: str = "float32"  # or bfloat16: the transformer's matmuls under bf16 autocast (codebooks stay fp32)
     seed: int = 1337
     resume: bool = False  # continue from out_dir/ckpt.pt
 
@@ -100,7 +102,7 @@ PRESETS = {
     "tinystories": dict(out_dir="out-tinystories", data_dir="data/tinystories", n_layer=2, n_head=16, n_embd=1024,
                         block_size=512, cb_at="attn", num_codes=10000, k=8, cb_warmup=10000, replace_every=0,
                         batch_size=32, max_iters=20000, learning_rate=5e-4, min_lr=5e-5, warmup_iters=200,
-                        eval_interval=1000, eval_seqs=512, compile=True),
+                        eval_interval=1000, eval_seqs=512, compile=True, dtype="bfloat16"),
 }
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "cb_at", "num_codes", "k", "cb_layers")
@@ -131,6 +133,8 @@ def check(cfg):
         fail("--learning_rate must be > 0 and --cb_lr >= 0")
     if cfg.device not in ("auto", "cpu", "cuda", "mps"):
         fail(f"--device={cfg.device}: valid: auto, cpu, cuda, mps")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        fail(f"--dtype={cfg.dtype}: valid: float32, bfloat16")
     layers(cfg)
     if cfg.block_size < 2:
         fail(f"--block_size={cfg.block_size}: must be >= 2")
@@ -270,6 +274,8 @@ def train(cfg, given=()):
         base = load_base(cfg, given)
         cfg = dataclasses.replace(cfg, **{k: base["config"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")})
     device = pick_device(cfg.device)
+    # bf16 autocast, as nanoGPT: the transformer's matmuls on a GPU's tensor cores
+    amp = torch.autocast(device, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else contextlib.nullcontext()
     torch.manual_seed(cfg.seed)
     fsm, meta = None, None
     if cfg.data_dir:  # token data: windows of block_size + 1 tokens, all predicted
@@ -346,7 +352,8 @@ def train(cfg, given=()):
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         seq = sample(data_gen)
-        _, loss, _, mse = model(seq[:, :-1], seq[:, 1:])
+        with amp:
+            _, loss, _, mse = model(seq[:, :-1], seq[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -364,7 +371,8 @@ def train(cfg, given=()):
             t_log, it_log = now, it
         bar.update(1)
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-            vl, va = evaluate(model, val, cfg.batch_size, device)
+            with amp:
+                vl, va = evaluate(model, val, cfg.batch_size, device)
             usage = codebook_stats(model)
             alive = f" alive {usage['all']['alive']:.3f} mse {usage['all']['mse']:.3f}" if usage else ""
             bayes = f" (Bayes +{vl - bayes_loss:.4f})" if fsm else ""
@@ -375,10 +383,11 @@ def train(cfg, given=()):
     wall = time.time() - t0
     if it == start_it:  # nothing to train (resumed at max_iters): still report
         usage = codebook_stats(model)
-    vl, va = evaluate(model, val, cfg.batch_size, device)
+    with amp:
+        vl, va = evaluate(model, val, cfg.batch_size, device)
+        sacc = fsm_state_accuracy(model, fsm, cfg.state_seqs, cfg.block_size, device, seed=cfg.seed) if fsm else None
     metrics = dict(val_loss=vl, val_acc=va)
     if fsm:
-        sacc = fsm_state_accuracy(model, fsm, cfg.state_seqs, cfg.block_size, device, seed=cfg.seed)
         metrics.update(state_acc=sacc, bayes_loss=bayes_loss, bayes_acc=bayes_acc)
     predicted = cfg.block_size - 1 if fsm else cfg.block_size  # predictions per sequence
     metrics.update(alive={n: s["alive"] for n, s in usage.items()}, mse=usage.get("all", {}).get("mse"),
