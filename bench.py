@@ -2,10 +2,12 @@
 Speed and memory of the codebook layer, side by side with an official-style reference and the bare
 score matmul, plus what codebooks cost a training step.
 
-    python bench.py                                # three shapes + training: a few minutes on 2 CPU cores
+    python bench.py                                # CPU: three shapes + training, a few minutes on 2 cores;
+                                                   # GPU: the four GPU shapes (the paper's batches) + training
     python bench.py --out=bench.json               # also write the table, with its ratios, as JSON
     python bench.py --quick --out=/tmp/bench.json  # tiny shapes, seconds: the smoke test
     python bench.py --shapes=lm --compile=False --threads=1 --reps=3
+    python bench.py --shapes=lm_gpu --tile_elems=67108864   # try another codebook.PLANS setting
 
 Rows, per shape (N tokens, G groups of width d, C codes per group, k codes per token):
   reference  an official-style codebook (taufeeque9/codebook-features, written again here): one head at
