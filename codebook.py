@@ -31,7 +31,8 @@ import torch.nn.functional as F
 # reused buffer, and a tile's top-k is found through strided blocks (the k best codes lie in the k blocks
 # with the best maxima, so one vectorised max pass touches every score and topk sees 1/16 of them, plus
 # 16k candidates). On a GPU each op is a kernel launch: cache-sized tiles meant thousands of tiny
-# kernels (10-25x slower than one big matmul), so a GPU gets tiles of tens of millions of scores.
+# kernels (the layer ran 9-27x slower than the official code on an H100), so a GPU gets tiles of tens
+# of millions of scores.
 
 # The per-device choices, in one place (measured with bench.py; README "Speed"):
 #   tile_elems  scores held at once (on CPU per thread); on CUDA also at most 1/8 of the free memory.
@@ -138,7 +139,8 @@ def search(x, codebook, k, max_elems=None, compile=False, kind=None):
     N, G, d = x.shape
     C = codebook.shape[1]
     p = plan_for(x.device) if kind is None else device_plan(kind, torch.get_num_threads(), 1 << 34)
-    g_tile, n_tile, c_tile, block = plan(N, G, C, k, max_elems or p["tile_elems"], p["block_k1" if k == 1 else "block"])
+    block = p["block_k1" if k == 1 else "block"]
+    g_tile, n_tile, c_tile, block = plan(N, G, C, k, max_elems or p["tile_elems"], block)
     select = _maybe_compiled(topk_scores, compile and p["compile"])
     xt = x.transpose(0, 1)  # (G, N, d), a strided view the matmul reads as it is
     buf = torch.empty(g_tile * n_tile * c_tile, device=x.device, dtype=x.dtype)  # a new one per tile: page faults
