@@ -228,9 +228,9 @@ class _GroupLayerNorm(torch.autograd.Function):
         N, G, d = x.shape
         grad = grad.contiguous()
         mask = [ctx.needs_input_grad[0], True, True]
-        if G == 1:  # one affine: the fused kernel does it all
+        if G == 1:  # one affine: the fused kernel does it all (the bias argument: only its shape is read)
             dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-                grad.view(N, d), x.view(N, d), (d,), mean.view(N, 1), rstd.view(N, 1), weight[0], weight[0], mask)  # (bias: its shape only)
+                grad.view(N, d), x.view(N, d), (d,), mean.view(N, 1), rstd.view(N, 1), weight[0], weight[0], mask)
             return None if dx is None else dx.view(N, 1, d), dw[None], db[None]
         grad_b = grad.sum(0)  # (G, d)
         grad_w = (x - mean).mul_(rstd).mul_(grad).sum(0)  # sum over tokens of grad * xhat, one temporary

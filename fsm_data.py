@@ -48,7 +48,8 @@ class FSM:
         key = str(device)
         if key not in self._tables:
             succ = np.stack([np.nonzero(row)[0] for row in self.transitions])  # every state has E edges
-            self._tables[key] = (torch.as_tensor(succ, device=device), torch.as_tensor(self.state_digits, device=device))
+            digits = torch.as_tensor(self.state_digits, device=device)
+            self._tables[key] = (torch.as_tensor(succ, device=device), digits)
         return self._tables[key]
 
     def sample_states(self, batch, n_states, generator=None):

@@ -412,7 +412,8 @@ def test_resume_gives_the_same_model(tmp_path):
     # LayerNorm backward add in a varying order).
     train.train(tiny_cfg(a, max_iters=6, decay_lr=False, device="cpu"))
     train.train(tiny_cfg(b, max_iters=4, decay_lr=False, device="cpu"))
-    cfg, given = common.parse_args([f"--out_dir={b}", "--resume=True", "--max_iters=6"], train.TrainConfig, train.PRESETS)
+    cfg, given = common.parse_args([f"--out_dir={b}", "--resume=True", "--max_iters=6"], train.TrainConfig,
+                                   train.PRESETS)
     train.train(cfg, given)
     sa = torch.load(a / "ckpt.pt", weights_only=True)
     sb = torch.load(b / "ckpt.pt", weights_only=True)
