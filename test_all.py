@@ -847,3 +847,17 @@ def test_topics_command(lm, capsys):
     with pytest.raises(SystemExit) as e:  # generation must fit in block_size 48
         steer.main(["topics", f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--max_new_tokens=48"])
     assert e.value.code == 2 and "block_size" in capsys.readouterr().err
+
+
+def test_gpt2_offline_is_a_one_line_error(tmp_path, monkeypatch):
+    """Without internet tiktoken's first gpt2 load fails with a long HTTPSConnectionPool(...) message."""
+    def offline(name):
+        raise OSError("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net', port=443): Max retries "
+                      "exceeded with url: /gpt-2/encodings/main/vocab.bpe (Caused by NameResolutionError(...))")
+    monkeypatch.setattr(td.tiktoken, "get_encoding", offline)
+    with pytest.raises(OSError) as e:
+        td.prepare(str(tmp_path / "d"), input=str(write_docs(tmp_path, "\n\n")))
+    msg = str(e.value)
+    assert "\n" not in msg and "HTTPSConnectionPool" not in msg
+    assert "--encoding=words" in msg and "--encoding=bytes" in msg
+    td.prepare(str(tmp_path / "d"), input=str(write_docs(tmp_path, "\n\n")), encoding="bytes")  # works offline
