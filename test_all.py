@@ -861,3 +861,10 @@ def test_gpt2_offline_is_a_one_line_error(tmp_path, monkeypatch):
     assert "\n" not in msg and "HTTPSConnectionPool" not in msg
     assert "--encoding=words" in msg and "--encoding=bytes" in msg
     td.prepare(str(tmp_path / "d"), input=str(write_docs(tmp_path, "\n\n")), encoding="bytes")  # works offline
+
+
+def test_bench_trains_train_pys_preset():
+    """bench.py writes the FSM preset out (it may not import train.py): the two must agree."""
+    defaults = dataclasses.asdict(train.TrainConfig())
+    assert {k: defaults[k] for k in bench.TRAIN} == bench.TRAIN
+
