@@ -839,7 +839,7 @@ def test_topics_command(lm, capsys):
     d, _ = lm
     argv = [f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--samples=2", "--max_new_tokens=12", "--prompts=|Once upon a time,",
             "--n_stories=30", "--min_in=0", "--max_out=1", "--max_codes=3"]
-    out = topics.main(argv + ["--sweep=1,3", "--sweep_samples=1"])
+    out = topics.main(argv + ["--sweep=1,3", "--sweep_samples=1", "--sweep_per_head=0,1"])
     saved = json.load(open(d / "cb" / "topics.json"))
     names = [t for t in saved if t not in ("mean", "settings", "sweep")]
     assert names == list(td.TOPIC_STORY)
@@ -850,12 +850,11 @@ def test_topics_command(lm, capsys):
         assert 0 <= saved[t]["steered_rep"] <= 1
     assert out["mean"]["steered"] == pytest.approx(np.mean([saved[t]["steered"] for t in names]))
     assert out["mean"]["ce_ratio"] == pytest.approx(out["mean"]["steered_ce"] / out["mean"]["baseline_ce"])
-    # the sweep: its own baseline, then one row per (number of codes, place), every topic in each
-    assert [(r["n_codes"], r["at"]) for r in saved["sweep"]] == [(0, "-"), (1, "all"), (1, "new"), (3, "all"),
-                                                                 (3, "new")]
+    # the sweep: its own baseline, then one row per (cap per head, number of codes, place), every topic in each
+    cells = [(0, 0, "-")] + [(cap, n, at) for cap in (0, 1) for n in (1, 3) for at in ("all", "new")]
+    assert [(r["per_head"], r["n_codes"], r["at"]) for r in saved["sweep"]] == cells
     assert saved["sweep"][0]["ce_ratio"] == 1.0 and all(set(r["per_topic"]) == set(names) for r in saved["sweep"][1:])
-    # the sweep's 3 codes at every position are the protocol's 3 codes at every position, with fewer samples
-    assert saved["sweep"][3]["codes_used"] == 3
+    assert saved["sweep"][3]["codes_used"] == 3 and saved["sweep"][7]["codes_used"] == 2  # 1 per head, 2 heads
     out = topics.main(argv + ["--per_head=1", "--at=new"])  # at most one code per head: 2 heads, 2 codes
     assert all(out[t]["n_codes"] == 2 and len({c.split(":")[0] for c in out[t]["codes"]}) == 2 for t in names)
     capsys.readouterr()

@@ -2,10 +2,13 @@
 Steer a language model's stories to a topic by forcing codes (SPEC section 3, the paper's Table 3b), and
 measure what the steering costs in fluency. On a checkpoint of train.py trained on token data:
 
-    python topics.py --ckpt=out-stories-ft/ckpt.pt                       # the paper's protocol, 7 topics
-    python topics.py --ckpt=out-stories-ft/ckpt.pt --sweep=1,2,4,8,16    # plus success and fluency per
-                                                                         # number of codes and place
-    python topics.py --ckpt=out-stories-ft/ckpt.pt --topics=dragon,castle=castle --max_codes=8 --at=all
+    python topics.py --ckpt=out-stories-ft/ckpt.pt                 # the paper's protocol, 7 topics
+    python topics.py --ckpt=out-stories-ft/ckpt.pt --sweep=1,2,4,8,14,16 --sweep_per_head=8,4
+    python topics.py --ckpt=out-stories-ft/ckpt.pt --max_codes=16 --per_head=0   # the paper's choice of codes
+    python topics.py --ckpt=out-stories-ft/ckpt.pt --topics=dragon,castle=castle --at=new
+
+The second adds a sweep: success and fluency per cap per head, number of codes and place (a cheaper
+3 samples per prompt; about 30 min on a 2-core CPU).
 
 Flags are --key=value (the config block below; `--help` prints them). Writes topics.json next to the
 checkpoint; errors are one line on stderr, exit status 2.
@@ -14,8 +17,8 @@ Topic codes. A story is the text between two EOT tokens of the validation data; 
 labels.npz when the data has one (the synthetic corpus), else from the topic's regex over its lowercased
 text (--topics, or the data's patterns, or the paper's seven). Over story tokens (not the EOT), for each
 topic and code: in = the fraction of the topic's story tokens where the code fires, out = the same over
-all other story tokens. Topic codes: in >= min_in and out <= max_out, best in - out first, at most k per
-head and max_codes in all.
+all other story tokens. Topic codes: in >= min_in and out <= max_out, best in - out first, at most
+per_head in one head (0: k) and max_codes in all.
 
 Steering. The topic codes are forced (codes of one head take the slots k-1, k-2, ...) at every position
 (--at=all, the paper's way) or at the generated tokens only (--at=new), while sampling `samples`
@@ -30,8 +33,9 @@ condition, so only the codes differ). Prompt + new tokens must fit block_size (n
   steered_rep         generated tokens that already occurred earlier in it, averaged over generations.
 topics.json: topic -> {baseline, steered, baseline_ce, steered_ce, baseline_rep, steered_rep, n_codes,
 codes, pattern, code_rates, sample}, "mean" (the same averaged over topics, plus ce_ratio = steered_ce /
-baseline_ce), "settings", and with --sweep a "sweep" table: per number of codes and place, the mean
-steered rate, steered_ce, ce_ratio and steered_rep (sweep_samples per prompt, its own baseline first).
+baseline_ce), "settings", and with --sweep a "sweep" table: per (per_head, number of codes, place), the
+mean steered rate, steered_ce, ce_ratio and steered_rep (sweep_samples per prompt; its own unsteered
+samples first, whose "steered" is the mean baseline rate).
 """
 
 import os
@@ -61,8 +65,9 @@ class TopicsConfig:
     n_stories: int = 1000  # validation stories scanned for topic codes
     min_in: float = 0.1  # a topic code fires on at least this fraction of the topic's story tokens
     max_out: float = 0.01  # and on at most this fraction of the other story tokens
-    max_codes: int = 16  # codes forced per topic
-    per_head: int = 0  # at most this many of them in one head (0: k, every slot but none left to the search)
+    max_codes: int = 14  # codes forced per topic (the paper: 8 to 16)
+    per_head: int = 4  # at most this many in one head (0: k); a head with all k slots forced stops reading
+    # its input, and the stories stop being stories (the sweep in the README: per_head=k, 16 codes)
     at: str = "all"  # where: all (every position, the paper's) or new (the generated tokens only)
     samples: int = 10  # samples per prompt
     prompts: str = "|Once upon a time,|Once there was a|A long time ago,"  # '|'-separated, each after EOT
@@ -70,6 +75,7 @@ class TopicsConfig:
     temperature: float = 1.0
     sweep: str = ""  # numbers of codes to sweep, e.g. 1,2,4,8,16 ("": no sweep)
     sweep_at: str = "all,new"  # places to sweep
+    sweep_per_head: str = ""  # caps per head to sweep, e.g. 8,3 ("": --per_head only)
     sweep_samples: int = 3  # samples per prompt in each sweep cell (cheaper than the protocol's 10)
 
 
@@ -89,13 +95,15 @@ def check(cfg):
     for at in [cfg.at] + cfg.sweep_at.split(","):
         if at not in ("all", "new"):
             fail(f"--at / --sweep_at: {at!r}: valid: all, new")
-    try:
-        sweep = [int(n) for n in cfg.sweep.split(",")] if cfg.sweep else []
-    except ValueError:
-        fail(f"--sweep={cfg.sweep}: expected numbers of codes like 1,2,4,8,16")
-    if any(n < 1 for n in sweep):
-        fail(f"--sweep={cfg.sweep}: numbers of codes must be >= 1")
-    return sweep
+    lists = []
+    for key, text, low in (("sweep", cfg.sweep, 1), ("sweep_per_head", cfg.sweep_per_head or str(cfg.per_head), 0)):
+        try:
+            lists.append([int(n) for n in text.split(",")] if text else [])
+        except ValueError:
+            fail(f"--{key}={text}: expected numbers like 1,2,4,8,16")
+        if any(n < low for n in lists[-1]):
+            fail(f"--{key}={text}: numbers must be >= {low}")
+    return lists
 
 
 # -----------------------------------------------------------------------------
@@ -225,7 +233,7 @@ def find_topic_codes(model, cfg, ckpt, decode_text):
 @torch.no_grad()
 def sample(model, cfg, prompts, codes, at, samples, decode_text):
     """Generate `samples` continuations of each prompt (token lists) with `codes` [(site, group, code)]
-    forced at `at` -> dict(texts, ce (nats per generated token), rep (repeated 3-grams), tokens)."""
+    forced at `at` -> dict(texts, ce (nats per generated token), rep (repeated 3-grams, mean per text))."""
     dev, new = next(model.parameters()).device, cfg.max_new_tokens
     texts, ce_sum, reps, n_tokens = [], 0.0, [], 0
     for j, p in enumerate(prompts):
@@ -246,32 +254,42 @@ def mean_of(out, key):
     return sum(v[key] for v in out.values()) / len(out)
 
 
-def run_sweep(model, cfg, sweep, names, patterns, picks, prompts, decode_text):
-    """Mean success and fluency per (number of codes, place), with sweep_samples per prompt."""
+def pick_all(model, rows, cfg, per_head, n):
+    """{topic: its best n codes}, at most per_head in one head (0: k)."""
+    k = {s: min(cb.k, per_head or cb.k) for s, cb in model.codebooks().items()}
+    return {t: pick_topic_codes(r, k, cfg.min_in, cfg.max_out, n) for t, r in rows.items()}
+
+
+def run_sweep(model, cfg, sweep, caps, patterns, rows, prompts, decode_text):
+    """Mean success and fluency per (cap per head, number of codes, place), sweep_samples per prompt."""
     base = sample(model, cfg, prompts, [], "all", cfg.sweep_samples, decode_text)
-    table = [dict(n_codes=0, at="-", steered=sum(mention_rate(base["texts"], patterns[n]) for n in names) / len(names),
-                  steered_ce=base["ce"], ce_ratio=1.0, steered_rep=base["rep"])]
-    cells = [(n, at) for n in sweep for at in cfg.sweep_at.split(",")]
-    bar = Progress(len(cells) * len(names), "sweep")
-    for n, at in cells:
+    unsteered = sum(mention_rate(base["texts"], patterns[t]) for t in rows) / len(rows)
+    table = [dict(per_head=0, n_codes=0, at="-", steered=unsteered, steered_ce=base["ce"], ce_ratio=1.0,
+                  steered_rep=base["rep"])]
+    cells = [(cap, n, at) for cap in caps for n in sweep for at in cfg.sweep_at.split(",")]
+    picks = {cap: pick_all(model, rows, cfg, cap, max(sweep)) for cap in caps}  # n codes: the first n
+    bar = Progress(len(cells) * len(rows), "sweep")
+    for cap, n, at in cells:
         per = {}
-        for t in names:
-            got = sample(model, cfg, prompts, [r[1:4] for r in picks[t][:n]], at, cfg.sweep_samples, decode_text)
+        for t in rows:
+            pick = picks[cap][t][:n]
+            got = sample(model, cfg, prompts, [r[1:4] for r in pick], at, cfg.sweep_samples, decode_text)
             per[t] = dict(steered=mention_rate(got["texts"], patterns[t]), ce=got["ce"], rep=got["rep"],
-                          n_codes=len(picks[t][:n]))
+                          n_codes=len(pick))
             bar.update()
-        table.append(dict(n_codes=n, at=at, steered=mean_of(per, "steered"), steered_ce=mean_of(per, "ce"),
-                          ce_ratio=mean_of(per, "ce") / base["ce"], steered_rep=mean_of(per, "rep"),
-                          codes_used=mean_of(per, "n_codes"), per_topic={t: v["steered"] for t, v in per.items()}))
-        bar.write(f"{n} codes at {at}: steered {table[-1]['steered']:.3f}, CE {table[-1]['steered_ce']:.3f} "
-                  f"({table[-1]['ce_ratio']:.2f}x)")
+        table.append(dict(per_head=cap, n_codes=n, at=at, steered=mean_of(per, "steered"),
+                          steered_ce=mean_of(per, "ce"), ce_ratio=mean_of(per, "ce") / base["ce"],
+                          steered_rep=mean_of(per, "rep"), codes_used=mean_of(per, "n_codes"),
+                          per_topic={t: v["steered"] for t, v in per.items()}))
+        bar.write(f"{n} codes (at most {cap or 'k'} per head) at {at}: steered {table[-1]['steered']:.3f}, "
+                  f"CE {table[-1]['steered_ce']:.3f} ({table[-1]['ce_ratio']:.2f}x)")
     bar.close()
     print(f"sweep ({len(prompts)} prompts x {cfg.sweep_samples} samples per topic and cell; "
-          f"unsteered CE {base['ce']:.3f} nats/token):")
-    print(f"{'codes':>5s} {'at':>4s} {'steered':>8s} {'steered_ce':>10s} {'ce_ratio':>8s} {'rep3':>6s}")
+          f"unsteered CE {base['ce']:.3f} nats/token; per head 0 = k):")
+    print(f"{'per head':>8s} {'codes':>5s} {'at':>4s} {'steered':>8s} {'steered_ce':>10s} {'ce_ratio':>8s} {'rep3':>6s}")
     for r in table:
-        print(f"{r['n_codes']:5d} {r['at']:>4s} {r['steered']:8.3f} {r['steered_ce']:10.3f} {r['ce_ratio']:8.2f} "
-              f"{r['steered_rep']:6.3f}")
+        print(f"{r['per_head']:8d} {r['n_codes']:5d} {r['at']:>4s} {r['steered']:8.3f} {r['steered_ce']:10.3f} "
+              f"{r['ce_ratio']:8.2f} {r['steered_rep']:6.3f}")
     return table
 
 
@@ -282,7 +300,7 @@ def main(argv=None):
               " ".join(f"--{f.name}={f.default!r}" for f in fields(TopicsConfig)))
         sys.exit(0)
     cfg, _ = parse_args(argv, TopicsConfig, PRESETS)
-    sweep = check(cfg)
+    sweep, caps = check(cfg)
     ckpt, model = load_codebook_model(cfg.ckpt, cfg.device)
     if ckpt.get("kind") != "lm":
         fail(f"topics needs a language-model checkpoint (kind='lm'); this one has kind={ckpt.get('kind')!r}")
@@ -295,13 +313,12 @@ def main(argv=None):
             fail(f"prompt {text!r} ({len(p)} tokens with EOT) + {cfg.max_new_tokens} new tokens exceed block_size "
                  f"{L}: lower --max_new_tokens")
     names, patterns, rows, labelled, n_stories = find_topic_codes(model, cfg, ckpt, enc.decode)
-    k = {s: min(cb.k, cfg.per_head or cb.k) for s, cb in model.codebooks().items()}
-    picks = {n: pick_topic_codes(rows[n], k, cfg.min_in, cfg.max_out, max(cfg.max_codes, *sweep, 1)) for n in names}
+    picks = pick_all(model, rows, cfg, cfg.per_head, cfg.max_codes)
     base = sample(model, cfg, prompts, [], "all", cfg.samples, enc.decode)
     out = {}
     bar = Progress(len(names), "topics")
     for n in names:
-        pick = picks[n][:cfg.max_codes]
+        pick = picks[n]
         got = sample(model, cfg, prompts, [r[1:4] for r in pick], cfg.at, cfg.samples, enc.decode) if pick else base
         out[n] = dict(baseline=mention_rate(base["texts"], patterns[n]), steered=mention_rate(got["texts"], patterns[n]),
                       baseline_ce=base["ce"], steered_ce=got["ce"], baseline_rep=base["rep"], steered_rep=got["rep"],
@@ -318,10 +335,11 @@ def main(argv=None):
     print(f"mean over {len(out)} topics: baseline {mean['baseline']:.3f}, steered {mean['steered']:.3f}; CE "
           f"{mean['baseline_ce']:.3f} -> {mean['steered_ce']:.3f} nats/token ({mean['ce_ratio']:.2f}x), rep3 "
           f"{mean['baseline_rep']:.3f} -> {mean['steered_rep']:.3f} ({len(prompts)} prompts x {cfg.samples} samples, "
-          f"{cfg.max_new_tokens} new tokens, {cfg.max_codes} codes at {cfg.at}, {time.time() - t0:.0f} s)")
+          f"{cfg.max_new_tokens} new tokens, {cfg.max_codes} codes, at most {cfg.per_head or 'k'} per head, at "
+          f"{cfg.at}, {time.time() - t0:.0f} s)")
     out["mean"] = mean
     if sweep:
-        out["sweep"] = run_sweep(model, cfg, sweep, names, patterns, picks, prompts, enc.decode)
+        out["sweep"] = run_sweep(model, cfg, sweep, caps, patterns, rows, prompts, enc.decode)
     out["settings"] = dict(asdict(cfg), prompts=cfg.prompts.split("|"), n_stories=n_stories, labels=labelled,
                            baseline_sample=base["texts"][-1][:400], wall_s=time.time() - t0)
     write_json(cfg.ckpt, "topics.json", out)
