@@ -32,8 +32,9 @@ before (parameters, inputs; the gradients the call creates count). On CPU: the r
 mark (VmHWM), reset through /proc/self/clear_refs after malloc_trim has handed freed heap back to the OS;
 on CUDA: torch.cuda.max_memory_allocated above torch.cuda.memory_allocated. For the matmul row the (N, C)
 buffer is allocated inside the measured call.
-Training: train.py's FSM preset (TrainConfig defaults via build_model and make_optimizer; --quick shrinks
-it): microseconds per token of a training step (forward, backward, grad clip, AdamW; data sampling excluded),
+Training: train.py's FSM preset (its sizes and optimiser written out in TRAIN below, which a test keeps
+equal to train.py's defaults; --quick shrinks it): microseconds per token of a training step (forward,
+backward, grad clip, AdamW with train.py's parameter groups; data sampling excluded),
 the best of --train_steps steps after 2 warm-up steps, with the preset's codebooks and with cb_at=none
 (both models in one process, steps alternating); train_overhead = codebook / plain.
 Every row runs in a fresh subprocess (`--row=...`), one after another, with OMP_WAIT_POLICY=passive
@@ -58,11 +59,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import train
 from common import parse_value
 import codebook
 from codebook import CodebookLayer
 from fsm_data import FSM
+from model import GPT, GPTConfig
 
 
 @dataclass
@@ -98,7 +99,11 @@ SHAPES = {
 CPU_SHAPES, GPU_SHAPES = "fsm,lm,large", "fsm_attn,fsm_mlp,lm_gpu,big"
 GOALS = dict(speedup_vs_reference=3.0, vs_matmul=2.0, memory_vs_reference=0.5)  # on a GPU: >=, <=, <=
 QUICK = dict(shapes="tiny", reps=1, compile=False, train_steps=1)
-QUICK_TRAIN = dict(batch_size=4, n_layer=1, num_codes=64)  # TrainConfig overrides for --quick
+# train.py's FSM preset (--config=fsm, its TrainConfig defaults), what the training row times
+TRAIN = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, cb_at="attn+mlp", num_codes=1024, k=1,
+             batch_size=64, learning_rate=5e-3, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
+             num_states=100, num_edges=10, fsm_seed=42, seed=1337)
+QUICK_TRAIN = dict(batch_size=4, n_layer=1, num_codes=64)  # TRAIN overrides for --quick
 VARIANTS = ("reference", "layer", "compiled", "matmul")
 
 
@@ -278,34 +283,43 @@ def layer_row(cfg, shape, variant, device):
 def train_row(cfg, device):
     """Both models in one process, their steps alternating, so that a change in the machine's load
     hits both alike."""
+    tc = dict(TRAIN, **(QUICK_TRAIN if cfg.quick else {}))
+    fsm = FSM(tc["num_states"], tc["num_edges"], seed=tc["fsm_seed"])
     models = {}
-    for cb_at in ("none", train.TrainConfig.cb_at):
-        tc = train.TrainConfig(cb_at=cb_at, **(QUICK_TRAIN if cfg.quick else {}))
-        fsm = FSM(tc.num_states, tc.num_edges, seed=tc.fsm_seed)
-        torch.manual_seed(tc.seed)
-        model = train.build_model(tc, fsm.vocab_size).to(device)
-        models[cb_at] = (tc, fsm, model, train.make_optimizer(model, tc, device), torch.Generator().manual_seed(tc.seed))
+    for cb_at in ("none", tc["cb_at"]):
+        torch.manual_seed(tc["seed"])
+        model = GPT(GPTConfig(block_size=tc["block_size"], vocab_size=fsm.vocab_size, n_layer=tc["n_layer"],
+                              n_head=tc["n_head"], n_embd=tc["n_embd"], cb_at=cb_at, num_codes=tc["num_codes"],
+                              k=tc["k"])).to(device)
+        # train.py's groups: weight decay on matrices only, never on codes, LayerNorms or biases
+        codes = [p for n, p in model.named_parameters() if n.endswith(".codebook")]
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.endswith(".codebook")]
+        rest = [p for p in model.parameters() if p.dim() < 2]
+        groups = [dict(params=decay, weight_decay=tc["weight_decay"]), dict(params=rest + codes, weight_decay=0.0)]
+        optimizer = torch.optim.AdamW(groups, lr=tc["learning_rate"], betas=(tc["beta1"], tc["beta2"]),
+                                      fused=device == "cuda")
+        models[cb_at] = (model, optimizer, torch.Generator().manual_seed(tc["seed"]))
 
-    def step(tc, model, optimizer, seq):
+    def step(model, optimizer, seq):
         _, loss, _, _ = model(seq[:, :-1], seq[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
         optimizer.step()
 
     times = {cb_at: [] for cb_at in models}
     for i in range(2 + cfg.train_steps):
-        for cb_at, (tc, fsm, model, optimizer, gen) in models.items():
-            seq = fsm.sample(tc.batch_size, tc.block_size, gen).to(device)
-            t = timed(lambda: step(tc, model, optimizer, seq), device)
+        for cb_at, (model, optimizer, gen) in models.items():
+            seq = fsm.sample(tc["batch_size"], tc["block_size"], gen).to(device)
+            t = timed(lambda: step(model, optimizer, seq), device)
             if i >= 2:
                 times[cb_at].append(t)
     out = {}
-    for cb_at, (tc, *_) in models.items():
-        tokens = tc.batch_size * (tc.block_size - 1)
+    tokens = tc["batch_size"] * (tc["block_size"] - 1)
+    for cb_at in models:
         out["plain" if cb_at == "none" else "codebook"] = dict(
-            us_per_token=1e6 * min(times[cb_at]) / tokens, steps=len(times[cb_at]),
-            tokens_per_step=tokens, config={k: getattr(tc, k) for k in (
+            us_per_token=1e6 * min(times[cb_at]) / tokens, steps=len(times[cb_at]), tokens_per_step=tokens,
+            config={k: (cb_at if k == "cb_at" else tc[k]) for k in (
                 "n_layer", "n_head", "n_embd", "batch_size", "block_size", "cb_at", "num_codes", "k")})
     return out
 

@@ -1,6 +1,6 @@
 """
-Read and control a trained codebook model: which codes stand for which FSM states (codes vs neurons),
-what patching them does, and sampling with codes forced or ablated. One command each:
+Read and control a trained TokFSM codebook model: which codes stand for which FSM states (codes vs
+neurons), what patching them does, and sampling with codes forced or ablated. One command each:
 
     python steer.py states --ckpt=out-fsm/ckpt.pt     # codes vs neurons as classifiers of the state
     python steer.py patch --ckpt=out-fsm/ckpt.pt      # force the codes of state t into an input in state s
@@ -8,11 +8,11 @@ what patching them does, and sampling with codes forced or ablated. One command 
     python steer.py show L2.mlp:88 --ckpt=out-fsm/ckpt.pt       # the top contexts of one code
     python steer.py search '\\|3' --ckpt=out-fsm/ckpt.pt         # codes that fire where a regex matches
     python steer.py generate --ckpt=out-fsm/ckpt.pt --prompt=3712 --force=L3.mlp:5 --at=new
-    python steer.py topics --ckpt=out-stories-ft/ckpt.pt    # language models: steer stories to a topic
 
 Flags are --key=value; `python steer.py COMMAND --help` lists a command's flags and defaults. Each
 command writes COMMAND.json next to the checkpoint; errors are one line on stderr, exit status 2.
 FSM tokens read as digits, BOS as '|': `search` matches its regex against text like "|371245...".
+(Steering language models by topic is topics.py.)
 
 Definitions (SPEC section 2). A pattern is a set M of positions of the sampled sequences:
   state s           the last digit of state s (where "the current state is s");
@@ -34,40 +34,19 @@ Definitions (SPEC section 2). A pattern is a set M of positions of the sampled s
   more mass on first digits of t's successors than on first digits of s's successors (digits that start
   successors of both count on both sides). greedy_success: the next state decoded greedily digit by
   digit (the patch stays at its position) is a successor of t; *_baseline: the same with no patch.
-
-Topics (SPEC section 3; checkpoints of kind "lm", tokens from meta.json). A story is the text between
-two EOT tokens of the validation data; its topic comes from labels.npz when the data has one (the
-synthetic corpus), else from the topic's regex over its lowercased text (--topics, or the data's
-patterns, or the paper's seven). Over story tokens (not the EOT), for each topic and code: in = the
-fraction of the topic's story tokens where the code fires, out = the same over all other story tokens.
-Topic codes: in >= min_in and out <= max_out, best in - out first, at most k per head and max_codes in
-all. They are forced at every position (Intervention with positions=None; codes of one head take the
-slots k-1, k-2, ...) while sampling `samples` continuations of each prompt (after EOT; temperature 1, no
-top-k; the same random draws with and without the codes). A generation mentions the topic if its
-lowercased text matches the topic's regex; reported: that fraction unsteered (baseline) and steered.
-Prompt + new tokens must fit block_size (generate has no sliding window): a stop with an error otherwise.
-topics.json: topic -> {baseline, steered, n_codes, codes, pattern, code_rates, sample}, plus "mean" (the
-same averaged over topics) and "settings".
 """
 
-import json
 import math
-import os
 import re
-import string
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-import tinystories_data
-from common import fail, load_checkpoint, model_from_checkpoint, pick_device
+from common import Progress, fail, parse_value
 from codebook import Intervention
-from fsm_data import FSM
-from model import format_code, make_interventions
+from readout import code_name, flat_ids, load_codebook_model, need_fsm, parse_codes, run, tokenizer, write_json
 
 FLAGS = dict(  # every flag and its default; the default's type is the flag's type
     ckpt="",  # a checkpoint written by train.py (required)
@@ -88,16 +67,7 @@ FLAGS = dict(  # every flag and its default; the default's type is the flag's ty
     max_new_tokens=32,  # generate
     temperature=1.0,  # generate
     top_k=0,  # generate: 0 = no top-k cut
-    data_dir="",  # topics: the token data ("": the one the checkpoint was trained on)
-    topics="",  # topics: name or name=regex, comma separated ("": the data's topics, else the paper's seven)
-    n_stories=1000,  # topics: validation stories scanned for topic codes
-    min_in=0.1,  # topics: a topic code fires on at least this fraction of the topic's story tokens
-    max_out=0.01,  # topics: and on at most this fraction of the other story tokens
-    max_codes=16,  # topics: codes forced per topic (at most k per head)
-    samples=10,  # topics: samples per prompt
-    prompts="|Once upon a time,|Once there was a|A long time ago,",  # topics: '|'-separated, each after EOT
 )
-DEFAULTS = dict(topics=dict(max_new_tokens=200))  # a command's own default for a shared flag
 COMMON = ("ckpt", "device", "seed", "batch_size")
 COMMANDS = dict(  # command: (its positional argument or None, its flags)
     states=(None, COMMON + ("n_seqs", "min_count")),
@@ -106,18 +76,18 @@ COMMANDS = dict(  # command: (its positional argument or None, its flags)
     show=("CODE", COMMON + ("n_seqs", "top", "context")),
     search=("REGEX", COMMON + ("n_seqs", "top")),
     generate=(None, COMMON + ("prompt", "force", "ablate", "at", "n", "max_new_tokens", "temperature", "top_k")),
-    topics=(None, COMMON + ("data_dir", "topics", "n_stories", "min_in", "max_out", "max_codes", "samples",
-                            "prompts", "max_new_tokens", "temperature")),
 )
 
 
 def parse_args(argv):
     """['show', 'L2.mlp:88', '--ckpt=x.pt'] -> (command, positional argument or None, flags dict)."""
+    if argv and argv[0] == "topics":  # it was a command of this script until topics.py took it over
+        fail("topic steering moved to its own script: python topics.py --ckpt=PATH [--key=value ...]")
     if not argv or argv[0] not in COMMANDS:
         fail(f"usage: python steer.py COMMAND [ARG] --ckpt=PATH [--key=value ...]; commands: {', '.join(COMMANDS)}")
     cmd, rest = argv[0], argv[1:]
     arg_name, allowed = COMMANDS[cmd]
-    cfg, positional = {k: DEFAULTS.get(cmd, {}).get(k, FLAGS[k]) for k in allowed}, []
+    cfg, positional = {k: FLAGS[k] for k in allowed}, []
     if "--help" in rest or "-h" in rest:
         print(f"python steer.py {cmd} {arg_name or ''} " + " ".join(f"--{k}={v!r}" for k, v in cfg.items()))
         sys.exit(0)
@@ -130,103 +100,17 @@ def parse_args(argv):
             fail(f"bad argument {a!r}: expected --key=value")
         if key not in allowed:
             fail(f"unknown flag --{key} for {cmd}; valid: {', '.join(allowed)}")
-        try:
-            cfg[key] = type(FLAGS[key])(text)
-        except ValueError:
-            fail(f"--{key}={text}: expected {type(FLAGS[key]).__name__}")
+        cfg[key] = parse_value(key, text, FLAGS[key])
     if len(positional) != bool(arg_name):
         fail(f"{cmd} takes {'one argument, ' + arg_name if arg_name else 'no argument'}; got {positional or 'none'}")
     if not cfg["ckpt"]:
         fail("--ckpt=PATH is required")
-    for key in ("n_seqs", "batch_size", "pairs", "ctx_states", "top", "n", "max_new_tokens", "n_stories",
-                "max_codes", "samples"):
+    for key in ("n_seqs", "batch_size", "pairs", "ctx_states", "top", "n", "max_new_tokens"):
         if cfg.get(key, 1) < 1:
             fail(f"--{key}={cfg[key]}: must be >= 1")
     if cfg["device"] not in ("cpu", "cuda", "mps", "auto") or cfg.get("temperature", 1.0) <= 0:
         fail("--device must be cpu, cuda, mps or auto, and --temperature > 0")
     return cmd, (positional or [None])[0], cfg
-
-
-# -----------------------------------------------------------------------------
-# checkpoints and tokens: the only place that knows what data a checkpoint was trained on
-
-
-def load(cfg):
-    try:
-        ckpt = load_checkpoint(cfg["ckpt"])
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
-        fail(f"{cfg['ckpt']} is not a checkpoint written by train.py")
-    try:
-        model = model_from_checkpoint(ckpt, pick_device(cfg["device"])).eval()
-    except (KeyError, TypeError, RuntimeError) as e:
-        fail(f"{cfg['ckpt']}: the weights do not fit its model_args ({type(e).__name__})")
-    if not model.codebooks():
-        fail(f"{cfg['ckpt']} has no codebooks (cb_at=none): nothing to read or steer")
-    return ckpt, model
-
-
-def need_fsm(ckpt, what):
-    if ckpt.get("kind") != "fsm":
-        fail(f"{what} needs an FSM checkpoint; this one has kind={ckpt.get('kind')!r}")
-    f = ckpt["fsm"]
-    return FSM(f["num_states"], f["num_edges"], base=f.get("base", 10), seed=f["seed"])
-
-
-def tokenizer(ckpt):
-    """(encode, decode, render): encode(text) -> ids, BOS first; decode(ids) -> one string per token;
-    render(ids, pos0, mark) -> readable text of a window starting at position pos0, the token at position
-    mark in [brackets]. Language models (kind "lm"): the encoding in the checkpoint's meta.json, EOT
-    first and shown as '|'."""
-    if ckpt.get("kind") == "lm":
-        meta = ckpt["data"]["meta"]
-        enc = tinystories_data.make_encoding(meta["encoding"])
-
-        def encode(text):
-            return [meta["eot"]] + enc.encode_ordinary(text)
-
-        def decode(ids):  # a character split over byte tokens shows as U+FFFD
-            return ["|" if i == meta["eot"] else enc.decode_single_token_bytes(i).decode("utf-8", "replace")
-                    for i in ids]
-
-        def render(ids, pos0=0, mark=None):
-            return "".join(f"[{s}]" if p == mark else s for p, s in enumerate(decode(ids), pos0))
-        return encode, decode, render
-    fsm = need_fsm(ckpt, "decoding tokens")
-    alphabet = (string.digits + string.ascii_lowercase)[:fsm.base]
-
-    def encode(text):
-        bad = [c for c in text if c not in alphabet]
-        if bad:
-            fail(f"prompt {text!r}: FSM prompts are digits in {alphabet!r}, got {bad[0]!r}")
-        return [fsm.bos] + [alphabet.index(c) for c in text]
-
-    def decode(ids):
-        return ["|" if i == fsm.bos else alphabet[i] for i in ids]
-
-    def render(ids, pos0=0, mark=None):  # a space before each state
-        return "".join((" " if p > 0 and (p - 1) % fsm.digits == 0 else "") + (f"[{s}]" if p == mark else s)
-                       for p, s in enumerate(decode(ids), pos0))
-    return encode, decode, render
-
-
-def write_json(cfg, name, obj):
-    path = os.path.join(os.path.dirname(os.path.abspath(cfg["ckpt"])), name)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-    print(f"wrote {path}")
-
-
-def parse_codes(model, text, ablate=False, positions=None):
-    """'L3.mlp:5,L1.attn.h2:40' -> [Intervention], checked against the model."""
-    try:
-        out = make_interventions(filter(None, (s.strip() for s in text.split(","))), ablate, positions)
-        for iv in out:
-            model.check_intervention(iv)
-    except ValueError as e:
-        fail(str(e))
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -292,33 +176,7 @@ def jsd(p, q):
 
 
 # -----------------------------------------------------------------------------
-# running the model
-
-
-@torch.no_grad()
-def run(model, tokens, batch_size, keep=(), desc="forward"):
-    """tokens (B, T) -> codes {site: (B, T, G, k)}, activations {name in keep: (B*T, H)}, logits (B, T, V)."""
-    dev = next(model.parameters()).device
-    codes, acts, logits = {}, {k: [] for k in keep}, []
-    for x in tqdm(tokens.split(batch_size), desc=desc, disable=None, leave=False):
-        cache = {}
-        lg, _, c, _ = model(x.to(dev), cache=cache)
-        for s, v in c.items():
-            codes.setdefault(s, []).append(v.cpu())
-        for k in keep:
-            acts[k].append(cache[k].reshape(-1, cache[k].shape[-1]).float().cpu())
-        logits.append(lg.cpu())
-    return {s: torch.cat(v) for s, v in codes.items()}, {k: torch.cat(v) for k, v in acts.items()}, torch.cat(logits)
-
-
-def flat_ids(codes, num_codes):
-    """(B, T, G, k) ids -> (B*T, G*k) ids distinct across groups: group g's code c is g*C + c."""
-    B, T, G, k = codes.shape
-    return (codes + torch.arange(G)[:, None] * num_codes).reshape(B * T, G * k)
-
-
-def code_name(site, flat, num_codes):
-    return format_code(site, int(flat) // num_codes, int(flat) % num_codes)
+# FSM positions and neurons
 
 
 def neuron_sources(site):
@@ -346,7 +204,8 @@ def cmd_states(cfg, ckpt, model):
     cbs = model.codebooks()
     codes, acts, _ = run(model, tokens, cfg["batch_size"], sorted({k for s in cbs for k in neuron_sources(s)}))
     sites, table = {}, {}
-    for site, cb in tqdm(cbs.items(), desc="sites", disable=None, leave=False):
+    bar = Progress(len(cbs), "sites")
+    for site, cb in cbs.items():
         ids, C = flat_ids(codes[site], cb.num_codes), cb.num_codes
         sorted_all = {k: acts[k].T.contiguous().sort(dim=1).values for k in neuron_sources(site)}  # (H, P)
         sites[site] = {}
@@ -371,6 +230,8 @@ def cmd_states(cfg, ckpt, model):
                                     precision=round(prec[s].item(), 4), recall=round(rec[s].item(), 4),
                                     neuron=who[s], neuron_precision=round(best[s].item(), 4))
                                for s in range(fsm.num_states) if ok[s]]
+        bar.update()
+    bar.close()
     print(f"{'':10s} | {'state: code prec':>16s} {'recall':>6s} {'neuron prec':>11s} | "
           f"{'state+digit: code prec':>22s} {'recall':>6s} {'neuron prec':>11s}")
     for site, r in sites.items():
@@ -384,7 +245,7 @@ def cmd_states(cfg, ckpt, model):
     out = dict(site=top, code_precision=r["code_precision"], code_recall=r["code_recall"],
                neuron_precision=r["neuron_precision"], state_digit=sites[top]["state_digit"], sites=sites,
                per_state=table[top], n_seqs=cfg["n_seqs"], seed=cfg["seed"], wall_s=time.time() - t0)
-    write_json(cfg, "states.json", out)
+    write_json(cfg["ckpt"], "states.json", out)
     return out
 
 
@@ -441,10 +302,13 @@ def cmd_patch(cfg, ckpt, model):
     conditions["all"] = cbs
     raw, probs, greedy = {}, {}, {}
     dev = next(model.parameters()).device
-    for name in tqdm(conditions, desc="conditions", disable=None, leave=False):
+    bar = Progress(len(conditions), "conditions")
+    for name in conditions:
         steps = D if name in ("none", "all_mlp") else 0
         probs[name], greedy[name] = patched_run(model, xs.to(dev), last_codes, conditions[name], steps, fsm.base)
         raw[name] = jsd(probs[name], p_t).mean().item()
+        bar.update()
+    bar.close()
     norm = {k: v / raw["none"] for k, v in raw.items()}
     succ, starts = torch.as_tensor(fsm.transitions > 0), successor_starts(fsm)  # (N, N), (N, base)
     place = torch.as_tensor([fsm.base ** (D - 1 - j) for j in range(D)])
@@ -466,7 +330,7 @@ def cmd_patch(cfg, ckpt, model):
         print(f"t's MLP codes forced: the next digit favours t's successors over s's in {out['force_success']:.3f} "
               f"of trials ({out['force_baseline']:.3f} with no patch); the greedy next state is a successor of t "
               f"in {out['greedy_success']:.3f} ({out['greedy_baseline']:.3f} with no patch)")
-    write_json(cfg, "patch.json", out)
+    write_json(cfg["ckpt"], "patch.json", out)
     return out
 
 
@@ -486,7 +350,7 @@ def cmd_usage(cfg, ckpt, model):
         print(f"{site:10s} alive {out[site]['alive']:.3f}, entropy {entropy:.2f} of {math.log2(C):.2f} bits")
         for k, v in hist.items():
             print(f"    {v:6d} codes fired {k:>11s} times {'#' * math.ceil(40 * v / (G * C))}")
-    write_json(cfg, "usage.json", out)
+    write_json(cfg["ckpt"], "usage.json", out)
     return out
 
 
@@ -515,7 +379,7 @@ def cmd_show(cfg, ckpt, model, address):
         rows.append(dict(seq=b, pos=p, score=round(score[i].item(), 4), text=text))
         print(f"  {score[i]:7.3f}  seq {b:4d} pos {p:3d}  {text}")
     out = dict(code=address, firings=len(where), positions=fired.numel(), top=rows)
-    write_json(cfg, "show.json", out)
+    write_json(cfg["ckpt"], "show.json", out)
     return out
 
 
@@ -549,7 +413,7 @@ def cmd_search(cfg, ckpt, model, regex):
         print(f"  {r['code']:16s} precision {r['precision']:.3f} recall {r['recall']:.3f} F1 {r['f1']:.3f} "
               f"fired {r['fired']}")
     out = dict(regex=regex, matches=int((labels == 0).sum()), codes=rows[:max(cfg["top"], 100)])
-    write_json(cfg, "search.json", out)
+    write_json(cfg["ckpt"], "search.json", out)
     return out
 
 
@@ -576,155 +440,12 @@ def cmd_generate(cfg, ckpt, model):
         out[name] = dict(samples=[render(row) for row in y.tolist()], state_acc=fsm.state_accuracy(y))
         print(f"{name} (valid transitions {out[name]['state_acc']:.3f}):\n  " + "\n  ".join(out[name]["samples"]))
     out.update(prompt=cfg["prompt"], force=cfg["force"], ablate=cfg["ablate"], at=cfg["at"], seed=cfg["seed"])
-    write_json(cfg, "generate.json", out)
+    write_json(cfg["ckpt"], "generate.json", out)
     return out
-
-# -----------------------------------------------------------------------------
-# topics: codes that stand for a story's topic, forced to steer generation (SPEC section 3)
-
-
-def topic_rates(ids, member, num_codes):
-    """ids (P, n) codes firing at P story tokens (unique per row), member (P, K) whether each token's story
-    is about topic K -> in_rate (K, num_codes): fraction of the topic's tokens where the code fires;
-    out_rate (K, num_codes): the same over all other story tokens."""
-    member = member.bool()
-    fired = torch.bincount(ids.reshape(-1), minlength=num_codes).double()  # (C,) firings over all tokens
-    fired_in = torch.stack([torch.bincount(ids[m].reshape(-1), minlength=num_codes) for m in member.T]).double()
-    n_in = member.sum(0).double()[:, None]  # (K, 1)
-    return fired_in / n_in.clamp_min(1), (fired - fired_in) / (len(ids) - n_in).clamp_min(1)
-
-
-def pick_topic_codes(rows, k, min_in, max_out, max_codes):
-    """rows: [(address, site, group, code, in_rate, out_rate)] of one topic -> the codes to force, best first:
-    in_rate >= min_in and out_rate <= max_out, by in_rate - out_rate, at most k per (site, group) (they
-    take the slots k-1, k-2, ... of that group) and max_codes in all."""
-    ok = sorted((r for r in rows if r[4] >= min_in and r[5] <= max_out), key=lambda r: (r[5] - r[4], r[0]))
-    out, used = [], {}
-    for r in ok:
-        if len(out) < max_codes and used.get((r[1], r[2]), 0) < k[r[1]]:
-            out.append(r)
-            used[(r[1], r[2])] = used.get((r[1], r[2]), 0) + 1
-    return out
-
-
-def mention_rate(texts, pattern):
-    """Fraction of texts whose lowercased text matches the regex pattern."""
-    rx = re.compile(pattern)
-    return sum(bool(rx.search(t.lower())) for t in texts) / max(1, len(texts))
-
-
-def lm_stories(ckpt, cfg):
-    """(val tokens as a tensor, the stories' (start, end) token spans after each EOT, meta, labels or None)."""
-    meta = ckpt["data"]["meta"]
-    data_dir = cfg["data_dir"] or ckpt["data"]["data_dir"]
-    path = os.path.join(data_dir, "val.bin")
-    if not os.path.exists(path):
-        fail(f"no {path}: pass --data_dir= (the data the checkpoint was trained on)")
-    val = torch.from_numpy(np.memmap(path, dtype=np.uint16, mode="r").astype(np.int64))
-    eots = (val == meta["eot"]).nonzero().squeeze(1).tolist() + [len(val)]
-    spans = [(a + 1, b) for a, b in zip(eots, eots[1:]) if b > a + 1]
-    labels = os.path.join(data_dir, "labels.npz")
-    topic_ids = np.load(labels)["val_topic"] if os.path.exists(labels) else None
-    return val, spans, meta, topic_ids
-
-
-@torch.no_grad()
-def cmd_topics(cfg, ckpt, model):
-    if ckpt.get("kind") != "lm":
-        fail(f"topics needs a language-model checkpoint (kind='lm'); this one has kind={ckpt.get('kind')!r}")
-    t0 = time.time()
-    encode, _, _ = tokenizer(ckpt)
-    enc = tinystories_data.make_encoding(ckpt["data"]["meta"]["encoding"])
-    val, spans, meta, topic_ids = lm_stories(ckpt, cfg)
-    if cfg["topics"]:  # name=pattern or a built-in name, comma separated; stories labelled by the pattern
-        patterns = {}
-        for item in cfg["topics"].split(","):
-            name, _, pat = item.partition("=")
-            if not pat and name not in tinystories_data.TOPICS:
-                fail(f"--topics: {name!r} has no pattern; built in: {', '.join(tinystories_data.TOPICS)}")
-            patterns[name] = pat or tinystories_data.TOPICS[name]
-        topic_ids = None
-    else:
-        patterns = meta.get("patterns") or tinystories_data.TOPICS
-        if topic_ids is None:
-            patterns = {t: patterns[t] for t in meta.get("topics", patterns)}
-    names = list(meta["topics"]) if topic_ids is not None else list(patterns)
-    B, L = cfg["batch_size"], model.config.block_size
-    spans = spans[:cfg["n_stories"]]
-    cbs = model.codebooks()
-    dev = next(model.parameters()).device
-    ids_all = {s: [] for s in cbs}
-    member_all = []
-    for b0 in tqdm(range(0, len(spans), B), desc="stories", disable=None, leave=False):
-        batch = spans[b0:b0 + B]
-        x = torch.full((len(batch), L), meta["eot"], dtype=torch.long)
-        valid = torch.zeros(len(batch), L, dtype=torch.bool)
-        member = torch.zeros(len(batch), len(names), dtype=torch.bool)
-        for i, (a, e) in enumerate(batch):
-            toks = val[a:min(e, a + L - 1)]
-            x[i, 1:1 + len(toks)] = toks
-            valid[i, 1:1 + len(toks)] = True
-            if topic_ids is not None:
-                t = int(topic_ids[b0 + i])
-                member[i, t] = t >= 0
-            else:
-                text = enc.decode(val[a:e].tolist()).lower()
-                member[i] = torch.tensor([bool(re.search(patterns[n], text)) for n in names])
-        _, _, codes, _ = model(x.to(dev))
-        for s, c in codes.items():
-            ids_all[s].append(flat_ids(c.cpu(), cbs[s].num_codes)[valid.reshape(-1)])
-        member_all.append(member[:, None, :].expand(-1, L, -1)[valid])
-    member = torch.cat(member_all)  # (P, K)
-    rows = {n: [] for n in names}
-    for s, cb in cbs.items():
-        rin, rout = topic_rates(torch.cat(ids_all[s]), member, cb.groups * cb.num_codes)
-        for ti, n in enumerate(names):
-            cand = (rin[ti] >= cfg["min_in"]).nonzero().squeeze(1).tolist()
-            rows[n] += [(code_name(s, c, cb.num_codes), s, c // cb.num_codes, c % cb.num_codes,
-                         rin[ti, c].item(), rout[ti, c].item()) for c in cand]
-    k = {s: cb.k for s, cb in cbs.items()}
-    prompts = cfg["prompts"].split("|")
-    new = cfg["max_new_tokens"]
-    for p in prompts:
-        if len(encode(p)) + new - 1 > L:
-            fail(f"prompt {p!r} ({len(encode(p))} tokens with EOT) + {new} new tokens exceed block_size {L}: "
-                 f"lower --max_new_tokens")
-
-    def generate(ivs):
-        texts = []
-        for j, p in enumerate(prompts):  # the same noise for every condition: only the codes differ
-            gen = torch.Generator(device=dev).manual_seed(cfg["seed"] + j)
-            idx = torch.tensor([encode(p)] * cfg["samples"], device=dev)
-            y = model.generate(idx, new, cfg["temperature"], None, ivs, gen).cpu()
-            texts += [enc.decode(row[1:]) for row in y.tolist()]
-        return texts
-    base_texts = generate([])
-    out = {}
-    for n in tqdm(names, desc="topics", disable=None, leave=False):
-        pick = pick_topic_codes(rows[n], k, cfg["min_in"], cfg["max_out"], cfg["max_codes"])
-        ivs = [Intervention(r[1], r[2], r[3]) for r in pick]  # positions=None: every position
-        texts = generate(ivs) if ivs else base_texts
-        out[n] = dict(baseline=mention_rate(base_texts, patterns[n]), steered=mention_rate(texts, patterns[n]),
-                      n_codes=len(ivs), codes=[r[0] for r in pick], pattern=patterns[n],
-                      code_rates=[[round(r[4], 3), round(r[5], 4)] for r in pick], sample=texts[-1][:400])
-        print(f"{n:10s} baseline {out[n]['baseline']:.3f} steered {out[n]['steered']:.3f} "
-              f"({len(ivs)} codes: {' '.join(out[n]['codes'][:6])}{' ...' if len(ivs) > 6 else ''})")
-    mean_b = sum(v["baseline"] for v in out.values()) / len(out)
-    mean_s = sum(v["steered"] for v in out.values()) / len(out)
-    print(f"mean over {len(out)} topics: baseline {mean_b:.3f}, steered {mean_s:.3f} "
-          f"({len(prompts)} prompts x {cfg['samples']} samples, {new} new tokens, {time.time() - t0:.0f} s)")
-    out["mean"] = dict(baseline=mean_b, steered=mean_s, n_codes=sum(v["n_codes"] for v in out.values()) / len(out))
-    out["settings"] = dict(prompts=prompts, samples=cfg["samples"], max_new_tokens=new, temperature=cfg["temperature"],
-                           n_stories=len(spans), seed=cfg["seed"], min_in=cfg["min_in"], max_out=cfg["max_out"],
-                           max_codes=cfg["max_codes"], labels="labels.npz" if topic_ids is not None else "regex",
-                           baseline_sample=base_texts[-1][:400], wall_s=time.time() - t0)
-    write_json(cfg, "topics.json", out)
-    return out
-
 
 def main(argv=None):
     cmd, arg, cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    ckpt, model = load(cfg)
+    ckpt, model = load_codebook_model(cfg["ckpt"], cfg["device"])
     fn = globals()[f"cmd_{cmd}"]
     return fn(cfg, ckpt, model) if arg is None else fn(cfg, ckpt, model, arg)
 

@@ -1,6 +1,6 @@
 """
 The test suite: offline, CPU, tiny shapes, fixed seeds. Sections: the codebook layer, the model, TokFSM,
-training, steer.py, the fast search and bench.py, language models.
+training, steer.py, the fast search and bench.py, language models and topics.py, how the files stand.
 
     python -m pytest -q test_all.py
 """
@@ -21,8 +21,10 @@ import torch.nn.functional as F
 
 import bench
 import common
+import readout
 import steer
 import tinystories_data as td
+import topics
 import train
 from codebook import CodebookLayer, Intervention, plan, search
 from fsm_data import FSM
@@ -536,8 +538,8 @@ def test_precision_recall_by_hand():
 
 def test_flat_ids_separate_groups():
     codes = torch.tensor([[[[3], [3]]]])  # (B=1, T=1, G=2, k=1): code 3 in both heads
-    assert steer.flat_ids(codes, 10).tolist() == [[3, 13]]
-    assert steer.code_name("L1.attn", 13, 10) == "L1.attn.h1:3"
+    assert readout.flat_ids(codes, 10).tolist() == [[3, 13]]
+    assert readout.code_name("L1.attn", 13, 10) == "L1.attn.h1:3"
 
 
 def test_neuron_threshold_by_hand():
@@ -636,7 +638,7 @@ def test_generate_follows_the_forced_distribution(ckpt, capsys):
     want = model(idx, interventions=[Intervention("L1.mlp", 0, c)])[0][0, -1].argmax().item()
     out = steer.main(["generate", f"--ckpt={ckpt}", "--prompt=0105", f"--force=L1.mlp:{c}", "--top_k=1", "--n=1",
                       "--max_new_tokens=1"])
-    _, decode, _ = steer.tokenizer(common.load_checkpoint(ckpt))
+    _, decode, _ = readout.tokenizer(common.load_checkpoint(ckpt))
     assert out["baseline"]["samples"][0][-1] == decode([base])[0]  # greedy: the argmax, unforced
     assert out["steered"]["samples"][0][-1] == decode([want])[0]  # and forced
     capsys.readouterr()
@@ -863,20 +865,20 @@ def test_topic_scorer_by_hand():
     # 6 story tokens, 2 topics; codes 0..4. Token rows: the codes firing there (2 per token).
     ids = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 4], [1, 4], [2, 3]])
     member = torch.tensor([[1, 0], [1, 0], [1, 0], [0, 1], [0, 1], [0, 0]], dtype=torch.bool)
-    rin, rout = steer.topic_rates(ids, member, 5)
+    rin, rout = topics.topic_rates(ids, member, 5)
     assert torch.allclose(rin[0], torch.tensor([1.0, 2 / 3, 1 / 3, 0.0, 0.0], dtype=torch.double))
     assert torch.allclose(rout[0], torch.tensor([0.0, 1 / 3, 1 / 3, 2 / 3, 2 / 3], dtype=torch.double))
     assert torch.allclose(rin[1], torch.tensor([0.0, 0.5, 0.0, 0.5, 1.0], dtype=torch.double))
     assert torch.allclose(rout[1], torch.tensor([0.75, 0.5, 0.5, 0.25, 0.0], dtype=torch.double))
     rows = [("a:0", "a", 0, 0, 1.0, 0.0), ("a:1", "a", 0, 1, 0.9, 0.0), ("a:2", "a", 0, 2, 0.8, 0.01),
             ("b:3", "b", 1, 3, 0.7, 0.0), ("b:4", "b", 1, 4, 0.95, 0.5), ("b:5", "b", 1, 5, 0.3, 0.0)]
-    pick = [r[0] for r in steer.pick_topic_codes(rows, {"a": 2, "b": 8}, 0.5, 0.1, 10)]
+    pick = [r[0] for r in topics.pick_topic_codes(rows, {"a": 2, "b": 8}, 0.5, 0.1, 10)]
     assert pick == ["a:0", "a:1", "b:3"]  # best first; 2 = k per head; b:4 fires elsewhere; b:5 too rarely
-    assert [r[0] for r in steer.pick_topic_codes(rows, {"a": 8, "b": 8}, 0.5, 0.1, 2)] == ["a:0", "a:1"]
+    assert [r[0] for r in topics.pick_topic_codes(rows, {"a": 8, "b": 8}, 0.5, 0.1, 2)] == ["a:0", "a:1"]
     texts = ["The Dragon flew.", "a dragonfly", "no topic here", "the KING smiled", "looking"]
-    assert steer.mention_rate(texts, "dragon") == 0.4
-    assert steer.mention_rate(texts, r"\b(prince|crown|king|castle)") == 0.2
-    assert steer.mention_rate(texts, "prince|crown|king|castle") == 0.4  # the paper's substring match
+    assert topics.mention_rate(texts, "dragon") == 0.4
+    assert topics.mention_rate(texts, r"\b(prince|crown|king|castle)") == 0.2
+    assert topics.mention_rate(texts, "prince|crown|king|castle") == 0.4  # the paper's substring match
 
 
 # -----------------------------------------------------------------------------
@@ -910,7 +912,7 @@ def test_lm_training_and_checkpoint(lm):
     model = common.model_from_checkpoint(ckpt).eval()
     val = td.fixed_windows(td.load_tokens(str(d / "data"))[1], 8, 49)
     assert model(val[:, :-1], val[:, 1:])[1].item() == pytest.approx(saved["val_loss"], rel=1e-5)
-    encode, decode, _ = steer.tokenizer(ckpt)
+    encode, decode, _ = readout.tokenizer(ckpt)
     ids = encode("Once upon a time, the dragon")
     assert ids[0] == ckpt["data"]["meta"]["eot"] and "".join(decode(ids[1:])) == "Once upon a time, the dragon"
 
@@ -930,15 +932,99 @@ def test_init_from_inserts_codebooks_into_the_plain_model(lm):
 
 def test_topics_command(lm, capsys):
     d, _ = lm
-    out = steer.main(["topics", f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--samples=2", "--max_new_tokens=12",
-                      "--prompts=|Once upon a time,", "--n_stories=30", "--min_in=0", "--max_out=1", "--max_codes=3"])
+    argv = [f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--samples=2", "--max_new_tokens=12", "--prompts=|Once upon a time,",
+            "--n_stories=30", "--min_in=0", "--max_out=1", "--max_codes=3"]
+    out = topics.main(argv + ["--sweep=1,3", "--sweep_samples=1", "--sweep_per_head=0,1"])
     saved = json.load(open(d / "cb" / "topics.json"))
-    topics = [t for t in saved if t not in ("mean", "settings")]
-    assert topics == list(td.TOPIC_STORY)
-    for t in topics:
+    names = [t for t in saved if t not in ("mean", "settings", "sweep")]
+    assert names == list(td.TOPIC_STORY)
+    for t in names:
         assert 0 <= saved[t]["baseline"] <= 1 and 0 <= saved[t]["steered"] <= 1
         assert saved[t]["n_codes"] == len(saved[t]["codes"]) == 3  # at most k=2 per head, 2 heads
-    assert out["mean"]["steered"] == pytest.approx(np.mean([saved[t]["steered"] for t in topics]))
+        assert saved[t]["baseline_ce"] == saved[names[0]]["baseline_ce"] > 0 and saved[t]["steered_ce"] > 0
+        assert 0 <= saved[t]["steered_rep"] <= 1
+    assert out["mean"]["steered"] == pytest.approx(np.mean([saved[t]["steered"] for t in names]))
+    assert out["mean"]["ce_ratio"] == pytest.approx(out["mean"]["steered_ce"] / out["mean"]["baseline_ce"])
+    # the sweep: its own baseline, then one row per (cap per head, number of codes, place), every topic in each
+    cells = [(0, 0, "-")] + [(cap, n, at) for cap in (0, 1) for n in (1, 3) for at in ("all", "new")]
+    assert [(r["per_head"], r["n_codes"], r["at"]) for r in saved["sweep"]] == cells
+    assert saved["sweep"][0]["ce_ratio"] == 1.0 and all(set(r["per_topic"]) == set(names) for r in saved["sweep"][1:])
+    assert saved["sweep"][3]["codes_used"] == 3 and saved["sweep"][7]["codes_used"] == 2  # 1 per head, 2 heads
+    out = topics.main(argv + ["--per_head=1", "--at=new"])  # at most one code per head: 2 heads, 2 codes
+    assert all(out[t]["n_codes"] == 2 and len({c.split(":")[0] for c in out[t]["codes"]}) == 2 for t in names)
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # generation must fit in block_size 48
-        steer.main(["topics", f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--max_new_tokens=48"])
+        topics.main([f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--max_new_tokens=48"])
     assert e.value.code == 2 and "block_size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        topics.main([f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--at=middle"])
+    assert e.value.code == 2 and "valid: all, new" in capsys.readouterr().err
+
+
+def test_continuation_ce_is_the_models_own_loss(lm):
+    """The fluency measure, checked against the model's next-token probabilities taken one prefix at a time."""
+    d, _ = lm
+    model = common.model_from_checkpoint(common.load_checkpoint(str(d / "cb" / "ckpt.pt"))).eval()
+    gen = torch.Generator().manual_seed(0)
+    y = model.generate(torch.tensor([[0, 5, 9]] * 2), 6, generator=gen)  # (2, 3 + 6)
+    ce = topics.continuation_ce(model, y, 3)
+    by_hand = torch.zeros(2)
+    with torch.no_grad():
+        for t in range(3, 9):
+            by_hand -= torch.log_softmax(model(y[:, :t])[0][:, -1], -1).gather(1, y[:, t:t + 1]).squeeze(1)
+    assert torch.allclose(ce, by_hand, atol=1e-4)
+    # with codes forced the text changes, but the measure still scores it under the unsteered model
+    site, cb = next(iter(model.codebooks().items()))
+    ys = model.generate(torch.tensor([[0, 5, 9]] * 2), 6, interventions=[Intervention(site, 0, 1)],
+                        generator=torch.Generator().manual_seed(0))
+    full = F.cross_entropy(model(ys[:, :-1])[0][:, 2:].transpose(1, 2), ys[:, 3:], reduction="none").sum(1)
+    assert torch.allclose(topics.continuation_ce(model, ys, 3), full, atol=1e-4)
+
+
+def test_repeated_ngrams_by_hand():
+    assert topics.repeated_ngrams([1, 2, 3, 1, 2, 3]) == 0.25  # 123 231 312 123: the last repeats
+    assert topics.repeated_ngrams([1, 2, 3, 4, 5]) == 0.0
+    assert topics.repeated_ngrams([7, 7, 7, 7, 7]) == 2 / 3
+    assert topics.repeated_ngrams([1, 2]) == 0.0
+
+
+def test_steer_topics_points_to_topics_py(ckpt, capsys):
+    assert "python topics.py" in run_cli(["topics", f"--ckpt={ckpt}"], capsys)
+
+
+def test_gpt2_offline_is_a_one_line_error(tmp_path, monkeypatch):
+    """Without internet tiktoken's first gpt2 load fails with a long HTTPSConnectionPool(...) message."""
+    def offline(name):
+        raise OSError("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net', port=443): Max retries "
+                      "exceeded with url: /gpt-2/encodings/main/vocab.bpe (Caused by NameResolutionError(...))")
+    monkeypatch.setattr(td.tiktoken, "get_encoding", offline)
+    with pytest.raises(OSError) as e:
+        td.prepare(str(tmp_path / "d"), input=str(write_docs(tmp_path, "\n\n")))
+    msg = str(e.value)
+    assert "\n" not in msg and "HTTPSConnectionPool" not in msg
+    assert "--encoding=words" in msg and "--encoding=bytes" in msg
+    td.prepare(str(tmp_path / "d"), input=str(write_docs(tmp_path, "\n\n")), encoding="bytes")  # works offline
+
+
+# =============================================================================
+# how the files stand
+
+SCRIPTS = {"train", "steer", "topics", "bench"}  # run by users; stand on the libraries only
+LIBRARIES = {"model", "codebook", "common", "readout", "fsm_data", "tinystories_data"}  # data files run too
+
+
+def test_no_script_imports_another_script():
+    import ast
+    local = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith("test_")}
+    assert local == SCRIPTS | LIBRARIES, f"classify the new file(s): {local ^ (SCRIPTS | LIBRARIES)}"
+    for name in local:
+        tree = ast.parse(open(os.path.join(HERE, name + ".py")).read())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & SCRIPTS, f"{name}.py imports {imported & SCRIPTS}"
+
+
+def test_bench_trains_train_pys_preset():
+    """bench.py writes the FSM preset out (it may not import train.py): the two must agree."""
+    defaults = dataclasses.asdict(train.TrainConfig())
+    assert {k: defaults[k] for k in bench.TRAIN} == bench.TRAIN

@@ -45,7 +45,12 @@ TOPICS = dict(dragon="dragon", slide="slide", friend="friend", flower="flower", 
 def make_encoding(spec):
     """{'kind': 'gpt2' | 'bytes' | 'words', 'words': [...]} (meta.json's 'encoding') -> tiktoken.Encoding."""
     if spec["kind"] == "gpt2":
-        return tiktoken.get_encoding("gpt2")
+        try:  # the first use downloads GPT-2's BPE files; offline that is a long HTTPSConnectionPool(...) error
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # requests' ConnectionError, a proxy's HTTP error, a bad cache: one line
+            raise OSError(f"the gpt2 encoding could not be loaded: tiktoken downloads its BPE files on first use "
+                          f"and that failed ({type(e).__name__}; no internet?); offline, use --encoding=words or "
+                          f"--encoding=bytes") from None
     ranks = {bytes([i]): i for i in range(256)}
     for w in spec.get("words", []):
         ranks.setdefault(w.encode("utf-8"), len(ranks))

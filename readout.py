@@ -1,0 +1,148 @@
+"""
+A trained codebook model seen from outside: load a checkpoint that has codebooks, turn text into its
+tokens and back, run it over many sequences to collect the codes it selects, name and parse codes, and
+write results next to the checkpoint. What steer.py
+(the FSM) and topics.py (language models) share; neither imports the other.
+
+    from readout import load_codebook_model, tokenizer, run, parse_codes, flat_ids, code_name, write_json
+    ckpt, model = load_codebook_model("out-fsm/ckpt.pt", "cpu")   # a one-line error if it is not one
+    encode, decode, render = tokenizer(ckpt)                      # FSM digits, or the LM's meta.json encoding
+    codes, acts, logits = run(model, tokens, batch_size=100)      # codes {"L1.mlp": (B, T, G, k)}, in batches
+    ivs = parse_codes(model, "L3.mlp:5,L1.attn.h2:40")            # Interventions, checked against the model
+    code_name("L1.attn", flat, num_codes)                         # a flat id -> "L1.attn.h2:40"
+
+This is the only place that knows what data a checkpoint was trained on (its "kind": "fsm" or "lm").
+"""
+
+import json
+import os
+import string
+
+import torch
+
+import tinystories_data
+from common import Progress, fail, load_checkpoint, model_from_checkpoint, pick_device
+from fsm_data import FSM
+from model import format_code, make_interventions
+
+
+def load_codebook_model(path, device="cpu"):
+    """-> (checkpoint dict, model in eval mode on device); a one-line error for anything that is not a
+    train.py checkpoint with codebooks."""
+    try:
+        ckpt = load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
+        fail(f"{path} is not a checkpoint written by train.py")
+    try:
+        model = model_from_checkpoint(ckpt, pick_device(device)).eval()
+    except (KeyError, TypeError, RuntimeError) as e:
+        fail(f"{path}: the weights do not fit its model_args ({type(e).__name__})")
+    if not model.codebooks():
+        fail(f"{path} has no codebooks (cb_at=none): nothing to read or steer")
+    return ckpt, model
+
+
+def need_fsm(ckpt, what):
+    """The checkpoint's FSM, or a one-line error saying that `what` needs one."""
+    if ckpt.get("kind") != "fsm":
+        fail(f"{what} needs an FSM checkpoint; this one has kind={ckpt.get('kind')!r}")
+    f = ckpt["fsm"]
+    return FSM(f["num_states"], f["num_edges"], base=f.get("base", 10), seed=f["seed"])
+
+
+def tokenizer(ckpt):
+    """(encode, decode, render): encode(text) -> ids, BOS first; decode(ids) -> one string per token;
+    render(ids, pos0, mark) -> readable text of a window starting at position pos0, the token at position
+    mark in [brackets]. Language models (kind "lm"): the encoding in the checkpoint's meta.json, EOT
+    first and shown as '|'. FSM: digits, BOS shown as '|', a space before each state."""
+    if ckpt.get("kind") == "lm":
+        meta = ckpt["data"]["meta"]
+        try:
+            enc = tinystories_data.make_encoding(meta["encoding"])
+        except (ValueError, OSError) as e:
+            fail(str(e))
+
+        def encode(text):
+            return [meta["eot"]] + enc.encode_ordinary(text)
+
+        def decode(ids):  # a character split over byte tokens shows as U+FFFD
+            return ["|" if i == meta["eot"] else enc.decode_single_token_bytes(i).decode("utf-8", "replace")
+                    for i in ids]
+
+        def render(ids, pos0=0, mark=None):
+            return "".join(f"[{s}]" if p == mark else s for p, s in enumerate(decode(ids), pos0))
+        return encode, decode, render
+    fsm = need_fsm(ckpt, "decoding tokens")
+    alphabet = (string.digits + string.ascii_lowercase)[:fsm.base]
+
+    def encode(text):
+        bad = [c for c in text if c not in alphabet]
+        if bad:
+            fail(f"prompt {text!r}: FSM prompts are digits in {alphabet!r}, got {bad[0]!r}")
+        return [fsm.bos] + [alphabet.index(c) for c in text]
+
+    def decode(ids):
+        return ["|" if i == fsm.bos else alphabet[i] for i in ids]
+
+    def render(ids, pos0=0, mark=None):
+        return "".join((" " if p > 0 and (p - 1) % fsm.digits == 0 else "") + (f"[{s}]" if p == mark else s)
+                       for p, s in enumerate(decode(ids), pos0))
+    return encode, decode, render
+
+
+# -----------------------------------------------------------------------------
+# codes: named, parsed, collected
+
+
+def flat_ids(codes, num_codes):
+    """(B, T, G, k) ids -> (B*T, G*k) ids distinct across groups: group g's code c is g*C + c, so that one
+    bincount counts every code of every head."""
+    B, T, G, k = codes.shape
+    return (codes + torch.arange(G)[:, None] * num_codes).reshape(B * T, G * k)
+
+
+def code_name(site, flat, num_codes):
+    """A flat id (from flat_ids) -> its address, e.g. 'L1.attn.h2:40'."""
+    return format_code(site, int(flat) // num_codes, int(flat) % num_codes)
+
+
+def parse_codes(model, text, ablate=False, positions=None):
+    """'L3.mlp:5,L1.attn.h2:40' -> [Intervention], checked against the model."""
+    try:
+        out = make_interventions(filter(None, (s.strip() for s in text.split(","))), ablate, positions)
+        for iv in out:
+            model.check_intervention(iv)
+    except ValueError as e:
+        fail(str(e))
+    return out
+
+
+@torch.no_grad()
+def run(model, tokens, batch_size, keep=(), desc="forward"):
+    """tokens (B, T) -> codes {site: (B, T, G, k)}, activations {name in keep: (B*T, H)}, logits (B, T, V)."""
+    dev = next(model.parameters()).device
+    codes, acts, logits = {}, {k: [] for k in keep}, []
+    batches = tokens.split(batch_size)
+    bar = Progress(len(batches), desc)
+    for x in batches:
+        cache = {}
+        lg, _, c, _ = model(x.to(dev), cache=cache)
+        for s, v in c.items():
+            codes.setdefault(s, []).append(v.cpu())
+        for k in keep:
+            acts[k].append(cache[k].reshape(-1, cache[k].shape[-1]).float().cpu())
+        logits.append(lg.cpu())
+        bar.update()
+    bar.close()
+    return {s: torch.cat(v) for s, v in codes.items()}, {k: torch.cat(v) for k, v in acts.items()}, torch.cat(logits)
+
+
+def write_json(ckpt_path, name, obj):
+    """Write obj as name next to the checkpoint it came from."""
+    path = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), name)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+    print(f"wrote {path}")
+    return path
