@@ -83,9 +83,9 @@ def pick_device(name):
 
 
 class Progress:
-    def __init__(self, total, desc, initial=0, every=30.0):
-        self.total, self.desc, self.n, self.every = total, desc, initial, every
-        self.tty = sys.stderr.isatty()
+    def __init__(self, total, desc, initial=0, every=30.0, quiet=False):
+        self.total, self.desc, self.n, self.every, self.quiet = total, desc, initial, every, quiet
+        self.tty = sys.stderr.isatty() and not quiet
         self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True) if self.tty else None
         self.t0 = self.last = time.time()
         self.n0, self.postfix = initial, ""
@@ -94,6 +94,8 @@ class Progress:
         self.n += n
         if self.bar is not None:
             return self.bar.update(n)
+        if self.quiet:
+            return
         now = time.time()
         if now - self.last >= self.every or self.n >= self.total:
             self.last = now
@@ -110,7 +112,8 @@ class Progress:
     def write(self, line):
         if self.bar is not None:
             return self.bar.write(line)
-        print(line, flush=True)
+        if not self.quiet:
+            print(line, flush=True)
 
     def close(self):
         if self.bar is not None:

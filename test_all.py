@@ -1,6 +1,7 @@
 """
 The test suite: offline, CPU, tiny shapes, fixed seeds. Sections: the codebook layer, the model, TokFSM,
-training, steer.py, the fast search and bench.py, language models and topics.py, how the files stand.
+training, several processes (DDP), steer.py, the fast search and bench.py, language models and topics.py,
+how the files stand.
 
     python -m pytest -q test_all.py
 """
@@ -11,6 +12,8 @@ import json
 import math
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 
 import bench
 import common
+import distributed
 import readout
 import steer
 import tinystories_data as td
@@ -478,6 +482,170 @@ def test_insert_codebooks_into_a_trained_model(tmp_path):
         cb.codebook.normal_()  # the default N(0, 1) init, same LN
     cb(cache["L0.attn.in"])
     assert kmeans_mse < 0.2 * cb.last_mse
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """Two micro-steps of batch B give the update of one step of 2B, codebooks included: their
+    reconstruction gradient is added inside the backward, outside the loss, so train_step scales it too.
+    Plain SGD with lr 1, so that the update is the gradient itself (Adam's first step is about its sign)."""
+    model = tiny_model()
+    x = FSM().sample(8, 16, torch.Generator().manual_seed(0))
+    runs = []
+    for batches in ([x], [x[:4], x[4:]]):
+        m = copy.deepcopy(model)
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        loss, mse = train.train_step(m, torch.optim.SGD(m.parameters(), lr=1.0), batches, grad_clip=1e9)
+        runs.append((m, before, loss, mse))
+    (a, before, la, ma), (b, _, lb, mb) = runs
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        update = before[name] - pa.detach()
+        assert update.abs().sum() > 0, name  # every parameter moves, the codes and their LayerNorms too
+        torch.testing.assert_close(before[name] - pb.detach(), update, rtol=1e-4, atol=1e-7, msg=name)
+    assert la.item() == pytest.approx(lb.item(), rel=1e-6) and ma.item() == pytest.approx(mb.item(), rel=1e-5)
+    for ca, cb in zip(a.codebooks().values(), b.codebooks().values()):
+        assert torch.equal(ca.counts, cb.counts) and ca.counts.sum() == 8 * 15 * ca.groups
+
+
+# -----------------------------------------------------------------------------
+# several processes: torchrun's environment, DDP over gloo, two processes on the CPU
+
+DDP_RUN = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, num_codes=256, batch_size=8,
+               gradient_accumulation_steps=2, max_iters=6, eval_interval=3, eval_seqs=8, state_seqs=4,
+               warmup_iters=1, cb_warmup=2, replace_every=2, log_interval=1, decay_lr=False)
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def ddp_worker(rank, world, ports, out):
+    """One rank, as torchrun would start it: trains DDP_RUN, then saves its final model and optimiser, and
+    the usage counts before and after every reduction over ranks, for the test to compare. Then the same
+    run again in two parts, stopped at step 5 and resumed (out/resumed)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]))
+    torch.set_num_threads(1)
+    sys.stdout = open(os.path.join(out, f"log{rank}.txt"), "w", buffering=1)
+    built, reductions = [], []
+    make_optimizer, reduce_usage = train.make_optimizer, distributed.reduce_usage
+
+    def recording_optimizer(model, *args):  # train() makes one for every model it builds: the last is trained
+        built.append((model, make_optimizer(model, *args)))
+        return built[-1][1]
+
+    def recording_reduce(model, world):
+        def usage():
+            return {n: (cb.counts.clone(), cb.fired.clone()) for n, cb in model.codebooks().items()}
+        before = usage()
+        reduce_usage(model, world)
+        reductions.append((before, usage()))
+
+    train.make_optimizer, distributed.reduce_usage = recording_optimizer, recording_reduce
+    train.train(train.TrainConfig(out_dir=out, **DDP_RUN))
+    model, optimizer = built[-1]
+    torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), reductions=reductions),
+               os.path.join(out, f"rank{rank}.pt"))
+    train.make_optimizer, distributed.reduce_usage = make_optimizer, reduce_usage
+    # a new port for each run: rank 1 may ask for the next group before rank 0 has let go of its last one
+    for port, max_iters, resume in ((ports[1], 5, False), (ports[2], 6, True)):
+        os.environ["MASTER_PORT"] = str(port)
+        cfg = dict(DDP_RUN, out_dir=os.path.join(out, "resumed"), max_iters=max_iters, resume=resume)
+        train.train(train.TrainConfig(**cfg), {"resume", "max_iters"} if resume else ())
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    torch.multiprocessing.spawn(ddp_worker, args=(2, free_ports(3), str(out)), nprocs=2)
+    return out
+
+
+def test_two_gloo_processes_keep_codebooks_identical(ddp_run):
+    """Codebooks inserted by k-means at step 2, dead codes replaced at step 4, 2 processes x 2 micro-steps:
+    every weight, code, LayerNorm and Adam moment ends bitwise equal on both ranks, and the counts that rank
+    0 reports are the sum of both ranks' counts."""
+    r0, r1 = (torch.load(ddp_run / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    usage = ("counts", "fired", "mse_sum", "mse_n")
+    assert any(name.endswith(".codebook") for name in r0["model"])
+    for name, value in r0["model"].items():
+        if not name.endswith(usage):
+            assert torch.equal(value, r1["model"][name]), name
+    for p, s in r0["optimizer"]["state"].items():
+        for key, value in s.items():
+            assert torch.equal(value, r1["optimizer"]["state"][p][key]), (p, key)
+    log = (ddp_run / "log0.txt").read_text()
+    assert "2 processes" in log and "step 2: inserted codebooks (L0.attn, L0.mlp), k-means initialised" in log
+    replaced = int(re.search(r"step 4: replaced (\d+) dead codes", log).group(1))
+    assert (ddp_run / "log1.txt").read_text() == ""  # rank 0 speaks for all
+    # reductions at step 3 (eval), 4 (dead codes), 6 (eval): rank 0 then holds the sum, rank 1 nothing
+    (red0, red1) = r0["reductions"], r1["reductions"]
+    assert len(red0) == len(red1) == 3
+    for (before0, after0), (before1, after1) in zip(red0, red1):
+        for site, (counts, fired) in after0.items():
+            assert torch.equal(counts, before0[site][0] + before1[site][0])
+            assert torch.equal(fired, before0[site][1] + before1[site][1])
+            assert not after1[site][0].any() and not after1[site][1].any()
+    # the counts cover the global batch, 8 sequences x 15 positions a step, since the last read (and reset)
+    # at an eval: 1 step since insertion at step 3, then 1 at step 4, 3 at step 6
+    for (_, after), steps in zip(red0, (1, 1, 3)):
+        for site, (counts, _) in after.items():
+            groups = 2 if site.endswith("attn") else 1
+            assert torch.equal(counts.view(groups, -1).sum(1), torch.full((groups,), 8.0 * 15 * steps)), site
+    # dead codes: those that fired on neither rank (rank 0 alone would have called more of them dead)
+    assert replaced == sum(int((fired == 0).sum()) for _, fired in red0[1][1].values()) > 0
+    assert replaced < sum(int((fired == 0).sum()) for _, fired in red0[1][0].values())
+    metrics = json.load(open(ddp_run / "metrics.json"))
+    assert metrics["world_size"] == 2 and metrics["config"]["gradient_accumulation_steps"] == 2
+    for site, (counts, _) in red0[2][1].items():
+        assert metrics["alive"][site] == pytest.approx((counts > 0).float().mean().item())
+    ckpt = common.load_checkpoint(str(ddp_run / "ckpt.pt"))
+    assert ckpt["world_size"] == 2 and len(ckpt["data_rngs"]) == 2
+    assert not torch.equal(ckpt["data_rngs"][0], ckpt["data_rngs"][1])  # a stream per rank
+    for name, value in r0["model"].items():
+        assert torch.equal(value, ckpt["model"][name]), name
+    # stopped at step 5 and resumed on 2 processes: each rank's data stream continues, the same model
+    resumed = common.load_checkpoint(str(ddp_run / "resumed" / "ckpt.pt"))
+    assert resumed["iter_num"] == 6
+    for name, value in ckpt["model"].items():
+        if not name.endswith(usage):
+            assert torch.equal(value, resumed["model"][name]), name
+
+
+def test_ddp_checkpoint_resumes_in_one_process_and_loads_in_steer(ddp_run, tmp_path, capsys):
+    shutil.copy(ddp_run / "ckpt.pt", tmp_path / "ckpt.pt")
+    cfg, given = common.parse_args([f"--out_dir={tmp_path}", "--resume=True", "--max_iters=8"], train.TrainConfig,
+                                   train.PRESETS)
+    m = train.train(cfg, given)
+    assert "it ran on 2 process(es), this on 1: the data differ from an unbroken run" in capsys.readouterr().out
+    assert m["iters"] == 8 and m["world_size"] == 1 and m["config"]["batch_size"] == 8
+    out = steer.main(["usage", f"--ckpt={ddp_run / 'ckpt.pt'}"])
+    assert set(out) >= {"L0.attn", "L0.mlp"}
+
+
+def test_torchrun_bad_input_is_one_line_error(ddp_run, tmp_path, monkeypatch, capsys):
+    """Checked before any process joins the group, so every rank stops at once with the same line."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    shutil.copy(ddp_run / "ckpt.pt", tmp_path / "ckpt.pt")
+    for cfg, msg in (
+            (tiny_cfg(tmp_path / "a", batch_size=8), "--batch_size=8 does not split over 3 process(es) x 1 accumulation"),
+            (tiny_cfg(tmp_path / "b", batch_size=6, device="cuda"), "--device=cuda: 2 GPU(s) on this machine for 3 "
+             "processes; use --nproc_per_node=2 or --device=cpu"),
+            (train.TrainConfig(out_dir=str(tmp_path), resume=True), "cannot resume: --batch_size=8 does not split "
+             "over 3 process(es) x 2 accumulation step(s)")):
+        with pytest.raises(SystemExit) as e:
+            train.train(cfg)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and err.count("\n") == 1, err
 
 
 # =============================================================================
@@ -1010,7 +1178,7 @@ def test_gpt2_offline_is_a_one_line_error(tmp_path, monkeypatch):
 # how the files stand
 
 SCRIPTS = {"train", "steer", "topics", "bench"}  # run by users; stand on the libraries only
-LIBRARIES = {"model", "codebook", "common", "readout", "fsm_data", "tinystories_data"}  # data files run too
+LIBRARIES = {"model", "codebook", "common", "readout", "distributed", "fsm_data", "tinystories_data"}  # data files run too
 
 
 def test_no_script_imports_another_script():

@@ -6,6 +6,13 @@ Train a transformer with codebooks. The default is the TokFSM experiment, sized 
     python train.py --config=fsm_paper              # the paper's run (batch 512, C=10k, 20k steps): a GPU
     python train.py --max_iters=4000 --resume=True  # continue out_dir/ckpt.pt up to 4000 steps
 
+On several GPUs or machines (torchrun; distributed.py), or a big batch in steps on a small one:
+
+    torchrun --standalone --nproc_per_node=8 train.py --config=fsm_paper   # 8 GPUs (nccl; CPUs: gloo)
+    python train.py --config=fsm_paper --gradient_accumulation_steps=8     # the same updates on one GPU
+
+batch_size is the global batch, split over processes and accumulation steps: the split changes no update.
+
 Language models on token data prepared by tinystories_data.py (train.bin / val.bin / meta.json); the
 synthetic stories on a CPU: a baseline, then the paper's finetuning with and without attention codebooks:
 
@@ -19,19 +26,21 @@ Overrides are --key=value (no exec); unknown keys and bad values stop with a one
 Writes out_dir/ckpt.pt (atomically, loadable with torch.load(weights_only=True)) and out_dir/metrics.json.
 """
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tinystories_data
-from common import Progress, fail, load_checkpoint, model_from_checkpoint, parse_args, pick_device, save_checkpoint
+import distributed
+from common import Progress, fail, load_checkpoint, model_from_checkpoint, parse_args, save_checkpoint
 from fsm_data import FSM
 from model import CB_AT, GPT, GPTConfig
 
@@ -58,7 +67,8 @@ class TrainConfig:
     replace_every: int = 50  # reset codes unused for this many steps (0: off, as in the paper)
     replace_rho: float = 0.01  # noise scale of reset codes, relative to the input's norm
     # optimisation
-    batch_size: int = 64
+    batch_size: int = 64  # sequences per update, over all processes and accumulation steps
+    gradient_accumulation_steps: int = 1  # forward/backward passes per update and process (as nanoGPT)
     max_iters: int = 1500
     learning_rate: float = 5e-3
     cb_lr: float = 0.0  # learning rate of the codes (0: same as learning_rate)
@@ -117,7 +127,7 @@ def check(cfg):
     if cfg.cb_at not in CB_AT:
         fail(f"--cb_at={cfg.cb_at}: valid: {', '.join(CB_AT)}")
     for key in ("n_layer", "n_head", "n_embd", "num_codes", "k", "batch_size", "num_states", "num_edges",
-                "eval_seqs", "state_seqs", "log_interval", "eval_interval"):
+                "eval_seqs", "state_seqs", "log_interval", "eval_interval", "gradient_accumulation_steps"):
         if getattr(cfg, key) < 1:
             fail(f"--{key}={getattr(cfg, key)}: must be >= 1")
     for key in ("max_iters", "replace_every", "warmup_iters", "cb_warmup"):
@@ -165,6 +175,16 @@ def insert_codebooks(model, cfg, vocab_size, idx):
     assert not unexpected and all(".codebook." in k for k in missing), (missing, unexpected)
     new.init_codebooks(idx)
     return new
+
+
+def insert_once(model, cfg, vocab_size, draw, world):
+    """insert_codebooks with the k-means run once: on rank 0, from a global batch of its data (draw() gives
+    one micro-batch). The other ranks build the same model; wrapping it in DDP copies rank 0's weights and
+    codes to them."""
+    if not world.master:
+        return build_model(cfg, vocab_size).to(world.device)
+    idx = torch.cat([draw() for _ in range(world.size * cfg.gradient_accumulation_steps)])
+    return insert_codebooks(model, cfg, vocab_size, idx[:, :-1].to(world.device))
 
 
 # -----------------------------------------------------------------------------
@@ -251,7 +271,29 @@ def make_optimizer(model, cfg, device):
               dict(params=rest, weight_decay=0.0, lr_mult=1.0)]
     if codes:  # no weight decay on codes, as in the paper's runs
         groups.append(dict(params=codes, weight_decay=0.0, lr_mult=(cfg.cb_lr or cfg.learning_rate) / cfg.learning_rate))
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device == "cuda")
+    fused = device.startswith("cuda")  # "cuda:1" under torchrun
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def train_step(model, optimizer, batches, grad_clip, amp=nullcontext()):
+    """One update from this process's micro-batches (B, T + 1): their gradients summed, each loss divided
+    by their number, so that 2 x B gives the update of 1 x 2B; under DDP averaged over the processes once,
+    in the last backward (no_sync before). Returns the mean loss and codebook MSE (tensors: no host sync)."""
+    n, raw = len(batches), model.module if isinstance(model, DDP) else model
+    for cb in raw.codebooks().values():  # the codes' reconstruction gradient is added inside their
+        cb.mse_weight = 1.0 / n  # backward, not through the loss: divide it by n too
+    optimizer.zero_grad(set_to_none=True)
+    losses, mses = [], []
+    for i, seq in enumerate(batches):
+        with model.no_sync() if isinstance(model, DDP) and i < n - 1 else nullcontext():
+            with amp:  # bf16 autocast for the forward (--dtype=bfloat16), or nothing
+                _, loss, _, mse = model(seq[:, :-1], seq[:, 1:])
+            (loss / n).backward()
+        losses.append(loss.detach())
+        mses.append(mse)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return sum(losses) / n, None if mses[0] is None else sum(mses) / n
 
 
 def train(cfg, given=()):
@@ -273,9 +315,14 @@ def train(cfg, given=()):
     if cfg.init_from and ckpt is None:  # finetune a trained model with codebooks: its shape, our codebooks
         base = load_base(cfg, given)
         cfg = dataclasses.replace(cfg, **{k: base["config"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")})
-    device = pick_device(cfg.device)
+    world = distributed.from_env(cfg.device)  # torchrun's processes, or rank 0 of 1
+    device = world.device
+    micro = distributed.micro_batch(cfg.batch_size, cfg.gradient_accumulation_steps, world, ckpt is not None)
+    distributed.init(world)
+    log = print if world.master else lambda *a: None  # rank 0 speaks for all
+    cuda = device.startswith("cuda")  # "cuda:1" under torchrun
     # bf16 autocast, as nanoGPT: the transformer's matmuls on a GPU's tensor cores
-    amp = torch.autocast(device, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else contextlib.nullcontext()
+    amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
     torch.manual_seed(cfg.seed)
     fsm, meta = None, None
     if cfg.data_dir:  # token data: windows of block_size + 1 tokens, all predicted
@@ -287,17 +334,18 @@ def train(cfg, given=()):
         vocab_size = meta["vocab_size"]
 
         def sample(gen):  # on a GPU through pinned memory, copied while the last step still runs (nanoGPT)
-            batch = tinystories_data.get_batch(train_data, cfg.batch_size, cfg.block_size + 1, gen)
-            return batch.pin_memory().to(device, non_blocking=True) if device == "cuda" else batch.to(device)
+            batch = tinystories_data.get_batch(train_data, micro, cfg.block_size + 1, gen)
+            return batch.pin_memory().to(device, non_blocking=True) if cuda else batch.to(device)
     else:
         fsm = FSM(cfg.num_states, cfg.num_edges, seed=cfg.fsm_seed)
         vocab_size = fsm.vocab_size
         val = fsm.sample(cfg.eval_seqs, cfg.block_size, torch.Generator().manual_seed(cfg.seed + 1))
 
         def sample(gen):  # made where gen lives: on a GPU, no host work and no copy
-            return fsm.sample(cfg.batch_size, cfg.block_size, gen).to(device)
-    # the FSM's walks are drawn on the GPU when training on one; token windows are cut on the host
-    data_gen = torch.Generator(device="cuda" if fsm and device == "cuda" else "cpu").manual_seed(cfg.seed)
+            return fsm.sample(micro, cfg.block_size, gen).to(device)
+    # a stream per rank; the FSM's walks are drawn on the GPU when training on one, token windows on the host
+    data_gen = torch.Generator(device=device if fsm and cuda else "cpu")
+    data_gen.manual_seed(distributed.data_seed(cfg.seed, world.rank))
     if ckpt is not None:  # the stored model: with or without its codebooks yet
         model = GPT(GPTConfig(**ckpt["model_args"])).to(device)
     elif base is not None:
@@ -306,8 +354,8 @@ def train(cfg, given=()):
                  f"{vocab_size}")
         model = model_from_checkpoint(base, device)
         if cfg.cb_at != "none":
-            model = insert_codebooks(model, cfg, vocab_size, sample(data_gen)[:, :-1])
-            print(f"inserted codebooks ({', '.join(model.codebooks())}) into {cfg.init_from}, k-means initialised")
+            model = insert_once(model, cfg, vocab_size, lambda: sample(data_gen), world)
+            log(f"inserted codebooks ({', '.join(model.codebooks())}) into {cfg.init_from}, k-means initialised")
     else:
         model = build_model(cfg, vocab_size, "none" if cfg.cb_warmup else None).to(device)
     optimizer = make_optimizer(model, cfg, device)
@@ -315,54 +363,57 @@ def train(cfg, given=()):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        saved = ckpt.get("data_rngs", [ckpt["data_rng"]])  # one per process of the stored run
         torch.set_rng_state(ckpt["torch_rng"])
         it, wall_before = ckpt["iter_num"], ckpt["wall_s"]
         try:
-            data_gen.set_state(ckpt["data_rng"])
+            if world.rank < len(saved):  # a rank the stored run did not have starts its own stream
+                data_gen.set_state(saved[world.rank])
         except RuntimeError:  # a generator of another device kind (a GPU run resumed on a CPU, or back)
-            data_gen.manual_seed(cfg.seed + it)
-            print(f"the checkpoint's data stream was drawn on another device: data restarts from seed {cfg.seed + it}")
-        print(f"resumed from {ckpt_path} at step {it}")
+            data_gen.manual_seed(distributed.data_seed(cfg.seed + it, world.rank))
+            log("the checkpoint's data streams were drawn on another device: the data differ from an unbroken run")
+        log(f"resumed from {ckpt_path} at step {it}" + ("" if len(saved) == world.size else
+            f"; it ran on {len(saved)} process(es), this on {world.size}: the data differ from an unbroken run"))
+    ddp_model = distributed.wrap(model, world)
     bayes_loss, bayes_acc = fsm.bayes(cfg.block_size) if fsm else (0.0, 0.0)
-    print(json.dumps(dataclasses.asdict(cfg)))
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, " +
-          (f"Bayes-optimal loss {bayes_loss:.4f} acc {bayes_acc:.4f}" if fsm else
-           f"vocab {vocab_size}, {len(train_data)} train / {len(val_data)} val tokens"))
+    log(json.dumps(dataclasses.asdict(cfg)))
+    log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, " +
+        (f"{world.size} processes, " if world.ddp else "") +
+        (f"Bayes-optimal loss {bayes_loss:.4f} acc {bayes_acc:.4f}" if fsm else
+         f"vocab {vocab_size}, {len(train_data)} train / {len(val_data)} val tokens"))
     data = (dict(kind="fsm", fsm=dict(num_states=cfg.num_states, num_edges=cfg.num_edges, seed=cfg.fsm_seed)) if fsm
             else dict(kind="lm", data=dict(data_dir=os.path.abspath(cfg.data_dir), meta=meta)))
 
-    def checkpoint():
+    def checkpoint(data_rngs):  # on rank 0, with every rank's data generator
         save_checkpoint(ckpt_path, dict(
             model=model.state_dict(), optimizer=optimizer.state_dict(), iter_num=it,
-            config=dataclasses.asdict(cfg), model_args=dataclasses.asdict(model.config),
-            data_rng=data_gen.get_state(), torch_rng=torch.get_rng_state(), wall_s=wall_before + time.time() - t0,
-            **data))
+            config=dataclasses.asdict(cfg), model_args=dataclasses.asdict(model.config), data_rng=data_rngs[0],
+            data_rngs=data_rngs, world_size=world.size, torch_rng=torch.get_rng_state(),
+            wall_s=wall_before + time.time() - t0, **data))
 
     t0 = t_log = time.time()
     start_it = it_log = it
     step_ms = None  # ms per training step over the last log interval
-    bar = Progress(cfg.max_iters, "train", initial=it)
+    bar = Progress(cfg.max_iters, "train", initial=it, quiet=not world.master)
     while it < cfg.max_iters:
         if it >= cfg.cb_warmup and cfg.cb_at != "none" and not model.codebooks():
-            idx = sample(data_gen)
-            model = insert_codebooks(model, cfg, vocab_size, idx[:, :-1])
-            optimizer = make_optimizer(model, cfg, device)
+            model = insert_once(model, cfg, vocab_size, lambda: sample(data_gen), world)
+            ddp_model, optimizer = distributed.wrap(model, world), make_optimizer(model, cfg, device)
             bar.write(f"step {it}: inserted codebooks ({', '.join(model.codebooks())}), k-means initialised")
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
-        seq = sample(data_gen)
-        with amp:
-            _, loss, _, mse = model(seq[:, :-1], seq[:, 1:])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        batches = [sample(data_gen) for _ in range(cfg.gradient_accumulation_steps)]
+        loss, mse = train_step(ddp_model, optimizer, batches, cfg.grad_clip, amp)
         it += 1
         if cfg.replace_every and it % cfg.replace_every == 0 and it < cfg.max_iters and model.codebooks():
-            n = sum(cb.replace_dead_codes(cfg.replace_rho) for cb in model.codebooks().values())
+            distributed.reduce_usage(model, world)  # dead: fired on no rank; replaced once, then broadcast
+            cbs = model.codebooks().values() if world.master else ()
+            n = sum(cb.replace_dead_codes(cfg.replace_rho) for cb in cbs)
+            distributed.broadcast([cb.codebook for cb in model.codebooks().values()], world)
             bar.write(f"step {it}: replaced {n} dead codes")
         if it % cfg.log_interval == 0 or it == cfg.max_iters:
+            loss, mse = distributed.mean([loss, mse], world)
             loss_now = loss.item()  # waits for the GPU, so the interval below is the steps' real time
             now = time.time()
             step_ms = 1e3 * (now - t_log) / max(1, it - it_log)
@@ -371,20 +422,28 @@ def train(cfg, given=()):
             t_log, it_log = now, it
         bar.update(1)
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-            with amp:
-                vl, va = evaluate(model, val, cfg.batch_size, device)
-            usage = codebook_stats(model)
-            alive = f" alive {usage['all']['alive']:.3f} mse {usage['all']['mse']:.3f}" if usage else ""
-            bayes = f" (Bayes +{vl - bayes_loss:.4f})" if fsm else ""
-            bar.write(f"step {it}: val loss {vl:.4f}{bayes} acc {va:.4f}{alive}")
-            checkpoint()
+            distributed.reduce_usage(model, world)  # stats and the checkpoint's firings: all ranks'
+            data_rngs = distributed.gather(data_gen.get_state(), world)
+            if world.master:
+                with amp:
+                    vl, va = evaluate(model, val, micro, device)
+                usage = codebook_stats(model)
+                alive = f" alive {usage['all']['alive']:.3f} mse {usage['all']['mse']:.3f}" if usage else ""
+                bayes = f" (Bayes +{vl - bayes_loss:.4f})" if fsm else ""
+                bar.write(f"step {it}: val loss {vl:.4f}{bayes} acc {va:.4f}{alive}")
+                checkpoint(data_rngs)
             t_log, it_log = time.time(), it  # step times leave evaluation out
     bar.close()
     wall = time.time() - t0
+    del ddp_model  # before distributed.cleanup
     if it == start_it:  # nothing to train (resumed at max_iters): still report
+        distributed.reduce_usage(model, world)
         usage = codebook_stats(model)
+    if not world.master:  # rank 0 evaluates, samples and writes for all
+        distributed.cleanup(world)
+        return None
     with amp:
-        vl, va = evaluate(model, val, cfg.batch_size, device)
+        vl, va = evaluate(model, val, micro, device)
         sacc = fsm_state_accuracy(model, fsm, cfg.state_seqs, cfg.block_size, device, seed=cfg.seed) if fsm else None
     metrics = dict(val_loss=vl, val_acc=va)
     if fsm:
@@ -393,7 +452,7 @@ def train(cfg, given=()):
     metrics.update(alive={n: s["alive"] for n, s in usage.items()}, mse=usage.get("all", {}).get("mse"),
                    iters=it, wall_s=wall_before + wall, step_ms=step_ms,
                    tokens_per_s=(it - start_it) * cfg.batch_size * predicted / max(wall, 1e-9),
-                   device=device, config=dataclasses.asdict(cfg))
+                   device=device, world_size=world.size, config=dataclasses.asdict(cfg))
     with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     if fsm:
@@ -401,6 +460,7 @@ def train(cfg, given=()):
               f"state acc {sacc:.4f}; wrote {cfg.out_dir}/metrics.json")
     else:
         print(f"val loss {vl:.4f}, acc {va:.4f}, {wall_before + wall:.0f} s; wrote {cfg.out_dir}/metrics.json")
+    distributed.cleanup(world)
     return metrics
 
 
