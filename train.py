@@ -417,7 +417,7 @@ def train(cfg, given=()):
     if it == start_it:  # nothing to train (resumed at max_iters): still report
         distributed.reduce_usage(model, world)
         usage = codebook_stats(model)
-    if not world.master:  # rank 0 evaluates, samples and writes for all
+    if not world.master:  # rank 0 evaluates, samples and writes for all; the others wait in cleanup
         distributed.cleanup(world)
         return None
     vl, va = evaluate(model, val, micro, device)
@@ -445,3 +445,4 @@ if __name__ == "__main__":
     config, given_keys = parse_args(sys.argv[1:], TrainConfig, PRESETS)
     check(config)
     train(config, given_keys)
+    distributed.exit_process()
