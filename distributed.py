@@ -101,7 +101,7 @@ def exit_process():
 
 def micro_batch(batch_size, accumulation_steps, world, resumed=False):
     """Sequences per forward and process: batch_size is the global batch, split over the processes and the
-    gradient accumulation steps, so that how it is split changes no update."""
+    gradient accumulation steps (how it is split changes an update only by float rounding)."""
     parts = world.size * accumulation_steps
     if batch_size % parts:
         stop(("cannot resume: " if resumed else "") + f"--batch_size={batch_size} does not split over "
