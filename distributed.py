@@ -1,7 +1,7 @@
 """
 Training on several processes (GPUs or machines) with torchrun: PyTorch's DistributedDataParallel averages
 the gradients, and a few collectives keep the rest of the codebooks' state the same on every rank.
-train.py uses it; a plain `python train.py` is rank 0 of 1 and every function here does nothing.
+train.py uses it; a plain `python train.py` is rank 0 of 1, for which every collective here does nothing.
 
     torchrun --standalone --nproc_per_node=2 train.py             # one machine, 2 processes (gloo on CPUs)
     torchrun --standalone --nproc_per_node=8 train.py --config=fsm_paper     # 8 GPUs (nccl)
@@ -19,6 +19,7 @@ every update is equal; what is not a gradient is made equal here:
 
 import inspect
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -53,12 +54,19 @@ def from_env(device):
     if device == "cuda":
         gpus = torch.cuda.device_count()
         if gpus < local_size:
-            fail(f"--device=cuda: {gpus} GPU(s) on this machine for {local_size} processes; use "
+            stop(f"--device=cuda: {gpus} GPU(s) on this machine for {local_size} processes; use "
                  + (f"--nproc_per_node={gpus} or --device=cpu" if gpus else "--device=cpu"))
         device = f"cuda:{local_rank}"
     elif device != "cpu":
-        fail(f"--device={device}: torchrun runs on cuda (nccl) or cpu (gloo)")
+        stop(f"--device={device}: torchrun runs on cuda (nccl) or cpu (gloo)")
     return World(rank, local_rank, size, device, ddp=True)
+
+
+def stop(msg):
+    """fail(msg) from one process per machine (local rank 0); the others stop with the same code, silently."""
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        fail(msg)
+    sys.exit(2)
 
 
 def init(world):
@@ -73,18 +81,30 @@ def init(world):
 
 
 def cleanup(world):
-    """Leave the process group. Delete the DDP wrapper first: if its reducer is the last holder of the group,
-    the group's threads are joined while the GIL is held, and gloo can deadlock on the tensors they hold."""
+    """Leave the process group, all ranks together: none exits while rank 0 still evaluates and writes.
+    Delete the DDP wrapper first: if its reducer is the last holder of the group, the group's threads are
+    joined while the GIL is held, and gloo's can deadlock on the tensors of finished collectives."""
     if world.ddp:
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process():
+    """End a torchrun process without the interpreter's shutdown, as torch.multiprocessing's children end:
+    during that shutdown gloo's worker threads, which keep tensors of finished collectives, can abort the
+    process after a complete run (described in pytorch/pytorch#179291). A plain run ends as usual."""
+    if "RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def micro_batch(batch_size, accumulation_steps, world, resumed=False):
     """Sequences per forward and process: batch_size is the global batch, split over the processes and the
-    gradient accumulation steps, so that how it is split changes no update."""
+    gradient accumulation steps (how it is split changes an update only by float rounding)."""
     parts = world.size * accumulation_steps
     if batch_size % parts:
-        fail(("cannot resume: " if resumed else "") + f"--batch_size={batch_size} does not split over "
+        stop(("cannot resume: " if resumed else "") + f"--batch_size={batch_size} does not split over "
              f"{world.size} process(es) x {accumulation_steps} accumulation step(s); change --batch_size or "
              "--gradient_accumulation_steps")
     return batch_size // parts

@@ -637,7 +637,7 @@ def test_torchrun_bad_input_is_one_line_error(ddp_run, tmp_path, monkeypatch, ca
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     shutil.copy(ddp_run / "ckpt.pt", tmp_path / "ckpt.pt")
     for cfg, msg in (
-            (tiny_cfg(tmp_path / "a", batch_size=8), "--batch_size=8 does not split over 3 process(es) x 1 accumulation"),
+            (tiny_cfg(tmp_path / "a", batch_size=8), "--batch_size=8 does not split over 3 process(es) x 1 "),
             (tiny_cfg(tmp_path / "b", batch_size=6, device="cuda"), "--device=cuda: 2 GPU(s) on this machine for 3 "
              "processes; use --nproc_per_node=2 or --device=cpu"),
             (train.TrainConfig(out_dir=str(tmp_path), resume=True), "cannot resume: --batch_size=8 does not split "

@@ -9,9 +9,10 @@ Train a transformer with codebooks. The default is the TokFSM experiment, sized 
 On several GPUs or machines (torchrun; distributed.py), or a big batch in steps on a small one:
 
     torchrun --standalone --nproc_per_node=8 train.py --config=fsm_paper   # 8 GPUs (nccl; CPUs: gloo)
-    python train.py --config=fsm_paper --gradient_accumulation_steps=8     # the same updates on one GPU
+    python train.py --config=fsm_paper --gradient_accumulation_steps=8     # the paper's batch on one GPU
 
-batch_size is the global batch, split over processes and accumulation steps: the split changes no update.
+batch_size is the global batch, split over processes and accumulation steps (the same sequences split
+otherwise give the same update, up to float rounding).
 
 Language models on token data prepared by tinystories_data.py (train.bin / val.bin / meta.json); the
 synthetic stories on a CPU: a baseline, then the paper's finetuning with and without attention codebooks:
@@ -439,7 +440,7 @@ def train(cfg, given=()):
     if it == start_it:  # nothing to train (resumed at max_iters): still report
         distributed.reduce_usage(model, world)
         usage = codebook_stats(model)
-    if not world.master:  # rank 0 evaluates, samples and writes for all
+    if not world.master:  # rank 0 evaluates, samples and writes for all; the others wait in cleanup
         distributed.cleanup(world)
         return None
     with amp:
@@ -468,3 +469,4 @@ if __name__ == "__main__":
     config, given_keys = parse_args(sys.argv[1:], TrainConfig, PRESETS)
     check(config)
     train(config, given_keys)
+    distributed.exit_process()
