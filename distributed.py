@@ -92,7 +92,7 @@ def cleanup(world):
 def exit_process():
     """End a torchrun process without the interpreter's shutdown, as torch.multiprocessing's children end:
     during that shutdown gloo's worker threads, which keep tensors of finished collectives, can abort the
-    process after a complete run (described in pytorch/pytorch#179291). A plain run ends as usual."""
+    process after a complete run. A plain run ends as usual."""
     if "RANK" in os.environ:
         sys.stdout.flush()
         sys.stderr.flush()

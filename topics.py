@@ -148,8 +148,8 @@ def repeated_ngrams(ids, n=3):
 
 @torch.no_grad()
 def continuation_ce(model, y, T0):
-    """y (B, T0 + new) prompts and their continuations -> (B,) summed cross-entropy (nats) of the tokens
-    from position T0 on, under the model with no interventions. Causal, so one forward scores them all."""
+    """y (B, T0 + new) prompts and their continuations -> (B,) summed cross-entropy (nats) of the tokens at
+    positions T0 and after, under the model with no interventions. Causal: one forward scores them all."""
     logits = model(y[:, :-1])[0][:, T0 - 1:]  # (B, new, V): the predictions of y[:, T0:]
     return F.cross_entropy(logits.transpose(1, 2).float(), y[:, T0:], reduction="none").sum(1)
 
