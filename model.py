@@ -189,6 +189,15 @@ class GPT(nn.Module):
                     out[f"L{block.layer}.{kind}"] = cb
         return out
 
+    def codebook_stats(self):
+        """{site: {alive, entropy, mse}} since the last call (CodebookLayer.stats), plus 'all'."""
+        stats = {name: cb.stats() for name, cb in self.codebooks().items()}
+        if stats:
+            sizes = {name: cb.groups * cb.num_codes for name, cb in self.codebooks().items()}
+            stats["all"] = dict(alive=sum(s["alive"] * sizes[n] for n, s in stats.items()) / sum(sizes.values()),
+                                mse=sum(s["mse"] for s in stats.values()))
+        return stats
+
     @torch.no_grad()
     def init_codebooks(self, idx, iters=10, match_scale=True):
         """k-means-initialise every codebook from this model's own activations on idx (B, T), site by

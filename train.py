@@ -6,13 +6,11 @@ Train a transformer with codebooks. The default is the TokFSM experiment, sized 
     python train.py --config=fsm_paper              # the paper's run (batch 512, C=10k, 20k steps): a GPU
     python train.py --max_iters=4000 --resume=True  # continue out_dir/ckpt.pt up to 4000 steps
 
-On several GPUs or machines (torchrun; distributed.py), or a big batch in steps on a small one:
+On several GPUs or machines (more in distributed.py), or a big batch in steps on a small one; batch_size
+is the global batch, split over processes and accumulation steps:
 
     torchrun --standalone --nproc_per_node=8 train.py --config=fsm_paper   # 8 GPUs (nccl; CPUs: gloo)
     python train.py --config=fsm_paper --gradient_accumulation_steps=8     # the paper's batch on one GPU
-
-batch_size is the global batch, split over processes and accumulation steps (the same sequences split
-otherwise give the same update, up to float rounding).
 
 Language models on token data prepared by tinystories_data.py (train.bin / val.bin / meta.json); the
 synthetic stories on a CPU: a baseline, then the paper's finetuning with and without attention codebooks:
@@ -241,16 +239,6 @@ def fsm_state_accuracy(model, fsm, n_seqs, block_size, device, seed=0):
     return fsm.state_accuracy(out.cpu())
 
 
-def codebook_stats(model):
-    """{site: {alive, entropy, mse}} since the last call, plus 'all'."""
-    stats = {name: cb.stats() for name, cb in model.codebooks().items()}
-    if stats:
-        sizes = {name: cb.groups * cb.num_codes for name, cb in model.codebooks().items()}
-        stats["all"] = dict(alive=sum(s["alive"] * sizes[n] for n, s in stats.items()) / sum(sizes.values()),
-                            mse=sum(s["mse"] for s in stats.values()))
-    return stats
-
-
 # -----------------------------------------------------------------------------
 # training
 
@@ -428,7 +416,7 @@ def train(cfg, given=()):
             if world.master:
                 with amp:
                     vl, va = evaluate(model, val, micro, device)
-                usage = codebook_stats(model)
+                usage = model.codebook_stats()
                 alive = f" alive {usage['all']['alive']:.3f} mse {usage['all']['mse']:.3f}" if usage else ""
                 bayes = f" (Bayes +{vl - bayes_loss:.4f})" if fsm else ""
                 bar.write(f"step {it}: val loss {vl:.4f}{bayes} acc {va:.4f}{alive}")
@@ -439,7 +427,7 @@ def train(cfg, given=()):
     del ddp_model  # before distributed.cleanup
     if it == start_it:  # nothing to train (resumed at max_iters): still report
         distributed.reduce_usage(model, world)
-        usage = codebook_stats(model)
+        usage = model.codebook_stats()
     if not world.master:  # rank 0 evaluates, samples and writes for all; the others wait in cleanup
         distributed.cleanup(world)
         return None
