@@ -8,6 +8,7 @@ score matmul, plus what codebooks cost a training step.
     python bench.py --quick --out=/tmp/bench.json  # tiny shapes, seconds: the smoke test
     python bench.py --shapes=lm --compile=False --threads=1 --reps=3
     python bench.py --shapes=lm_gpu --tile_elems=67108864   # try another codebook.PLANS setting
+    python bench.py --fused=tf32x3 --out=bench_fused.json   # GPU: the fused Triton search (triton_search.py)
 
 Rows, per shape (N tokens, G groups of width d, C codes per group, k codes per token):
   reference  an official-style codebook (taufeeque9/codebook-features, written again here): one head at
@@ -17,6 +18,9 @@ Rows, per shape (N tokens, G groups of width d, C codes per group, k codes per t
              gradient, both by autograd (the official 'aeloss'). Without the official per-call host
              copies (code counts, mse.item()), which would only slow it down.
   layer      codebook.CodebookLayer, eager; compiled: CodebookLayer(compile=True), the search compiled.
+             With --fused (or a plan whose `fused` is set) on a GPU, the search is triton_search's; the
+             row then also gives `unproven`, the fraction of (token, group) rows its proof left to the
+             exact torch search.
   matmul     the bare score matmul, the irreducible work: per head, (N, d) @ (d, C) into one preallocated
              (N, C) buffer (the codes already normalised and laid out (d, C)), forward only. It is the
              irreducible work of forward + backward too: a codebook's backward never touches the scores
@@ -50,6 +54,7 @@ import gc
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -61,6 +66,7 @@ import torch.nn.functional as F
 
 from common import parse_value
 import codebook
+import triton_search
 from codebook import CodebookLayer
 from fsm_data import FSM
 from model import GPT, GPTConfig
@@ -81,6 +87,8 @@ class BenchConfig:
     tile_elems: int = 0  # try another codebook.PLANS setting for this device (0: keep the plan's)
     block_k1: int = 0
     block: int = 0
+    fused: str = ""  # the fused Triton search (CUDA): tf32x3, tf32, ieee, or none ("": keep the plan's)
+    fused_tile: str = ""  # its program's tokens,codes,warps, e.g. 64,64,4 ("": keep the plan's)
     row: str = ""  # internal: run one row (shape:variant, or train) here and print it as JSON
 
 
@@ -120,6 +128,10 @@ def parse(argv):
     if values.get("quick"):
         values = {**QUICK, **values}
     cfg = BenchConfig(**values)
+    if cfg.fused not in ("", "none", "tf32x3", "tf32", "ieee"):
+        sys.exit(f"error: --fused={cfg.fused!r}; valid: tf32x3, tf32, ieee, none")
+    if cfg.fused_tile and not re.fullmatch(r"\d+,\d+,\d+", cfg.fused_tile):
+        sys.exit(f"error: --fused_tile={cfg.fused_tile!r}; valid: tokens,codes,warps, e.g. 64,64,4")
     if cfg.shapes == "auto":
         cfg.shapes = GPU_SHAPES if pick_device(cfg.device) == "cuda" else CPU_SHAPES
     unknown = [s for s in cfg.shapes.split(",") if s not in SHAPES]
@@ -277,6 +289,15 @@ def layer_row(cfg, shape, variant, device):
                peak_mb=mem, reps=reps)
     if variant == "compiled":
         out["warmup_s"] = t_warm  # includes compilation
+    if variant != "reference":
+        p = codebook.plan_for(x.device)
+        fused = p["fused"] if p["fused"] and triton_search.available(x.device) else None
+        out["fused"] = fused
+        if fused:
+            with torch.no_grad():
+                u = triton_search.unit(layer.codebook)
+                _, proven = triton_search.candidates(layer.normalize(x), u, k, fused, p["block"], p["fused_tile"])
+            out["unproven"] = 1 - proven.float().mean().item()
     return out
 
 
@@ -328,9 +349,14 @@ def run_row(cfg):
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    plan = codebook.PLANS["cpu" if device == "cpu" else "cuda"]
     for key in ("tile_elems", "block_k1", "block"):  # --tile_elems=... etc.: try another plan
         if getattr(cfg, key):
-            codebook.PLANS["cpu" if device == "cpu" else "cuda"][key] = getattr(cfg, key)
+            plan[key] = getattr(cfg, key)
+    if cfg.fused:
+        plan["fused"] = None if cfg.fused == "none" else cfg.fused
+    if cfg.fused_tile:
+        plan["fused_tile"] = tuple(int(v) for v in cfg.fused_tile.split(","))
     what, _, arg = cfg.row.partition(":")
     out = train_row(cfg, device) if what == "train" else layer_row(cfg, what, arg, device)
     print("ROW " + json.dumps(out), flush=True)
@@ -398,6 +424,10 @@ def main(cfg):
             print(f"{head}  {v:10} {fmt(r.get('fwd_ms'), '9.1f')} {fmt(total, '11.1f')} {fmt(r.get('peak_mb'), '8.1f')} "
                   f"{fmt(ratios['speedup_vs_reference'], '7.2f', 'x')} {fmt(ratios['vs_matmul'], '8.2f', 'x')} "
                   f"{fmt(ratios['memory_vs_reference'], '6.2f', 'x')}", flush=True)
+        fused = (rows.get("layer") or {}).get("fused")
+        if fused:
+            print(" " * 35 + f"layer: the fused Triton search in {fused}; its proof left "
+                  f"{rows['layer']['unproven']:.3%} of (token, group) rows to the exact torch search", flush=True)
         if device == "cuda" and "layer" in rows:
             met = {key: (v is not None and (v >= goal if key.startswith("speedup") else v <= goal))
                    for key, goal in GOALS.items() for v in [entry["ratios"].get(key)]}

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import triton_search
+
 # -----------------------------------------------------------------------------
 # the search: pure functions of tensors; compile=True compiles the top-k of a tile
 #
@@ -44,9 +46,15 @@ import torch.nn.functional as F
 #   bwd_rows    rows of (tokens x groups) per step of the codes' gradient scatter
 #   compile     whether compile=True compiles a tile's top-k here: on the H200 it gained nothing at
 #               k = 1, 7% at the LM shape and lost 25% at 100k codes, so a GPU runs it eagerly
+#   fused       None: the torch tiles above; or the tensor-core precision of triton_search's fused
+#               kernels ("tf32x3", "tf32", "ieee"), which never write the scores (CUDA with Triton only).
+#               Off until timed on a GPU: bench.py --fused=tf32x3 measures it
+#   fused_tile  (tokens, codes, warps) of a fused kernel's program; the fused k > 1 pass uses `block`
 PLANS = {
-    "cpu": dict(tile_elems=1 << 19, block_k1=16, block=16, bwd_rows=8192, compile=True),
-    "cuda": dict(tile_elems=1 << 26, block_k1=1, block=16, bwd_rows=1 << 16, compile=False),
+    "cpu": dict(tile_elems=1 << 19, block_k1=16, block=16, bwd_rows=8192, compile=True, fused=None,
+                fused_tile=None),
+    "cuda": dict(tile_elems=1 << 26, block_k1=1, block=16, bwd_rows=1 << 16, compile=False, fused=None,
+                 fused_tile=(64, 64, 4)),
 }
 
 
@@ -132,13 +140,26 @@ def search(x, codebook, k, max_elems=None, compile=False, kind=None):
     """Ids of the k codes most cosine-similar to each input, slot 0 the best.
 
     x (N, G, d), codebook (G, C, d) -> ids (N, G, k) int64, the same as a brute-force topk over all
-    scores (up to exact ties). Holds about `max_elems` scores at once (None: the device's plan), plus
-    one normalised chunk of codes: tiles of tokens and codes with a running top-k, so memory does not
-    grow with N * C. kind: follow another device kind's plan ('cpu', 'cuda'; None: x's own).
+    scores (up to exact ties). The device's plan picks the way: triton_search's fused kernels where
+    it names a precision and Triton runs, else tiled_search. kind: follow another device kind's plan
+    ('cpu', 'cuda'; None: x's own).
     """
+    p = plan_for(x.device) if kind is None else device_plan(kind, torch.get_num_threads(), 1 << 34)
+    if p["fused"] and triton_search.available(x.device):
+        exact = lambda x, codebook, k: tiled_search(x, codebook, k, max_elems, compile, p)  # noqa: E731
+        return triton_search.search(x, codebook, k, exact, p["fused"], p["block"], p["fused_tile"],
+                                    max_elems or p["tile_elems"])
+    return tiled_search(x, codebook, k, max_elems, compile, p)
+
+
+@torch.no_grad()
+def tiled_search(x, codebook, k, max_elems=None, compile=False, p=None):
+    """search in torch: tiles of tokens and codes with a running top-k, so memory does not grow with
+    N * C. Holds about `max_elems` scores at once (None: the plan's), plus one normalised chunk of
+    codes. p: a device_plan (None: x's device)."""
     N, G, d = x.shape
     C = codebook.shape[1]
-    p = plan_for(x.device) if kind is None else device_plan(kind, torch.get_num_threads(), 1 << 34)
+    p = p or plan_for(x.device)
     block = p["block_k1" if k == 1 else "block"]
     g_tile, n_tile, c_tile, block = plan(N, G, C, k, max_elems or p["tile_elems"], block)
     select = _maybe_compiled(topk_scores, compile and p["compile"])

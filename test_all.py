@@ -8,6 +8,7 @@ how the files stand.
 
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -905,6 +906,103 @@ def test_compiled_tiled_search_equals_eager():
         assert torch.equal(eager, brute_force(x, codebook, k))
 
 
+def tf32(a):
+    """Round to TF32 as a tensor core may: keep 10 mantissa bits, dropping the rest (truncation)."""
+    return (a.view(torch.int32) & ~((1 << 13) - 1)).view(torch.float32)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+def test_fused_error_bound_holds_for_emulated_tensor_cores(precision):
+    """triton_search's proof rests on eps_rel: the score error of the candidate pass, emulated here in
+    float64 (tf32x3: hi = tf32(a), lo = tf32(a - hi), a.b ~ hi.hi + hi.lo + lo.hi), stays within the
+    bound. For tf32 the rounding dominates and the bound is within 16x of the worst error seen; for
+    tf32x3 the bound is mostly the fp32 accumulation, which this float64 emulation does not have."""
+    import triton_search
+    torch.manual_seed(0)
+    for d in (16, 32, 128):
+        x = torch.randn(4096, d) * torch.rand(4096, 1) * 10
+        u = F.normalize(torch.randn(512, d) + 3 * torch.randn(1, d), dim=-1)  # correlated: scores near |x|
+        exact = x.double() @ u.double().T
+        if precision == "tf32":
+            approx = tf32(x).double() @ tf32(u).double().T
+        else:
+            (xh, uh) = (tf32(x), tf32(u))
+            (xl, ul) = (tf32(x - xh), tf32(u - uh))
+            approx = (xh.double() @ uh.double().T + xh.double() @ ul.double().T + xl.double() @ uh.double().T)
+        err = ((approx - exact).abs() / x.double().norm(dim=-1, keepdim=True)).max().item()
+        bound = triton_search.eps_rel(d, precision)
+        assert err <= bound, (d, err, bound)
+        if precision == "tf32":
+            assert bound < 16 * err, (d, err, bound)
+
+
+def fused_checks():
+    """Run by the test below in a process with TRITON_INTERPRET=1: the fused kernels on CPU tensors."""
+    import codebook
+    import triton_search
+    assert triton_search.available(torch.device("cpu"))
+    for kind in ("cpu", "cuda"):
+        codebook.PLANS[kind].update(fused="tf32x3", fused_tile=(16, 32, 4))
+    torch.manual_seed(0)
+    # (N, G, d, C, k): d not a power of 2; C not a multiple of the tile; fewer blocks than k; C < a tile
+    for N, G, d, C, k in [(70, 3, 24, 257, 1), (70, 2, 16, 257, 4), (33, 1, 8, 40, 5), (40, 2, 16, 20, 2)]:
+        x = torch.randn(N, G, d)
+        cb = torch.randn(G, C, d) * torch.rand(G, C, 1)
+        ids, proven = triton_search.candidates(x, triton_search.unit(cb), k, "tf32x3", 16, (16, 32, 4))
+        ids, proven = ids.transpose(0, 1), proven.T  # (N, G, k), (N, G)
+        assert proven.float().mean() > 0.9 and torch.equal(ids[proven], brute_force(x, cb, k)[proven]), (N, G, d, C, k)
+        assert torch.equal(codebook.search(x, cb, k, kind="cuda"), brute_force(x, cb, k))
+        chunked = codebook.search(x, cb, k, max_elems=G * 17 * 10, kind="cuda")  # k > 1: 10 tokens a chunk
+        assert torch.equal(chunked, brute_force(x, cb, k))
+    # near-ties at the k-th place, across blocks: not proven, so searched again exactly
+    N, G, d, C = 48, 2, 16, 200
+
+    def at_cos(v, c):  # a code at cosine c from v, of a random norm
+        w = torch.randn(d)
+        w = F.normalize(w - (w @ v) * v / (v @ v), dim=0)
+        return (c * F.normalize(v, dim=0) + math.sqrt(1 - c * c) * w) * (0.5 + torch.rand(()))
+
+    x = torch.randn(N, G, d)
+    for k in (1, 2):
+        cb = torch.randn(G, C, d)
+        for g in range(G):
+            for t in range(8):  # token t: code t at the k-th place, code 100 + t (another block) 1e-5 behind
+                cb[g, t], cb[g, 100 + t] = at_cos(x[t, g], 0.99), at_cos(x[t, g], 0.99 - 1e-5)
+                if k == 2:
+                    cb[g, 50 + t] = at_cos(x[t, g], 0.999)
+        ids, proven = triton_search.candidates(x, triton_search.unit(cb), k, "tf32x3", 16, (16, 32, 4))
+        scores = torch.einsum("ngd,gcd->ngc", x, F.normalize(cb, dim=-1)).topk(k + 1, dim=-1).values
+        close = (scores[..., k - 1] - scores[..., k]) < triton_search.eps_rel(d, "tf32x3") * x.norm(dim=-1)
+        assert close[:8].all() and not proven.T[close].any(), k  # every near-tie is sent to the exact search
+        assert torch.equal(codebook.search(x, cb, k, kind="cuda"), brute_force(x, cb, k))
+    # the layer on the fused path: the same ids and output as on the torch path
+    torch.manual_seed(1)
+    layer = CodebookLayer(dim=32, num_codes=100, k=3, groups=2)
+    inp = torch.randn(2, 9, 32)
+    y, ids = layer(inp)
+    codebook.PLANS["cpu"]["fused"] = None
+    y2, ids2 = layer(inp)
+    assert torch.equal(ids, ids2) and torch.equal(y, y2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="needs triton (pip install triton): its interpreter runs the CUDA kernels on the CPU")
+def test_fused_search_under_triton_interpreter(tmp_path):
+    """The fused kernels, their proof and the exact search of what is not proven, against brute force;
+    then bench.py's --fused rows."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", "import test_all; test_all.fused_checks()"],
+                          capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--device=cpu", "--fused=tf32x3",
+                           "--fused_tile=16,32,4", f"--out={path}"],
+                          capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    layer = json.loads(path.read_text())["shapes"]["tiny"]["rows"]["layer"]
+    assert layer["fused"] == "tf32x3" and 0 <= layer["unproven"] < 0.05
+
+
 def test_reference_matches_layer():
     """bench.py's official-style reference and CodebookLayer: same ids, outputs and gradients."""
     torch.manual_seed(0)
@@ -1178,7 +1276,8 @@ def test_gpt2_offline_is_a_one_line_error(tmp_path, monkeypatch):
 # how the files stand
 
 SCRIPTS = {"train", "steer", "topics", "bench"}  # run by users; stand on the libraries only
-LIBRARIES = {"model", "codebook", "common", "readout", "distributed", "fsm_data", "tinystories_data"}  # data files run too
+LIBRARIES = {"model", "codebook", "triton_search", "common", "readout", "distributed", "fsm_data",
+             "tinystories_data"}  # data files run too
 
 
 def test_no_script_imports_another_script():

@@ -1,0 +1,186 @@
+"""
+The codebook search as fused Triton kernels, for CUDA: the (tokens x codes) score matrix is never written.
+
+    import triton_search
+    ids = triton_search.search(x, codebook, k, exact=codebook.tiled_search)  # the same ids as exact
+
+codebook.search calls it on a GPU when PLANS["cuda"]["fused"] names a precision. On a CPU the kernels run
+only under Triton's interpreter (TRITON_INTERPRET=1 before the first import of triton), which is how the
+tests check them; the CPU path stays pure torch.
+
+Why fused: on a GPU the torch search writes every score of a tile to memory and reads it back for the
+max, so it costs several times the score matmul. A kernel that keeps each tile of scores in registers
+needs only its inputs. Tensor cores then make the matmul itself cheap, but in TF32, which rounds the
+inputs; a near-tie could swap ids. So each search is two passes:
+
+  1. candidates, in `precision` on tensor cores ("tf32x3", three TF32 products, is near fp32; "tf32";
+     "ieee", fp32 without tensor cores):
+     k = 1:  a running best code, its score and the second-best score per token;
+     k > 1:  the maximum of every block of `block` consecutive codes; torch's topk then keeps the k + 1
+             best blocks (the k best codes lie in the k blocks with the best maxima), and a second
+             kernel scores the codes of the first k blocks exactly, in fp32.
+  2. a proof: the rounding error of a score is at most eps = eps_rel(d, precision) * |x| (|code| = 1).
+     Codes left out score at most `bound` (the second-best score, or the (k+1)-th block maximum) plus
+     eps; if that is below the k-th exact score, the exact top-k is among the candidates. Tokens where it
+     is not proven (near-ties: about 0.1% of random inputs in "tf32x3") are searched again by `exact`,
+     the torch search. That costs one host sync a call: the count of such tokens.
+"""
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU build of torch: codebook.search stays on its torch path
+    triton = None
+
+
+def available(device):
+    """Whether the kernels can run on tensors of this device: CUDA with Triton, or Triton's interpreter."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def eps_rel(d, precision):
+    """A bound on |score error| / (|x| |code|) for a d-wide dot product: input rounding (TF32 keeps 10
+    mantissa bits; taken as truncation, u = 2^-10) plus fp32 accumulation, for the candidate pass and
+    for the exact scores compared with it, doubled for margin."""
+    u = 2.0 ** -10
+    rounding = {"ieee": 0.0, "tf32": 2 * u + u * u, "tf32x3": 3 * u * u * (1 + u) ** 2}[precision]
+    sums = (3 if precision == "tf32x3" else 1) * d + 2 * d  # additions: candidate pass, exact pass, brute force
+    return 2 * (rounding + sums * 2.0 ** -23)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_x(x_ptr, g, N, d, sxn, sxg, BM: tl.constexpr, D: tl.constexpr):
+        """The (BM, D) block of tokens of this program, group g; zero past N and past d."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        dd = tl.arange(0, D)
+        mask = (rows[:, None] < N) & (dd[None, :] < d)
+        return rows, tl.load(x_ptr + rows[:, None] * sxn + g * sxg + dd[None, :], mask=mask, other=0.0)
+
+    @triton.jit
+    def _scores(x, u_ptr, g, c0, C, d, PREC: tl.constexpr, D: tl.constexpr, BC: tl.constexpr):
+        """(BM, BC) scores of the tokens x against codes c0 ... c0 + BC - 1 of group g; -inf past C."""
+        cols = c0 + tl.arange(0, BC)
+        dd = tl.arange(0, D)
+        u = tl.load(u_ptr + (g * C + cols[:, None]) * d + dd[None, :],
+                    mask=(cols[:, None] < C) & (dd[None, :] < d), other=0.0)  # (BC, D) unit codes
+        s = tl.dot(x, tl.trans(u), input_precision=PREC)
+        return tl.where(cols[None, :] < C, s, float("-inf"))
+
+    @triton.jit
+    def _top1_kernel(x_ptr, u_ptr, arg_ptr, second_ptr, N, C, d, sxn, sxg,
+                     PREC: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+        """Per token of group g = program_id(1): its best code and the best score of any other code."""
+        g = tl.program_id(1)
+        rows, x = _load_x(x_ptr, g, N, d, sxn, sxg, BM, D)
+        best = tl.full((BM,), float("-inf"), tl.float32)
+        second = tl.full((BM,), float("-inf"), tl.float32)
+        arg = tl.zeros((BM,), tl.int32)
+        cols = tl.arange(0, BC)
+        for c0 in range(0, C, BC):
+            s = _scores(x, u_ptr, g, c0, C, d, PREC, D, BC)
+            m1 = tl.max(s, axis=1)
+            a1 = tl.argmax(s, axis=1)
+            m2 = tl.max(tl.where(cols[None, :] == a1[:, None], float("-inf"), s), axis=1)  # the tile's runner-up
+            take = m1 > best  # a tie keeps the earlier code, and makes second == best: no proof, exact search
+            second = tl.where(take, tl.maximum(best, m2), tl.maximum(second, m1))
+            arg = tl.where(take, a1 + c0, arg)
+            best = tl.where(take, m1, best)
+        out = g * N + rows
+        tl.store(arg_ptr + out, arg, mask=rows < N)
+        tl.store(second_ptr + out, second, mask=rows < N)
+
+    @triton.jit
+    def _block_max_kernel(x_ptr, u_ptr, m_ptr, N, C, d, nb, sxn, sxg, PREC: tl.constexpr, D: tl.constexpr,
+                          BM: tl.constexpr, BC: tl.constexpr, B: tl.constexpr):
+        """m (G, N, nb): the maximum score of each block of B consecutive codes (block j: codes jB ... jB+B-1)."""
+        g = tl.program_id(1)
+        rows, x = _load_x(x_ptr, g, N, d, sxn, sxg, BM, D)
+        for c0 in range(0, C, BC):
+            s = _scores(x, u_ptr, g, c0, C, d, PREC, D, BC)
+            bmax = tl.max(tl.reshape(s, (BM, BC // B, B)), axis=2)  # (BM, BC // B)
+            blocks = c0 // B + tl.arange(0, BC // B)
+            tl.store(m_ptr + (g * N + rows[:, None]).to(tl.int64) * nb + blocks[None, :], bmax,
+                     mask=(rows[:, None] < N) & (blocks[None, :] < nb))
+
+    @triton.jit
+    def _rerank_kernel(x_ptr, u_ptr, j_ptr, s_ptr, N, C, d, sxn, sxg, M, D: tl.constexpr, BM: tl.constexpr,
+                       B: tl.constexpr):
+        """s (G, M * B, N): exact fp32 scores of the codes in each token's M candidate blocks j (G, M, N).
+        Laid out tokens last, so that a program's loads and stores are contiguous runs of tokens."""
+        g = tl.program_id(1)
+        rows, x = _load_x(x_ptr, g, N, d, sxn, sxg, BM, D)
+        live = rows < N
+        dd = tl.arange(0, D)
+        for i in range(0, M * B):  # one candidate code per token at a time: (BM, D) in registers
+            code = tl.load(j_ptr + (g * M + i // B) * N + rows, mask=live, other=0) * B + i % B  # (BM,)
+            ok = (code < C) & live
+            u = tl.load(u_ptr + (g * C + code[:, None]).to(tl.int64) * d + dd[None, :],
+                        mask=ok[:, None] & (dd[None, :] < d), other=0.0)
+            s = tl.where(code < C, tl.sum(x * u, axis=1), float("-inf"))
+            tl.store(s_ptr + (g * M * B + i).to(tl.int64) * N + rows, s, mask=live)
+
+
+def unit(codebook):
+    """(G, C, d) -> the codes scaled to length 1, fp32, contiguous: what the kernels read."""
+    return (codebook / torch.linalg.vector_norm(codebook, dim=-1, keepdim=True).clamp_min(1e-12)).float().contiguous()
+
+
+def candidates(x, u, k, precision="tf32x3", block=16, tile=(64, 64, 4)):
+    """Pass 1 and the proof: x (N, G, d), unit codes u (G, C, d) (from unit()) -> ids (G, N, k),
+    proven (G, N) bool. Where proven, ids are the exact top-k, best first.
+    tile: (tokens, codes, warps) of a kernel program."""
+    N, G, d = x.shape
+    C = u.shape[1]
+    BM, BC, warps = tile
+    D = max(16, triton.next_power_of_2(d))  # tl.dot needs >= 16
+    x = x.float()
+    eps = eps_rel(d, precision) * torch.linalg.vector_norm(x, dim=-1).T  # (G, N)
+    grid = (triton.cdiv(N, BM), G)
+    args = (N, C, d, x.stride(0), x.stride(1))
+    if k == 1:
+        second = torch.empty(G, N, device=x.device)
+        arg = torch.empty(G, N, device=x.device, dtype=torch.int32)
+        _top1_kernel[grid](x, u, arg, second, *args, PREC=precision, D=D, BM=BM, BC=BC, num_warps=warps)
+        ids = arg.long().unsqueeze(-1)  # (G, N, 1)
+        exact = torch.einsum("gnd,gnd->gn", x.transpose(0, 1), u.gather(1, ids.expand(G, N, d)))
+        return ids, second + eps < exact
+    nb = triton.cdiv(C, block)
+    m = min(k, nb)  # blocks that hold the k best codes (fewer when there are fewer blocks than k)
+    maxima = torch.empty(G, N, nb, device=x.device)
+    _block_max_kernel[grid](x, u, maxima, *args[:3], nb, *args[3:], PREC=precision, D=D, BM=BM,
+                            BC=max(BC, block), B=block, num_warps=warps)
+    top = maxima.topk(min(m + 1, nb), dim=-1)  # (G, N, m + 1): the (m+1)-th maximum bounds every other code
+    J = top.indices[..., :m]  # (G, N, m)
+    bound = top.values[..., m] if nb > m else torch.full((G, N), float("-inf"), device=x.device)
+    scores = torch.empty(G, m * block, N, device=x.device)
+    _rerank_kernel[grid](x, u, J.transpose(1, 2).to(torch.int32).contiguous(), scores, *args, m, D=D, BM=BM,
+                         B=block, num_warps=warps)
+    v, p = scores.transpose(1, 2).topk(k, dim=-1)  # (G, N, k) exact, best first
+    ids = J.gather(-1, torch.div(p, block, rounding_mode="floor")) * block + p % block
+    return ids, bound + eps < v[..., -1]
+
+
+def search(x, codebook, k, exact, precision="tf32x3", block=16, tile=(64, 64, 4), max_elems=1 << 26):
+    """Ids of the k codes most cosine-similar to each input, slot 0 the best: x (N, G, d),
+    codebook (G, C, d) -> (N, G, k) int64, as exact(x, codebook, k) gives (up to exact ties).
+    exact: the search for the tokens whose candidates are not proven (codebook.tiled_search).
+    max_elems: block maxima held at once (k > 1), so memory does not grow with N * C."""
+    N, G, _ = x.shape
+    n = N if k == 1 else max(1, max_elems // (G * triton.cdiv(codebook.shape[1], block)))
+    u = unit(codebook)
+    parts = [candidates(x[n0:n0 + n], u, k, precision, block, tile) for n0 in range(0, N, n)]
+    ids, proven = (torch.cat(t, dim=1) for t in zip(*parts))  # (G, N, k), (G, N)
+    out = ids.transpose(0, 1).contiguous()  # (N, G, k)
+    redo = (~proven).nonzero()  # (R, 2) group, token: the one host sync
+    for g in redo[:, 0].unique().tolist() if len(redo) else []:
+        n = redo[redo[:, 0] == g, 1]
+        out[n, g] = exact(x[n, g:g + 1], codebook[g:g + 1], k)[:, 0]
+    return out
