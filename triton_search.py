@@ -140,6 +140,10 @@ def candidates(x, u, k, precision="tf32x3", block=16, tile=(64, 64, 4)):
     N, G, d = x.shape
     C = u.shape[1]
     BM, BC, warps = tile
+    pow2 = lambda v: v >= 1 and v & (v - 1) == 0  # noqa: E731
+    if not (pow2(BM) and pow2(BC) and pow2(block) and BM >= 16 and BC >= 16):
+        raise ValueError(f"fused tile {tile} and block {block}: tokens, codes and block must be powers of 2, "
+                         "tokens and codes at least 16")
     D = max(16, triton.next_power_of_2(d))  # tl.dot needs >= 16
     x = x.float()
     eps = eps_rel(d, precision) * torch.linalg.vector_norm(x, dim=-1).T  # (G, N)
