@@ -16,13 +16,15 @@ inputs; a near-tie could swap ids. So each search is two passes:
   1. candidates, in `precision` on tensor cores ("tf32x3", three TF32 products, is near fp32; "tf32";
      "ieee", fp32 without tensor cores):
      k = 1:  a running best code, its score and the second-best score per token;
-     k > 1:  the maximum of every block of `block` consecutive codes; torch's topk then keeps the k + 1
+     k > 1:  the maximum of every block of `block` consecutive codes; torch's topk then keeps the k + 2
              best blocks (the k best codes lie in the k blocks with the best maxima), and a second
-             kernel scores the codes of the first k blocks exactly, in fp32.
+             kernel scores the codes of the first k + 1 exactly, in fp32 (one block more than needed:
+             a near-tie between the k-th and (k+1)-th best codes is then settled by exact scores, not
+             sent to the torch search; on random inputs that left ~100x fewer tokens unproven).
   2. a proof: the rounding error of a score is at most eps = eps_rel(d, precision) * |x| (|code| = 1).
-     Codes left out score at most `bound` (the second-best score, or the (k+1)-th block maximum) plus
+     Codes left out score at most `bound` (the second-best score, or the (k+2)-th block maximum) plus
      eps; if that is below the k-th exact score, the exact top-k is among the candidates. Tokens where it
-     is not proven (near-ties: about 0.1% of random inputs in "tf32x3") are searched again by `exact`,
+     is not proven (near-ties: ~0.1% of random inputs in "tf32x3") are searched again by `exact`,
      the torch search. That costs one host sync a call: the count of such tokens.
 """
 
@@ -157,11 +159,11 @@ def candidates(x, u, k, precision="tf32x3", block=16, tile=(64, 64, 4)):
         exact = torch.einsum("gnd,gnd->gn", x.transpose(0, 1), u.gather(1, ids.expand(G, N, d)))
         return ids, second + eps < exact
     nb = triton.cdiv(C, block)
-    m = min(k, nb)  # blocks that hold the k best codes (fewer when there are fewer blocks than k)
+    m = min(k + 1, nb)  # blocks re-ranked: k hold the k best codes, one more settles near-ties exactly
     maxima = torch.empty(G, N, nb, device=x.device)
     _block_max_kernel[grid](x, u, maxima, *args[:3], nb, *args[3:], PREC=precision, D=D, BM=BM,
                             BC=max(BC, block), B=block, num_warps=warps)
-    top = maxima.topk(min(m + 1, nb), dim=-1)  # (G, N, m + 1): the (m+1)-th maximum bounds every other code
+    top = maxima.topk(min(m + 1, nb), dim=-1)  # (G, N, m + 1): the last maximum bounds every other code
     J = top.indices[..., :m]  # (G, N, m)
     bound = top.values[..., m] if nb > m else torch.full((G, N), float("-inf"), device=x.device)
     scores = torch.empty(G, m * block, N, device=x.device)
