@@ -954,6 +954,12 @@ def fused_checks():
         assert torch.equal(codebook.search(x, cb, k, kind="cuda"), brute_force(x, cb, k))
         chunked = codebook.search(x, cb, k, max_elems=G * 17 * 10, kind="cuda")  # k > 1: 10 tokens a chunk
         assert torch.equal(chunked, brute_force(x, cb, k))
+    # the k = 1 kernel's running top 3, merged over 32 tiles of 16 codes, against a sort
+    xs, u = torch.randn(40, 1, 16), triton_search.unit(torch.randn(1, 500, 16))
+    arg, third = torch.empty(2, 1, 40, dtype=torch.int32), torch.empty(1, 40)
+    triton_search._top1_kernel[(3, 1)](xs, u, arg, third, 40, 500, 16, 16, 16, PREC="ieee", D=16, BM=16, BC=16)
+    top = torch.einsum("nd,cd->nc", xs[:, 0], u[0]).topk(3, dim=-1)
+    assert torch.equal(arg[:, 0].T.long(), top.indices[:, :2]) and torch.allclose(third[0], top.values[:, 2])
     # near-ties at the k-th place, across blocks: not proven, so searched again exactly
     N, G, d, C = 48, 2, 16, 200
 
@@ -973,8 +979,7 @@ def fused_checks():
                     cb[g, 50 + t] = at_cos(x[t, g], 0.999)
         ids, proven = triton_search.candidates(x, triton_search.unit(cb), k, "tf32x3", 16, (16, 32, 4))
         scores = torch.einsum("ngd,gcd->ngc", x, F.normalize(cb, dim=-1)).topk(k + 2, dim=-1).values
-        # k = 1 is proven against the second-best code; k > 1 against the block after the k + 1 re-ranked
-        gap = scores[..., k - 1] - scores[..., 1 if k == 1 else k + 1]
+        gap = scores[..., k - 1] - scores[..., k + 1]  # k + 1 candidates are scored exactly, so the (k+2)-th
         assert (gap[:8] < triton_search.eps_rel(d, "tf32x3") * x[:8].norm(dim=-1)).all()  # near-ties indeed
         assert not proven.T[:8].any() and proven.T[8:].float().mean() > 0.9, k  # sent to the exact search
         assert torch.equal(codebook.search(x, cb, k, kind="cuda"), brute_force(x, cb, k))

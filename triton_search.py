@@ -15,16 +15,17 @@ inputs; a near-tie could swap ids. So each search is two passes:
 
   1. candidates, in `precision` on tensor cores ("tf32x3", three TF32 products, is near fp32; "tf32";
      "ieee", fp32 without tensor cores):
-     k = 1:  a running best code, its score and the second-best score per token;
+     k = 1:  a running top 3 per token: its two best codes, scored again exactly, and the third score;
      k > 1:  the maximum of every block of `block` consecutive codes; torch's topk then keeps the k + 2
              best blocks (the k best codes lie in the k blocks with the best maxima), and a second
-             kernel scores the codes of the first k + 1 exactly, in fp32 (one block more than needed:
-             a near-tie between the k-th and (k+1)-th best codes is then settled by exact scores, not
-             sent to the torch search; on random inputs that left ~100x fewer tokens unproven).
+             kernel scores the codes of the first k + 1 exactly, in fp32.
+     One candidate more than k needs: a near-tie at the k-th place is then settled by exact scores
+     instead of the torch search (emulated on random inputs and on a trained TokFSM model, that left
+     10-100x fewer tokens unproven).
   2. a proof: the rounding error of a score is at most eps = eps_rel(d, precision) * |x| (|code| = 1).
-     Codes left out score at most `bound` (the second-best score, or the (k+2)-th block maximum) plus
+     Codes left out score at most `bound` (the third-best score, or the (k+2)-th block maximum) plus
      eps; if that is below the k-th exact score, the exact top-k is among the candidates. Tokens where it
-     is not proven (near-ties: ~0.1% of random inputs in "tf32x3") are searched again by `exact`,
+     is not proven (near-ties of three or more codes) are searched again by `exact`,
      the torch search. That costs one host sync a call: the count of such tokens.
 """
 
@@ -77,27 +78,43 @@ if triton is not None:
         return tl.where(cols[None, :] < C, s, float("-inf"))
 
     @triton.jit
-    def _top1_kernel(x_ptr, u_ptr, arg_ptr, second_ptr, N, C, d, sxn, sxg,
+    def _top1_kernel(x_ptr, u_ptr, arg_ptr, third_ptr, N, C, d, sxn, sxg,
                      PREC: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
-        """Per token of group g = program_id(1): its best code and the best score of any other code."""
+        """Per token of group g = program_id(1): its two best codes (arg (2, G, N)) and the third-best
+        score (third (G, N)), as a running merge of each tile's top 3 into the top 3 so far."""
         g = tl.program_id(1)
         rows, x = _load_x(x_ptr, g, N, d, sxn, sxg, BM, D)
-        best = tl.full((BM,), float("-inf"), tl.float32)
-        second = tl.full((BM,), float("-inf"), tl.float32)
-        arg = tl.zeros((BM,), tl.int32)
+        b1 = tl.full((BM,), float("-inf"), tl.float32)
+        b2 = tl.full((BM,), float("-inf"), tl.float32)
+        b3 = tl.full((BM,), float("-inf"), tl.float32)
+        i1 = tl.zeros((BM,), tl.int32)
+        i2 = tl.zeros((BM,), tl.int32)
         cols = tl.arange(0, BC)
         for c0 in range(0, C, BC):
             s = _scores(x, u_ptr, g, c0, C, d, PREC, D, BC)
             m1 = tl.max(s, axis=1)
             a1 = tl.argmax(s, axis=1)
-            m2 = tl.max(tl.where(cols[None, :] == a1[:, None], float("-inf"), s), axis=1)  # the tile's runner-up
-            take = m1 > best  # a tie keeps the earlier code, and makes second == best: no proof, exact search
-            second = tl.where(take, tl.maximum(best, m2), tl.maximum(second, m1))
-            arg = tl.where(take, a1 + c0, arg)
-            best = tl.where(take, m1, best)
+            s = tl.where(cols[None, :] == a1[:, None], float("-inf"), s)
+            m2 = tl.max(s, axis=1)
+            a2 = tl.argmax(s, axis=1)
+            m3 = tl.max(tl.where(cols[None, :] == a2[:, None], float("-inf"), s), axis=1)
+            a1 += c0
+            a2 += c0
+            # merge (b1 >= b2 >= b3) with (m1 >= m2 >= m3); a tie keeps the earlier codes
+            old = b1 >= m1  # the best so far stays first; the second is then b2 or m1
+            o2 = b2 >= m1
+            n2 = b1 >= m2  # else m1 is first; the second is then b1 or m2
+            t3 = tl.where(old, tl.where(o2, tl.maximum(b3, m1), tl.maximum(b2, m2)),
+                          tl.where(n2, tl.maximum(b2, m2), tl.maximum(b1, m3)))
+            j2 = tl.where(old, tl.where(o2, i2, a1), tl.where(n2, i1, a2))
+            t2 = tl.where(old, tl.where(o2, b2, m1), tl.where(n2, b1, m2))
+            i1 = tl.where(old, i1, a1)
+            b1 = tl.where(old, b1, m1)
+            i2, b2, b3 = j2, t2, t3
         out = g * N + rows
-        tl.store(arg_ptr + out, arg, mask=rows < N)
-        tl.store(second_ptr + out, second, mask=rows < N)
+        tl.store(arg_ptr + out, i1, mask=rows < N)
+        tl.store(arg_ptr + N * tl.num_programs(1) + out, i2, mask=rows < N)
+        tl.store(third_ptr + out, b3, mask=rows < N)
 
     @triton.jit
     def _block_max_kernel(x_ptr, u_ptr, m_ptr, N, C, d, nb, sxn, sxg, PREC: tl.constexpr, D: tl.constexpr,
@@ -152,12 +169,14 @@ def candidates(x, u, k, precision="tf32x3", block=16, tile=(64, 64, 4)):
     grid = (triton.cdiv(N, BM), G)
     args = (N, C, d, x.stride(0), x.stride(1))
     if k == 1:
-        second = torch.empty(G, N, device=x.device)
-        arg = torch.empty(G, N, device=x.device, dtype=torch.int32)
-        _top1_kernel[grid](x, u, arg, second, *args, PREC=precision, D=D, BM=BM, BC=BC, num_warps=warps)
-        ids = arg.long().unsqueeze(-1)  # (G, N, 1)
-        exact = torch.einsum("gnd,gnd->gn", x.transpose(0, 1), u.gather(1, ids.expand(G, N, d)))
-        return ids, second + eps < exact
+        third = torch.empty(G, N, device=x.device)
+        arg = torch.empty(2, G, N, device=x.device, dtype=torch.int32)
+        _top1_kernel[grid](x, u, arg, third, *args, PREC=precision, D=D, BM=BM, BC=BC, num_warps=warps)
+        two = arg.permute(1, 2, 0).long()  # (G, N, 2): both scored exactly, so a near-tie between them is settled
+        exact = torch.einsum("gnd,gnkd->gnk", x.transpose(0, 1), u.gather(1, two.reshape(G, 2 * N, 1).expand(
+            G, 2 * N, d)).view(G, N, 2, d))
+        best, j = exact.max(dim=-1, keepdim=True)  # (G, N, 1)
+        return two.gather(-1, j), third + eps < best[..., 0]
     nb = triton.cdiv(C, block)
     m = min(k + 1, nb)  # blocks re-ranked: k hold the k best codes, one more settles near-ties exactly
     maxima = torch.empty(G, N, nb, device=x.device)
