@@ -20,7 +20,7 @@ Rows, per shape (N tokens, G groups of width d, C codes per group, k codes per t
   layer      codebook.CodebookLayer, eager; compiled: CodebookLayer(compile=True), the search compiled.
              With --fused (or a plan whose `fused` is set) on a GPU, the search is triton_search's; the
              row then also gives `unproven`, the fraction of (token, group) rows its proof left to the
-             exact torch search.
+             exact kernel.
   matmul     the bare score matmul, the irreducible work: per head, (N, d) @ (d, C) into one preallocated
              (N, C) buffer (the codes already normalised and laid out (d, C)), forward only. It is the
              irreducible work of forward + backward too: a codebook's backward never touches the scores
@@ -427,7 +427,7 @@ def main(cfg):
         fused = (rows.get("layer") or {}).get("fused")
         if fused:
             print(" " * 35 + f"layer: the fused Triton search in {fused}; its proof left "
-                  f"{rows['layer']['unproven']:.3%} of (token, group) rows to the exact torch search", flush=True)
+                  f"{rows['layer']['unproven']:.3%} of (token, group) rows to the exact kernel", flush=True)
         if device == "cuda" and "layer" in rows:
             met = {key: (v is not None and (v >= goal if key.startswith("speedup") else v <= goal))
                    for key, goal in GOALS.items() for v in [entry["ratios"].get(key)]}

@@ -146,8 +146,7 @@ def search(x, codebook, k, max_elems=None, compile=False, kind=None):
     """
     p = plan_for(x.device) if kind is None else device_plan(kind, torch.get_num_threads(), 1 << 34)
     if p["fused"] and triton_search.available(x.device):
-        exact = lambda x, codebook, k: tiled_search(x, codebook, k, max_elems, compile, p)  # noqa: E731
-        return triton_search.search(x, codebook, k, exact, p["fused"], p["block"], p["fused_tile"],
+        return triton_search.search(x, codebook, k, p["fused"], p["block"], p["fused_tile"],
                                     max_elems or p["tile_elems"])
     return tiled_search(x, codebook, k, max_elems, compile, p)
 

@@ -960,6 +960,21 @@ def fused_checks():
     triton_search._top1_kernel[(3, 1)](xs, u, arg, third, 40, 500, 16, 16, 16, PREC="ieee", D=16, BM=16, BC=16)
     top = torch.einsum("nd,cd->nc", xs[:, 0], u[0]).topk(3, dim=-1)
     assert torch.equal(arg[:, 0].T.long(), top.indices[:, :2]) and torch.allclose(third[0], top.values[:, 2])
+    # the exact kernel: only tokens marked redo (here the even ones), K passes in (score desc, id asc) order;
+    # codes 7 and 300 are the same code twice: an exact tie, which goes to the lower id first
+    cbx = torch.randn(2, 500, 16)
+    cbx[:, 300] = cbx[:, 7]
+    xs = torch.randn(40, 2, 16)
+    xs[0] = cbx[:, 7]
+    u = triton_search.unit(cbx)
+    for K in (1, 4):
+        ids = torch.full((2, 40, K), -7, dtype=torch.long)
+        redo = (torch.arange(40) % 2 == 0).expand(2, 40).contiguous()
+        triton_search._exact_kernel[(3, 2)](xs, u, redo, ids, 40, 500, 16, xs.stride(0), xs.stride(1), K,
+                                            D=16, BM=16, BC=16)
+        want = brute_force(xs, cbx, K).transpose(0, 1)  # (G, N, K)
+        assert torch.equal(ids[:, 2::2], want[:, 2::2]) and (ids[:, 1::2] == -7).all()
+        assert ids[0, 0, 0] == 7 and (K == 1 or ids[0, 0, 1] == 300)
     # near-ties at the k-th place, across blocks: not proven, so searched again exactly
     N, G, d, C = 48, 2, 16, 200
 

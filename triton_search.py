@@ -2,7 +2,7 @@
 The codebook search as fused Triton kernels, for CUDA: the (tokens x codes) score matrix is never written.
 
     import triton_search
-    ids = triton_search.search(x, codebook, k, exact=codebook.tiled_search)  # the same ids as exact
+    ids = triton_search.search(x, codebook, k)  # x (N, G, d) -> ids (N, G, k), as a brute-force topk
 
 codebook.search calls it on a GPU when PLANS["cuda"]["fused"] names a precision. On a CPU the kernels run
 only under Triton's interpreter (TRITON_INTERPRET=1 before the first import of triton), which is how the
@@ -11,7 +11,7 @@ tests check them; the CPU path stays pure torch.
 Why fused: on a GPU the torch search writes every score of a tile to memory and reads it back for the
 max, so it costs several times the score matmul. A kernel that keeps each tile of scores in registers
 needs only its inputs. Tensor cores then make the matmul itself cheap, but in TF32, which rounds the
-inputs; a near-tie could swap ids. So each search is two passes:
+inputs; a near-tie could swap ids. So a search is a candidate pass and a proof, then an exact pass:
 
   1. candidates, in `precision` on tensor cores ("tf32x3", three TF32 products, is near fp32; "tf32";
      "ieee", fp32 without tensor cores):
@@ -20,13 +20,14 @@ inputs; a near-tie could swap ids. So each search is two passes:
              best blocks (the k best codes lie in the k blocks with the best maxima), and a second
              kernel scores the codes of the first k + 1 exactly, in fp32.
      One candidate more than k needs: a near-tie at the k-th place is then settled by exact scores
-     instead of the torch search (emulated on random inputs and on a trained TokFSM model, that left
+     instead of the exact kernel (emulated on random inputs and on a trained TokFSM model, that left
      10-100x fewer tokens unproven).
   2. a proof: the rounding error of a score is at most eps = eps_rel(d, precision) * |x| (|code| = 1).
      Codes left out score at most `bound` (the third-best score, or the (k+2)-th block maximum) plus
      eps; if that is below the k-th exact score, the exact top-k is among the candidates. Tokens where it
-     is not proven (near-ties of three or more codes) are searched again by `exact`,
-     the torch search. That costs one host sync a call: the count of such tokens.
+     is not proven (near-ties of three or more codes) are searched again, exactly, by a third kernel
+     in fp32 without tensor cores; its programs with no such token stop at once. The official code
+     syncs with the host at every forward; this search never does.
 """
 
 import os
@@ -147,6 +148,36 @@ if triton is not None:
             tl.store(s_ptr + (g * M * B + i).to(tl.int64) * N + rows, s, mask=live)
 
 
+    @triton.jit
+    def _exact_kernel(x_ptr, u_ptr, redo_ptr, ids_ptr, N, C, d, sxn, sxg, K, D: tl.constexpr, BM: tl.constexpr,
+                      BC: tl.constexpr):
+        """ids (G, N, K): the exact top-K of the tokens whose redo (G, N) is set, in fp32 without tensor
+        cores; programs with no such token stop at once. K passes over the codes, each taking the best
+        code after the last one taken in the order (score descending, id ascending): no list of taken
+        codes to hold, and an exact tie goes to the lower id."""
+        g = tl.program_id(1)
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        redo = tl.load(redo_ptr + g * N + rows, mask=rows < N, other=0) != 0
+        if tl.max(redo.to(tl.int32), axis=0) > 0:
+            rows, x = _load_x(x_ptr, g, N, d, sxn, sxg, BM, D)
+            cols = tl.arange(0, BC)
+            last = tl.full((BM,), float("inf"), tl.float32)
+            last_id = tl.full((BM,), -1, tl.int32)
+            for r in range(0, K):
+                best = tl.full((BM,), float("-inf"), tl.float32)
+                arg = tl.zeros((BM,), tl.int32)
+                for c0 in range(0, C, BC):
+                    s = _scores(x, u_ptr, g, c0, C, d, "ieee", D, BC)
+                    after = (s < last[:, None]) | ((s == last[:, None]) & (c0 + cols[None, :] > last_id[:, None]))
+                    s = tl.where(after, s, float("-inf"))
+                    m = tl.max(s, axis=1)
+                    take = m > best  # a tie keeps the earlier tile's, lower id
+                    arg = tl.where(take, tl.argmax(s, axis=1) + c0, arg)
+                    best = tl.where(take, m, best)
+                tl.store(ids_ptr + (g * N + rows).to(tl.int64) * K + r, arg, mask=redo)
+                last, last_id = best, arg
+
+
 def unit(codebook):
     """(G, C, d) -> the codes scaled to length 1, fp32, contiguous: what the kernels read."""
     return (codebook / torch.linalg.vector_norm(codebook, dim=-1, keepdim=True).clamp_min(1e-12)).float().contiguous()
@@ -193,19 +224,19 @@ def candidates(x, u, k, precision="tf32x3", block=16, tile=(64, 64, 4)):
     return ids, bound + eps < v[..., -1]
 
 
-def search(x, codebook, k, exact, precision="tf32x3", block=16, tile=(64, 64, 4), max_elems=1 << 26):
+def search(x, codebook, k, precision="tf32x3", block=16, tile=(64, 64, 4), max_elems=1 << 26):
     """Ids of the k codes most cosine-similar to each input, slot 0 the best: x (N, G, d),
-    codebook (G, C, d) -> (N, G, k) int64, as exact(x, codebook, k) gives (up to exact ties).
-    exact: the search for the tokens whose candidates are not proven (codebook.tiled_search).
+    codebook (G, C, d) -> (N, G, k) int64, the same as a brute-force fp32 topk (up to exact ties).
+    Tokens whose candidates are not proven get the exact kernel's ids, so there is no host sync.
     max_elems: block maxima held at once (k > 1), so memory does not grow with N * C."""
-    N, G, _ = x.shape
-    n = N if k == 1 else max(1, max_elems // (G * triton.cdiv(codebook.shape[1], block)))
+    N, G, d = x.shape
+    C = codebook.shape[1]
+    x = x.float()
+    n = N if k == 1 else max(1, max_elems // (G * triton.cdiv(C, block)))
     u = unit(codebook)
     parts = [candidates(x[n0:n0 + n], u, k, precision, block, tile) for n0 in range(0, N, n)]
-    ids, proven = (torch.cat(t, dim=1) for t in zip(*parts))  # (G, N, k), (G, N)
-    out = ids.transpose(0, 1).contiguous()  # (N, G, k)
-    redo = (~proven).nonzero()  # (R, 2) group, token: the one host sync
-    for g in redo[:, 0].unique().tolist() if len(redo) else []:
-        n = redo[redo[:, 0] == g, 1]
-        out[n, g] = exact(x[n, g:g + 1], codebook[g:g + 1], k)[:, 0]
-    return out
+    ids, proven = (torch.cat(t, dim=1).contiguous() for t in zip(*parts))  # (G, N, k), (G, N)
+    BM, BC, warps = tile
+    _exact_kernel[(triton.cdiv(N, BM), G)](x, u, ~proven, ids, N, C, d, x.stride(0), x.stride(1), k,
+                                           D=max(16, triton.next_power_of_2(d)), BM=BM, BC=BC, num_warps=warps)
+    return ids.transpose(0, 1)  # (N, G, k)
