@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -1023,6 +1024,46 @@ def test_fused_search_under_triton_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     layer = json.loads(proc.stdout.split("ROW ")[-1])
     assert layer["fused"] == "tf32x3" and 0 <= layer["unproven"] < 0.05 and layer["fwdbwd_ms"] > 0
+
+
+def sm90_usage(kernel, constexprs, warps):
+    """(registers, stack bytes) per thread of a Triton kernel compiled for an H100 (sm_90) on this CPU:
+    triton.compile needs no GPU, and the cuobjdump that comes with Triton reads the cubin."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    pointers = dict(arg_ptr="*i32", j_ptr="*i32", redo_ptr="*i1", ids_ptr="*i64")
+    sig = {a: "constexpr" if a in constexprs else pointers.get(a, "*fp32" if a.endswith("_ptr") else "i32")
+           for a in kernel.arg_names}
+    k = triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps))
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        out = subprocess.run([path, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", out).groups()
+    return int(regs), int(stack)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
+def test_fused_kernels_compiled_for_an_h100_do_not_spill():
+    """What a CPU can say about the kernels on a GPU: compiled for sm_90 at the CUDA plan's tile, the
+    candidate kernels hold everything in registers (no stack) at the bench's code widths, and the exact
+    kernel (EXACT_TILE) spills at most 64 bytes."""
+    import triton_search
+    from codebook import PLANS
+    BM, BC, warps = PLANS["cuda"]["fused_tile"]
+    B = PLANS["cuda"]["block"]
+    for d in (32, 64, 128):
+        _, stack = sm90_usage(triton_search._top1_kernel, dict(PREC="tf32x3", D=d, BM=BM, BC=BC), warps)
+        assert stack == 0, ("top1", d, stack)
+        bm, bc, w = triton_search.EXACT_TILE
+        _, stack = sm90_usage(triton_search._exact_kernel, dict(D=d, BM=bm, BC=bc), w)
+        assert stack <= 64, ("exact", d, stack)
+    for kernel, c in ((triton_search._block_max_kernel, dict(PREC="tf32x3", D=64, BM=BM, BC=BC, B=B)),
+                      (triton_search._rerank_kernel, dict(D=64, BM=BM, B=B))):
+        assert sm90_usage(kernel, c, warps)[1] == 0, kernel.__name__
 
 
 def test_reference_matches_layer():

@@ -40,6 +40,11 @@ try:
 except ImportError:  # a CPU build of torch: codebook.search stays on its torch path
     triton = None
 
+# (tokens, codes, warps) of the exact kernel's programs. Its fp32 dot keeps whole operand rows per thread:
+# compiled for an H100 (sm_90), 64 x 64 tiles spilled 0.1-2 KB of registers at d = 32-128; 32 x 32 with 4
+# warps spills at most 32 bytes (test_all.py compiles it and checks). It runs only where the proof failed.
+EXACT_TILE = (32, 32, 4)
+
 
 def available(device):
     """Whether the kernels can run on tensors of this device: CUDA with Triton, or Triton's interpreter."""
@@ -73,7 +78,7 @@ if triton is not None:
         """(BM, BC) scores of the tokens x against codes c0 ... c0 + BC - 1 of group g; -inf past C."""
         cols = c0 + tl.arange(0, BC)
         dd = tl.arange(0, D)
-        u = tl.load(u_ptr + (g * C + cols[:, None]) * d + dd[None, :],
+        u = tl.load(u_ptr + (g * C + cols[:, None]).to(tl.int64) * d + dd[None, :],
                     mask=(cols[:, None] < C) & (dd[None, :] < d), other=0.0)  # (BC, D) unit codes
         s = tl.dot(x, tl.trans(u), input_precision=PREC)
         return tl.where(cols[None, :] < C, s, float("-inf"))
@@ -147,7 +152,6 @@ if triton is not None:
             s = tl.where(code < C, tl.sum(x * u, axis=1), float("-inf"))
             tl.store(s_ptr + (g * M * B + i).to(tl.int64) * N + rows, s, mask=live)
 
-
     @triton.jit
     def _exact_kernel(x_ptr, u_ptr, redo_ptr, ids_ptr, N, C, d, sxn, sxg, K, D: tl.constexpr, BM: tl.constexpr,
                       BC: tl.constexpr):
@@ -204,9 +208,8 @@ def candidates(x, u, k, precision="tf32x3", block=16, tile=(64, 64, 4)):
         arg = torch.empty(2, G, N, device=x.device, dtype=torch.int32)
         _top1_kernel[grid](x, u, arg, third, *args, PREC=precision, D=D, BM=BM, BC=BC, num_warps=warps)
         two = arg.permute(1, 2, 0).long()  # (G, N, 2): both scored exactly, so a near-tie between them is settled
-        exact = torch.einsum("gnd,gnkd->gnk", x.transpose(0, 1), u.gather(1, two.reshape(G, 2 * N, 1).expand(
-            G, 2 * N, d)).view(G, N, 2, d))
-        best, j = exact.max(dim=-1, keepdim=True)  # (G, N, 1)
+        codes = u.gather(1, two.reshape(G, 2 * N, 1).expand(G, 2 * N, d)).view(G, N, 2, d)
+        best, j = torch.einsum("gnd,gnkd->gnk", x.transpose(0, 1), codes).max(dim=-1, keepdim=True)  # (G, N, 1)
         return two.gather(-1, j), third + eps < best[..., 0]
     nb = triton.cdiv(C, block)
     m = min(k + 1, nb)  # blocks re-ranked: k hold the k best codes, one more settles near-ties exactly
@@ -236,7 +239,7 @@ def search(x, codebook, k, precision="tf32x3", block=16, tile=(64, 64, 4), max_e
     u = unit(codebook)
     parts = [candidates(x[n0:n0 + n], u, k, precision, block, tile) for n0 in range(0, N, n)]
     ids, proven = (torch.cat(t, dim=1).contiguous() for t in zip(*parts))  # (G, N, k), (G, N)
-    BM, BC, warps = tile
+    BM, BC, warps = EXACT_TILE
     _exact_kernel[(triton.cdiv(N, BM), G)](x, u, ~proven, ids, N, C, d, x.stride(0), x.stride(1), k,
                                            D=max(16, triton.next_power_of_2(d)), BM=BM, BC=BC, num_warps=warps)
     return ids.transpose(0, 1)  # (N, G, k)
