@@ -41,8 +41,8 @@ except ImportError:  # a CPU build of torch: codebook.search stays on its torch 
     triton = None
 
 # (tokens, codes, warps) of the exact kernel's programs. Its fp32 dot keeps whole operand rows per thread:
-# compiled for an H100 (sm_90), 64 x 64 tiles spilled 0.1-2 KB of registers at d = 32-128; 32 x 32 with 4
-# warps spills at most 32 bytes (test_all.py compiles it and checks). It runs only where the proof failed.
+# compiled for an H100 (sm_90), 64 x 64 tiles spilled registers at d = 32-128 (up to ~2 KB a thread);
+# 32 x 32 with 4 warps hardly does (test_all.py compiles it and checks). It runs only where the proof failed.
 EXACT_TILE = (32, 32, 4)
 
 
