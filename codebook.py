@@ -49,7 +49,8 @@ import triton_search
 #   fused       None: the torch tiles above; or the tensor-core precision of triton_search's fused
 #               kernels ("tf32x3", "tf32", "ieee"), which never write the scores (CUDA with Triton only).
 #               Off until timed on a GPU: bench.py --fused=tf32x3 measures it
-#   fused_tile  (tokens, codes, warps) of a fused kernel's program; the fused k > 1 pass uses `block`
+#   fused_tile  (tokens, codes, warps) of a program of the fused candidate kernels; their k > 1 pass
+#               takes the maxima of `block` consecutive codes
 PLANS = {
     "cpu": dict(tile_elems=1 << 19, block_k1=16, block=16, bwd_rows=8192, compile=True, fused=None,
                 fused_tile=None),
