@@ -927,9 +927,9 @@ def test_fused_error_bound_holds_for_emulated_tensor_cores(precision):
         if precision == "tf32":
             approx = tf32(x).double() @ tf32(u).double().T
         else:
-            (xh, uh) = (tf32(x), tf32(u))
-            (xl, ul) = (tf32(x - xh), tf32(u - uh))
-            approx = (xh.double() @ uh.double().T + xh.double() @ ul.double().T + xl.double() @ uh.double().T)
+            xh, uh = tf32(x), tf32(u)
+            xl, ul = tf32(x - xh), tf32(u - uh)
+            approx = xh.double() @ uh.double().T + xh.double() @ ul.double().T + xl.double() @ uh.double().T
         err = ((approx - exact).abs() / x.double().norm(dim=-1, keepdim=True)).max().item()
         bound = triton_search.eps_rel(d, precision)
         assert err <= bound, (d, err, bound)
@@ -951,7 +951,8 @@ def fused_checks():
         cb = torch.randn(G, C, d) * torch.rand(G, C, 1)
         ids, proven = triton_search.candidates(x, triton_search.unit(cb), k, "tf32x3", 16, (16, 32, 4))
         ids, proven = ids.transpose(0, 1), proven.T  # (N, G, k), (N, G)
-        assert proven.float().mean() > 0.9 and torch.equal(ids[proven], brute_force(x, cb, k)[proven]), (N, G, d, C, k)
+        assert proven.float().mean() > 0.9, (N, G, d, C, k)
+        assert torch.equal(ids[proven], brute_force(x, cb, k)[proven]), (N, G, d, C, k)
         assert torch.equal(codebook.search(x, cb, k, kind="cuda"), brute_force(x, cb, k))
         chunked = codebook.search(x, cb, k, max_elems=G * 17 * 10, kind="cuda")  # k > 1: 10 tokens a chunk
         assert torch.equal(chunked, brute_force(x, cb, k))
