@@ -299,7 +299,8 @@ def layer_row(cfg, shape, variant, device):
         if fused:
             with torch.no_grad():
                 u = triton_search.unit(layer.codebook)
-                _, proven = triton_search.candidates(layer.normalize(x), u, k, fused, p["block"], p["fused_tile"])
+                _, proven = triton_search.candidates(layer.normalize(x), u, k, fused, p["block"], p["fused_tile"],
+                                                     p["tile_elems"])
             out["unproven"] = 1 - proven.float().mean().item()
     return out
 

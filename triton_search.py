@@ -187,19 +187,31 @@ def unit(codebook):
     return (codebook / torch.linalg.vector_norm(codebook, dim=-1, keepdim=True).clamp_min(1e-12)).float().contiguous()
 
 
-def candidates(x, u, k, precision="tf32x3", block=16, tile=(64, 64, 4)):
+def _width(d):
+    return max(16, triton.next_power_of_2(d))  # a kernel's D: a power of 2, and tl.dot needs >= 16
+
+
+def candidates(x, u, k, precision="tf32x3", block=16, tile=(64, 64, 4), max_elems=1 << 26):
     """Pass 1 and the proof: x (N, G, d), unit codes u (G, C, d) (from unit()) -> ids (G, N, k),
     proven (G, N) bool. Where proven, ids are the exact top-k, best first.
-    tile: (tokens, codes, warps) of a kernel program."""
-    N, G, d = x.shape
-    C = u.shape[1]
-    BM, BC, warps = tile
+    tile: (tokens, codes, warps) of a kernel program. max_elems: block maxima held at once (k > 1),
+    so memory does not grow with N * C: chunks of tokens."""
+    BM, BC, _ = tile
     pow2 = lambda v: v >= 1 and v & (v - 1) == 0  # noqa: E731
     if not (pow2(BM) and pow2(BC) and pow2(block) and BM >= 16 and BC >= 16):
         raise ValueError(f"fused tile {tile} and block {block}: tokens, codes and block must be powers of 2, "
                          "tokens and codes at least 16")
-    D = max(16, triton.next_power_of_2(d))  # tl.dot needs >= 16
-    x = x.float()
+    N, G, _ = x.shape
+    n = N if k == 1 else max(1, max_elems // (G * triton.cdiv(u.shape[1], block)))
+    parts = [_candidates(x[n0:n0 + n].float(), u, k, precision, block, tile) for n0 in range(0, N, n)]
+    return tuple(torch.cat(t, dim=1).contiguous() for t in zip(*parts))  # (G, N, k), (G, N)
+
+
+def _candidates(x, u, k, precision, block, tile):
+    N, G, d = x.shape
+    C = u.shape[1]
+    BM, BC, warps = tile
+    D = _width(d)
     eps = eps_rel(d, precision) * torch.linalg.vector_norm(x, dim=-1).T  # (G, N)
     grid = (triton.cdiv(N, BM), G)
     args = (N, C, d, x.stride(0), x.stride(1))
@@ -231,15 +243,11 @@ def search(x, codebook, k, precision="tf32x3", block=16, tile=(64, 64, 4), max_e
     """Ids of the k codes most cosine-similar to each input, slot 0 the best: x (N, G, d),
     codebook (G, C, d) -> (N, G, k) int64, the same as a brute-force fp32 topk (up to exact ties).
     Tokens whose candidates are not proven get the exact kernel's ids, so there is no host sync.
-    max_elems: block maxima held at once (k > 1), so memory does not grow with N * C."""
+    max_elems: as in candidates."""
     N, G, d = x.shape
-    C = codebook.shape[1]
-    x = x.float()
-    n = N if k == 1 else max(1, max_elems // (G * triton.cdiv(C, block)))
-    u = unit(codebook)
-    parts = [candidates(x[n0:n0 + n], u, k, precision, block, tile) for n0 in range(0, N, n)]
-    ids, proven = (torch.cat(t, dim=1).contiguous() for t in zip(*parts))  # (G, N, k), (G, N)
+    x, u = x.float(), unit(codebook)
+    ids, proven = candidates(x, u, k, precision, block, tile, max_elems)  # (G, N, k), (G, N)
     BM, BC, warps = EXACT_TILE
-    _exact_kernel[(triton.cdiv(N, BM), G)](x, u, ~proven, ids, N, C, d, x.stride(0), x.stride(1), k,
-                                           D=max(16, triton.next_power_of_2(d)), BM=BM, BC=BC, num_warps=warps)
+    _exact_kernel[(triton.cdiv(N, BM), G)](x, u, ~proven, ids, N, u.shape[1], d, x.stride(0), x.stride(1), k,
+                                           D=_width(d), BM=BM, BC=BC, num_warps=warps)
     return ids.transpose(0, 1)  # (N, G, k)
