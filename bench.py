@@ -131,7 +131,7 @@ def parse(argv):
     if cfg.fused not in ("", "none", "tf32x3", "tf32", "ieee"):
         sys.exit(f"error: --fused={cfg.fused!r}; valid: tf32x3, tf32, ieee, none")
     if cfg.fused not in ("", "none") and not triton_search.available(torch.device(pick_device(cfg.device))):
-        sys.exit(f"error: --fused={cfg.fused} needs CUDA and Triton (on a CPU: Triton's interpreter, "
+        sys.exit(f"error: --fused={cfg.fused} needs Triton and an NVIDIA GPU from Ampere (sm_80) on (on a CPU: Triton's interpreter, "
                  "TRITON_INTERPRET=1, for tests)")
     if cfg.fused_tile and not re.fullmatch(r"\d+,\d+,\d+", cfg.fused_tile):
         sys.exit(f"error: --fused_tile={cfg.fused_tile!r}; valid: tokens,codes,warps, e.g. 64,64,4")
@@ -294,7 +294,7 @@ def layer_row(cfg, shape, variant, device):
         out["warmup_s"] = t_warm  # includes compilation
     if variant != "reference":
         p = codebook.plan_for(x.device)
-        fused = p["fused"] if p["fused"] and triton_search.available(x.device) else None
+        fused = p["fused"] if p["fused"] and triton_search.available(x.device, x.shape[-1]) else None
         out["fused"] = fused
         if fused:
             with torch.no_grad():

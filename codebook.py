@@ -142,11 +142,11 @@ def search(x, codebook, k, max_elems=None, compile=False, kind=None):
 
     x (N, G, d), codebook (G, C, d) -> ids (N, G, k) int64, the same as a brute-force topk over all
     scores (up to exact ties). The device's plan picks the way: triton_search's fused kernels where
-    it names a precision and Triton runs, else tiled_search. kind: follow another device kind's plan
-    ('cpu', 'cuda'; None: x's own).
+    it names a precision, Triton runs and d <= triton_search.MAX_WIDTH, else tiled_search.
+    kind: follow another device kind's plan ('cpu', 'cuda'; None: x's own).
     """
     p = plan_for(x.device) if kind is None else device_plan(kind, torch.get_num_threads(), 1 << 34)
-    if p["fused"] and triton_search.available(x.device):
+    if p["fused"] and triton_search.available(x.device, x.shape[-1]):
         return triton_search.search(x, codebook, k, p["fused"], p["block"], p["fused_tile"],
                                     max_elems or p["tile_elems"])
     return tiled_search(x, codebook, k, max_elems, compile, p)

@@ -1000,6 +1000,14 @@ def fused_checks():
         assert (gap[:8] < triton_search.eps_rel(d, "tf32x3") * x[:8].norm(dim=-1)).all()  # near-ties indeed
         assert not proven.T[:8].any() and proven.T[8:].float().mean() > 0.9, k  # sent to the exact search
         assert torch.equal(codebook.search(x, cb, k, kind="cuda"), brute_force(x, cb, k))
+    # groups wider than the kernels take stay on the torch path
+    x, cb = torch.randn(20, 1, triton_search.MAX_WIDTH + 32), torch.randn(1, 50, triton_search.MAX_WIDTH + 32)
+    assert torch.equal(codebook.search(x, cb, 2, kind="cuda"), brute_force(x, cb, 2))
+    try:
+        triton_search.search(x, cb, 2)
+        raise AssertionError("the fused search took d > MAX_WIDTH")
+    except ValueError as e:
+        assert "d <= " in str(e)
     # the layer on the fused path: the same ids and output as on the torch path
     torch.manual_seed(1)
     layer = CodebookLayer(dim=32, num_codes=100, k=3, groups=2)
@@ -1027,44 +1035,100 @@ def test_fused_search_under_triton_interpreter():
     assert layer["fused"] == "tf32x3" and 0 <= layer["unproven"] < 0.05 and layer["fwdbwd_ms"] > 0
 
 
-def sm90_usage(kernel, constexprs, warps):
-    """(registers, stack bytes) per thread of a Triton kernel compiled for an H100 (sm_90) on this CPU:
-    triton.compile needs no GPU, and the cuobjdump that comes with Triton reads the cubin."""
+def gpu_usage(kernel, constexprs, warps, arch=90, stages=3):
+    """(registers, stack bytes) per thread and shared memory bytes per program of a Triton kernel compiled
+    for an NVIDIA GPU on this CPU (arch 90: an H100; 80: an A100; 86/89: RTX 30/40 cards): triton.compile
+    needs no GPU, and the cuobjdump that comes with Triton reads the cubin."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     pointers = dict(arg_ptr="*i32", j_ptr="*i32", redo_ptr="*i1", ids_ptr="*i64")
     sig = {a: "constexpr" if a in constexprs else pointers.get(a, "*fp32" if a.endswith("_ptr") else "i32")
            for a in kernel.arg_names}
-    k = triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=warps))
+    k = triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", arch, 32),
+                       options=dict(num_warps=warps, num_stages=stages))
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
         out = subprocess.run([path, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", out).groups()
-    return int(regs), int(stack)
+    return int(regs), int(stack), k.metadata.shared
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
-def test_fused_kernels_compiled_for_an_h100_do_not_spill():
-    """What a CPU can say about the kernels on a GPU: compiled for sm_90 at the CUDA plan's tile, the
-    candidate kernels hold everything in registers (no stack) at the bench's code widths, and the exact
-    kernel (EXACT_TILE) spills at most 64 bytes."""
+def test_fused_kernels_compiled_for_nvidia_gpus_fit():
+    """What a CPU can say about the kernels on a GPU, compiled at the CUDA plan's tile:
+    - for an H100 (sm_90), with Triton's default 3 pipeline stages, at the bench's code widths up to
+      MAX_WIDTH: the candidate kernels hold everything in registers (no stack), the exact kernel
+      (EXACT_TILE) spills at most 64 bytes, and all fit the H100's 227 KB of shared memory;
+    - at twice MAX_WIDTH they spill, which is why wider groups stay on the torch search;
+    - for an RTX 30/40 card (sm_86, 99 KB a block), at MAX_WIDTH 3 stages do not fit and fewer do, so
+      triton_search._launch finds a count that runs."""
     import triton_search
     from codebook import PLANS
     BM, BC, warps = PLANS["cuda"]["fused_tile"]
-    B = PLANS["cuda"]["block"]
-    for d in (32, 64, 128):
-        _, stack = sm90_usage(triton_search._top1_kernel, dict(PREC="tf32x3", D=d, BM=BM, BC=BC), warps)
-        assert stack == 0, ("top1", d, stack)
-        bm, bc, w = triton_search.EXACT_TILE
-        _, stack = sm90_usage(triton_search._exact_kernel, dict(D=d, BM=bm, BC=bc), w)
-        assert stack <= 64, ("exact", d, stack)
-    for kernel, c in ((triton_search._block_max_kernel, dict(PREC="tf32x3", D=64, BM=BM, BC=BC, B=B)),
-                      (triton_search._rerank_kernel, dict(D=64, BM=BM, B=B))):
-        assert sm90_usage(kernel, c, warps)[1] == 0, kernel.__name__
+    B, W = PLANS["cuda"]["block"], triton_search.MAX_WIDTH
+    bm, bc, w = triton_search.EXACT_TILE
+    top1 = lambda d: (triton_search._top1_kernel, dict(PREC="tf32x3", D=d, BM=BM, BC=BC), warps)  # noqa: E731
+    block_max = (triton_search._block_max_kernel, dict(PREC="tf32x3", D=W, BM=BM, BC=BC, B=B), warps)
+    for d in (32, 64, W):
+        _, stack, shared = gpu_usage(*top1(d))
+        assert stack == 0 and shared <= 227 * 1024, ("top1", d, stack, shared)
+        _, stack, shared = gpu_usage(triton_search._exact_kernel, dict(D=d, BM=bm, BC=bc), w)
+        assert stack <= 64 and shared <= 227 * 1024, ("exact", d, stack, shared)
+    for kernel, c, wp in (block_max, (triton_search._rerank_kernel, dict(D=W, BM=BM, B=B), warps)):
+        _, stack, shared = gpu_usage(kernel, c, wp)
+        assert stack == 0 and shared <= 227 * 1024, (kernel.__name__, stack, shared)
+    assert gpu_usage(*top1(2 * W))[1] > 0
+    for kernel, c, wp in (top1(W), block_max):
+        shared = [gpu_usage(kernel, c, wp, arch=86, stages=s)[2] for s in (3, 2, 1)]
+        assert shared[0] > 99 * 1024 >= min(shared), (kernel.__name__, shared)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
+def test_fused_launch_takes_fewer_stages_where_shared_memory_is_short():
+    """triton_search._launch on a kernel that fits only with `fits` stages (Triton raises OutOfResources
+    before it launches): it tries 3, 2, 1, keeps the count that ran, and raises when none fits."""
+    import triton
+    import triton_search
+
+    class Kernel:  # stands for a Triton kernel: kernel[grid](*args, num_stages=s, **meta)
+        def __init__(self, fits):
+            self.fits, self.tried = fits, []
+
+        def __getitem__(self, grid):
+            return self
+
+        def __call__(self, *args, num_stages, **meta):
+            self.tried.append(num_stages)
+            if num_stages > self.fits:
+                raise triton.runtime.OutOfResources(num_stages * 48 * 1024, self.fits * 48 * 1024, "shared memory")
+
+    x = torch.zeros(1)  # the key's device
+    for fits, first in ((3, [3]), (2, [3, 2]), (1, [3, 2, 1])):
+        kernel = Kernel(fits)
+        triton_search._launch(kernel, (1, 1), x, D=128, BM=64)
+        triton_search._launch(kernel, (1, 1), x, D=128, BM=64)  # the count found is kept
+        assert kernel.tried == first + [fits], (fits, kernel.tried)
+        triton_search._launch(kernel, (1, 1), x, D=64, BM=64)  # another tile: tried afresh
+        assert kernel.tried[len(first) + 1] == 3
+    with pytest.raises(triton.runtime.OutOfResources):
+        triton_search._launch(Kernel(0), (1, 1), x, D=128, BM=64)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
+def test_fused_search_runs_on_gpus_with_tf32_tensor_cores(monkeypatch):
+    """triton_search.available: CUDA from sm_80 (Ampere) on, groups up to MAX_WIDTH; a Turing GPU (T4,
+    sm_75), the CPU without the interpreter and wider groups keep the torch search."""
+    import triton_search
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cuda, W = torch.device("cuda"), triton_search.MAX_WIDTH
+    for capability, want in (((7, 5), False), ((8, 0), True), ((8, 9), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert triton_search.available(cuda) == want and triton_search.available(cuda, W) == want, capability
+        assert not triton_search.available(cuda, W + 1)
+    assert not triton_search.available(torch.device("cpu"))
 
 
 def test_reference_matches_layer():

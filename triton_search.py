@@ -45,12 +45,21 @@ except ImportError:  # a CPU build of torch: codebook.search stays on its torch 
 # 32 x 32 with 4 warps hardly does (test_all.py compiles it and checks). It runs only where the proof failed.
 EXACT_TILE = (32, 32, 4)
 
+# The widest group (d) the kernels take; wider ones stay on the torch search. A program holds its tokens
+# (BM x d) in registers: compiled for sm_90 at d = 256, every kernel spilled (test_all.py checks d <= 128).
+MAX_WIDTH = 128
 
-def available(device):
-    """Whether the kernels can run on tensors of this device: CUDA with Triton, or Triton's interpreter."""
-    if triton is None:
+
+def available(device, d=None):
+    """Whether the kernels run on tensors of this device for groups d wide (None: any width they take):
+    an NVIDIA GPU from Ampere (sm_80) on, with Triton, or Triton's interpreter on a CPU. The candidate
+    pass exists for TF32 tensor cores; older GPUs have none, and there it is an fp32 search that holds
+    its operands in registers (compiled for sm_75 it spilled 2 KB at d = 128), so they keep the torch one."""
+    if triton is None or (d is not None and d > MAX_WIDTH):
         return False
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def eps_rel(d, precision):
@@ -182,6 +191,27 @@ if triton is not None:
                 last, last_id = best, arg
 
 
+# Pipeline stages of a kernel's loop: Triton's default, 3, unless this GPU's shared memory per block is too
+# small for it. At d = 128 the candidate kernels take 128 KB with 3 stages on sm_80-89, where an RTX 3090
+# or 4090 has 99 KB (an A100 163 KB, an H100 227 KB); with 2 they take 97 KB. Triton checks the size before
+# it launches, so the first call with a new (kernel, tile, device) tries 3, 2, 1 and the count is kept here.
+_stages = {}
+
+
+def _launch(kernel, grid, *args, **meta):
+    """kernel[grid](*args, **meta) with the most pipeline stages (at most 3) that fit this GPU."""
+    key = (kernel, args[0].device, tuple(sorted(meta.items())))
+    for s in range(_stages.get(key, 3), 0, -1):
+        try:
+            kernel[grid](*args, num_stages=s, **meta)
+        except triton.runtime.OutOfResources:
+            if s == 1:
+                raise
+            continue
+        _stages[key] = s
+        return
+
+
 def unit(codebook):
     """(G, C, d) -> the codes scaled to length 1, fp32, contiguous: what the kernels read."""
     return (codebook / torch.linalg.vector_norm(codebook, dim=-1, keepdim=True).clamp_min(1e-12)).float().contiguous()
@@ -197,6 +227,9 @@ def candidates(x, u, k, precision="tf32x3", block=16, tile=(64, 64, 4), max_elem
     tile: (tokens, codes, warps) of a kernel program. max_elems: block maxima held at once (k > 1),
     so memory does not grow with N * C: chunks of tokens."""
     BM, BC, _ = tile
+    if x.shape[-1] > MAX_WIDTH:
+        raise ValueError(f"groups of d = {x.shape[-1]}: the fused kernels take d <= {MAX_WIDTH} "
+                         "(codebook.search keeps wider ones on its torch path)")
     pow2 = lambda v: v >= 1 and v & (v - 1) == 0  # noqa: E731
     if not (pow2(BM) and pow2(BC) and pow2(block) and BM >= 16 and BC >= 16):
         raise ValueError(f"fused tile {tile} and block {block}: tokens, codes and block must be powers of 2, "
@@ -218,7 +251,7 @@ def _candidates(x, u, k, precision, block, tile):
     if k == 1:
         third = torch.empty(G, N, device=x.device)
         arg = torch.empty(2, G, N, device=x.device, dtype=torch.int32)
-        _top1_kernel[grid](x, u, arg, third, *args, PREC=precision, D=D, BM=BM, BC=BC, num_warps=warps)
+        _launch(_top1_kernel, grid, x, u, arg, third, *args, PREC=precision, D=D, BM=BM, BC=BC, num_warps=warps)
         two = arg.permute(1, 2, 0).long()  # (G, N, 2): both scored exactly, so a near-tie between them is settled
         codes = u.gather(1, two.reshape(G, 2 * N, 1).expand(G, 2 * N, d)).view(G, N, 2, d)
         best, j = torch.einsum("gnd,gnkd->gnk", x.transpose(0, 1), codes).max(dim=-1, keepdim=True)  # (G, N, 1)
@@ -226,14 +259,14 @@ def _candidates(x, u, k, precision, block, tile):
     nb = triton.cdiv(C, block)
     m = min(k + 1, nb)  # blocks re-ranked: k hold the k best codes, one more settles near-ties exactly
     maxima = torch.empty(G, N, nb, device=x.device)
-    _block_max_kernel[grid](x, u, maxima, *args[:3], nb, *args[3:], PREC=precision, D=D, BM=BM,
-                            BC=max(BC, block), B=block, num_warps=warps)
+    _launch(_block_max_kernel, grid, x, u, maxima, *args[:3], nb, *args[3:], PREC=precision, D=D, BM=BM,
+            BC=max(BC, block), B=block, num_warps=warps)
     top = maxima.topk(min(m + 1, nb), dim=-1)  # (G, N, m + 1): the last maximum bounds every other code
     J = top.indices[..., :m]  # (G, N, m)
     bound = top.values[..., m] if nb > m else torch.full((G, N), float("-inf"), device=x.device)
     scores = torch.empty(G, m * block, N, device=x.device)
-    _rerank_kernel[grid](x, u, J.transpose(1, 2).to(torch.int32).contiguous(), scores, *args, m, D=D, BM=BM,
-                         B=block, num_warps=warps)
+    J32 = J.transpose(1, 2).to(torch.int32).contiguous()  # (G, m, N)
+    _launch(_rerank_kernel, grid, x, u, J32, scores, *args, m, D=D, BM=BM, B=block, num_warps=warps)
     v, p = scores.transpose(1, 2).topk(k, dim=-1)  # (G, N, k) exact, best first
     ids = J.gather(-1, torch.div(p, block, rounding_mode="floor")) * block + p % block
     return ids, bound + eps < v[..., -1]
@@ -248,6 +281,6 @@ def search(x, codebook, k, precision="tf32x3", block=16, tile=(64, 64, 4), max_e
     x, u = x.float(), unit(codebook)
     ids, proven = candidates(x, u, k, precision, block, tile, max_elems)  # (G, N, k), (G, N)
     BM, BC, warps = EXACT_TILE
-    _exact_kernel[(triton.cdiv(N, BM), G)](x, u, ~proven, ids, N, u.shape[1], d, x.stride(0), x.stride(1), k,
-                                           D=_width(d), BM=BM, BC=BC, num_warps=warps)
+    _launch(_exact_kernel, (triton.cdiv(N, BM), G), x, u, ~proven, ids, N, u.shape[1], d, x.stride(0),
+            x.stride(1), k, D=_width(d), BM=BM, BC=BC, num_warps=warps)
     return ids.transpose(0, 1)  # (N, G, k)
