@@ -1063,7 +1063,7 @@ def test_fused_kernels_compiled_for_nvidia_gpus_fit():
       MAX_WIDTH: the candidate kernels hold everything in registers (no stack), the exact kernel
       (EXACT_TILE) spills at most 64 bytes, and all fit the H100's 227 KB of shared memory;
     - at twice MAX_WIDTH they spill, which is why wider groups stay on the torch search;
-    - for an RTX 30/40 card (sm_86, 99 KB a block), at MAX_WIDTH 3 stages do not fit and fewer do, so
+    - for an RTX 30/40 card (sm_86, 99 KB a block), at MAX_WIDTH 3 stages do not fit and 2 do, so
       triton_search._launch finds a count that runs."""
     import triton_search
     from codebook import PLANS
@@ -1082,8 +1082,8 @@ def test_fused_kernels_compiled_for_nvidia_gpus_fit():
         assert stack == 0 and shared <= 227 * 1024, (kernel.__name__, stack, shared)
     assert gpu_usage(*top1(2 * W))[1] > 0
     for kernel, c, wp in (top1(W), block_max):
-        shared = [gpu_usage(kernel, c, wp, arch=86, stages=s)[2] for s in (3, 2, 1)]
-        assert shared[0] > 99 * 1024 >= min(shared), (kernel.__name__, shared)
+        shared = [gpu_usage(kernel, c, wp, arch=86, stages=s)[2] for s in (3, 2)]
+        assert shared[0] > 99 * 1024 >= shared[1], (kernel.__name__, shared)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
