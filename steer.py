@@ -50,7 +50,7 @@ from readout import code_name, flat_ids, load_codebook_model, need_fsm, parse_co
 
 FLAGS = dict(  # every flag and its default; the default's type is the flag's type
     ckpt="",  # a checkpoint written by train.py (required)
-    device="cpu",  # cpu, cuda, mps or auto
+    device="auto",  # auto (cuda if there is one, else mps, else cpu), cpu, cuda or mps
     seed=0,  # seed of the sampled sequences, the trials and the samples
     n_seqs=500,  # sequences sampled by states, usage, show and search
     batch_size=100,  # sequences per forward pass
@@ -244,7 +244,8 @@ def cmd_states(cfg, ckpt, model):
           f"best neurons {r['neuron_precision']:.3f} at the same recall, over {r['patterns']} states")
     out = dict(site=top, code_precision=r["code_precision"], code_recall=r["code_recall"],
                neuron_precision=r["neuron_precision"], state_digit=sites[top]["state_digit"], sites=sites,
-               per_state=table[top], n_seqs=cfg["n_seqs"], seed=cfg["seed"], wall_s=time.time() - t0)
+               per_state=table[top], n_seqs=cfg["n_seqs"], seed=cfg["seed"],
+               device=str(next(model.parameters()).device), wall_s=time.time() - t0)
     write_json(cfg["ckpt"], "states.json", out)
     return out
 
@@ -323,7 +324,7 @@ def cmd_patch(cfg, ckpt, model):
     if "all_mlp" in probs:
         out.update(force_success=moved(probs["all_mlp"]), force_baseline=moved(probs["none"]),
                    greedy_success=greedy_ok(greedy["all_mlp"]), greedy_baseline=greedy_ok(greedy["none"]))
-    out.update(pairs=cfg["pairs"], ctx_states=n, seed=cfg["seed"], wall_s=time.time() - t0)
+    out.update(pairs=cfg["pairs"], ctx_states=n, seed=cfg["seed"], device=str(dev), wall_s=time.time() - t0)
     for k, v in norm.items():
         print(f"{k:10s} normalised JSD {v:.3f}  (raw {raw[k]:.4f} nats)")
     if "force_success" in out:

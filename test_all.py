@@ -626,7 +626,7 @@ def test_ddp_checkpoint_resumes_in_one_process_and_loads_in_steer(ddp_run, tmp_p
     m = train.train(cfg, given)
     assert "it ran on 2 process(es), this on 1: the data differ from an unbroken run" in capsys.readouterr().out
     assert m["iters"] == 8 and m["world_size"] == 1 and m["config"]["batch_size"] == 8
-    out = steer.main(["usage", f"--ckpt={ddp_run / 'ckpt.pt'}"])
+    out = steer.main(["usage", f"--ckpt={ddp_run / 'ckpt.pt'}", "--device=cpu"])
     assert set(out) >= {"L0.attn", "L0.mlp"}
 
 
@@ -807,7 +807,7 @@ def test_generate_follows_the_forced_distribution(ckpt, capsys):
     c = moved[0]
     want = model(idx, interventions=[Intervention("L1.mlp", 0, c)])[0][0, -1].argmax().item()
     out = steer.main(["generate", f"--ckpt={ckpt}", "--prompt=0105", f"--force=L1.mlp:{c}", "--top_k=1", "--n=1",
-                      "--max_new_tokens=1"])
+                      "--max_new_tokens=1", "--device=cpu"])
     _, decode, _ = readout.tokenizer(common.load_checkpoint(ckpt))
     assert out["baseline"]["samples"][0][-1] == decode([base])[0]  # greedy: the argmax, unforced
     assert out["steered"]["samples"][0][-1] == decode([want])[0]  # and forced
@@ -831,13 +831,13 @@ def test_patching_own_codes_changes_nothing(tmp_path):
 
 
 def test_states_patch_usage_search_generate_run(ckpt, capsys):
-    common = [f"--ckpt={ckpt}", "--batch_size=16"]
+    common = [f"--ckpt={ckpt}", "--batch_size=16", "--device=cpu"]
     out = steer.main(["states", "--n_seqs=24", "--min_count=1"] + common)
     assert out["site"] in ("L0.attn", "L0.mlp", "L1.attn", "L1.mlp")
     assert 0 < out["code_precision"] <= 1 and 0 < out["code_recall"] <= 1 and 0 < out["neuron_precision"] <= 1
-    assert len(out["per_state"]) == 12
+    assert len(out["per_state"]) == 12 and out["device"] == "cpu"
     out = steer.main(["patch", "--pairs=30", "--ctx_states=3"] + common)
-    assert out["jsd"]["none"] == 1.0 and {"all", "all_mlp", "all_attn", "L1.mlp"} <= set(out["jsd"])
+    assert out["device"] == "cpu" and out["jsd"]["none"] == 1.0 and {"all", "all_mlp", "all_attn", "L1.mlp"} <= set(out["jsd"])
     assert 0 <= out["force_success"] <= 1
     out = steer.main(["usage", "--n_seqs=8"] + common)
     assert 0 < out["L0.mlp"]["alive"] <= 1 and sum(out["L0.mlp"]["histogram"].values()) == 64
@@ -1326,12 +1326,12 @@ def test_init_from_inserts_codebooks_into_the_plain_model(lm):
 
 def test_topics_command(lm, capsys):
     d, _ = lm
-    argv = [f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--samples=2", "--max_new_tokens=12", "--prompts=|Once upon a time,",
-            "--n_stories=30", "--min_in=0", "--max_out=1", "--max_codes=3"]
+    argv = [f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--device=cpu", "--samples=2", "--max_new_tokens=12",
+            "--prompts=|Once upon a time,", "--n_stories=30", "--min_in=0", "--max_out=1", "--max_codes=3"]
     out = topics.main(argv + ["--sweep=1,3", "--sweep_samples=1", "--sweep_per_head=0,1"])
     saved = json.load(open(d / "cb" / "topics.json"))
     names = [t for t in saved if t not in ("mean", "settings", "sweep")]
-    assert names == list(td.TOPIC_STORY)
+    assert names == list(td.TOPIC_STORY) and saved["settings"]["device"] == "cpu"
     for t in names:
         assert 0 <= saved[t]["baseline"] <= 1 and 0 <= saved[t]["steered"] <= 1
         assert saved[t]["n_codes"] == len(saved[t]["codes"]) == 3  # at most k=2 per head, 2 heads
@@ -1348,10 +1348,10 @@ def test_topics_command(lm, capsys):
     assert all(out[t]["n_codes"] == 2 and len({c.split(":")[0] for c in out[t]["codes"]}) == 2 for t in names)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # generation must fit in block_size 48
-        topics.main([f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--max_new_tokens=48"])
+        topics.main([f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--max_new_tokens=48", "--device=cpu"])
     assert e.value.code == 2 and "block_size" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        topics.main([f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--at=middle"])
+        topics.main([f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--at=middle", "--device=cpu"])
     assert e.value.code == 2 and "valid: all, new" in capsys.readouterr().err
 
 

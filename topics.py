@@ -57,7 +57,7 @@ from readout import code_name, flat_ids, load_codebook_model, tokenizer, write_j
 @dataclass
 class TopicsConfig:
     ckpt: str = ""  # a checkpoint of train.py on token data, with codebooks (required)
-    device: str = "cpu"  # cpu, cuda, mps or auto
+    device: str = "auto"  # auto (cuda if there is one, else mps, else cpu), cpu, cuda or mps
     seed: int = 0  # seed of the samples (prompt j draws from seed + j)
     batch_size: int = 100  # stories per forward pass while finding topic codes
     data_dir: str = ""  # the token data ("": the one the checkpoint was trained on)
@@ -340,7 +340,8 @@ def main(argv=None):
     out["mean"] = mean
     if sweep:
         out["sweep"] = run_sweep(model, cfg, sweep, caps, patterns, rows, prompts, enc.decode)
-    out["settings"] = dict(asdict(cfg), prompts=cfg.prompts.split("|"), n_stories=n_stories, labels=labelled,
+    out["settings"] = dict(asdict(cfg), device=str(next(model.parameters()).device),
+                           prompts=cfg.prompts.split("|"), n_stories=n_stories, labels=labelled,
                            baseline_sample=base["texts"][-1][:400], wall_s=time.time() - t0)
     write_json(cfg.ckpt, "topics.json", out)
     return out
