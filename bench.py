@@ -131,8 +131,8 @@ def parse(argv):
     if cfg.fused not in ("", "none", "tf32x3", "tf32", "ieee"):
         sys.exit(f"error: --fused={cfg.fused!r}; valid: tf32x3, tf32, ieee, none")
     if cfg.fused not in ("", "none") and not triton_search.available(torch.device(pick_device(cfg.device))):
-        sys.exit(f"error: --fused={cfg.fused} needs Triton and an NVIDIA GPU from Ampere (sm_80) on (on a CPU: Triton's interpreter, "
-                 "TRITON_INTERPRET=1, for tests)")
+        sys.exit(f"error: --fused={cfg.fused} needs Triton and an NVIDIA GPU from Ampere (sm_80) on (on a CPU: "
+                 "Triton's interpreter, TRITON_INTERPRET=1, for tests)")
     if cfg.fused_tile and not re.fullmatch(r"\d+,\d+,\d+", cfg.fused_tile):
         sys.exit(f"error: --fused_tile={cfg.fused_tile!r}; valid: tokens,codes,warps, e.g. 64,64,4")
     if cfg.shapes == "auto":
