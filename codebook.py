@@ -145,6 +145,8 @@ def search(x, codebook, k, max_elems=None, compile=False, kind=None):
     it names a precision, Triton runs and d <= triton_search.MAX_WIDTH, else tiled_search.
     kind: follow another device kind's plan ('cpu', 'cuda'; None: x's own).
     """
+    if not 1 <= k <= codebook.shape[1]:
+        raise ValueError(f"search: k = {k}; valid: 1 <= k <= {codebook.shape[1]}, the number of codes")
     p = plan_for(x.device) if kind is None else device_plan(kind, torch.get_num_threads(), 1 << 34)
     if p["fused"] and triton_search.available(x.device, x.shape[-1]):
         return triton_search.search(x, codebook, k, p["fused"], p["block"], p["fused_tile"],

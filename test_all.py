@@ -60,6 +60,9 @@ def test_search_matches_brute_force(k, groups):
     assert torch.equal(ids, brute_topk(x, cb, k))
     # cosine: the ranking ignores code norms, so a dot-product search would differ here
     assert not torch.equal(torch.einsum("ngd,gcd->ngc", x, cb).topk(k, -1).indices, ids)
+    for bad in (0, 98):  # no ids, or more than there are codes
+        with pytest.raises(ValueError, match="valid: 1 <= k <= 97"):
+            search(x, cb, bad)
 
 
 @pytest.mark.parametrize("max_elems", [97 * 4, 50, 4])  # token chunks; token and code chunks; tiny
@@ -1000,6 +1003,11 @@ def fused_checks():
         assert (gap[:8] < triton_search.eps_rel(d, "tf32x3") * x[:8].norm(dim=-1)).all()  # near-ties indeed
         assert not proven.T[:8].any() and proven.T[8:].float().mean() > 0.9, k  # sent to the exact search
         assert torch.equal(codebook.search(x, cb, k, kind="cuda"), brute_force(x, cb, k))
+    # inputs whose last dimension is not contiguous, as a view can hand them over
+    x, cb = torch.randn(40, 16, 2).transpose(1, 2), torch.randn(2, 100, 16)  # (N, G, d), stride (32, 1, 2)
+    for k in (1, 3):
+        assert torch.equal(codebook.search(x, cb, k, kind="cuda"), brute_force(x, cb, k)), k
+        assert codebook.search(x[:0], cb, k, kind="cuda").shape == (0, 2, k)  # no tokens: no ids, no error
     # groups wider than the kernels take stay on the torch path
     x, cb = torch.randn(20, 1, triton_search.MAX_WIDTH + 32), torch.randn(1, 50, triton_search.MAX_WIDTH + 32)
     assert torch.equal(codebook.search(x, cb, 2, kind="cuda"), brute_force(x, cb, 2))

@@ -217,6 +217,12 @@ def unit(codebook):
     return (codebook / torch.linalg.vector_norm(codebook, dim=-1, keepdim=True).clamp_min(1e-12)).float().contiguous()
 
 
+def _fp32_rows(x):
+    """x as fp32 whose last dimension is contiguous, as the kernels read it (its other strides are passed)."""
+    x = x.float()
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _width(d):
     return max(16, triton.next_power_of_2(d))  # a kernel's D: a power of 2, and tl.dot needs >= 16
 
@@ -235,8 +241,9 @@ def candidates(x, u, k, precision="tf32x3", block=16, tile=(64, 64, 4), max_elem
         raise ValueError(f"fused tile {tile} and block {block}: tokens, codes and block must be powers of 2, "
                          "tokens and codes at least 16")
     N, G, _ = x.shape
-    n = N if k == 1 else max(1, max_elems // (G * triton.cdiv(u.shape[1], block)))
-    parts = [_candidates(x[n0:n0 + n].float(), u, k, precision, block, tile) for n0 in range(0, N, n)]
+    n = max(1, N if k == 1 else max_elems // (G * triton.cdiv(u.shape[1], block)))  # tokens a chunk
+    x = _fp32_rows(x)
+    parts = [_candidates(x[n0:n0 + n], u, k, precision, block, tile) for n0 in range(0, max(N, 1), n)]
     return tuple(torch.cat(t, dim=1).contiguous() for t in zip(*parts))  # (G, N, k), (G, N)
 
 
@@ -278,7 +285,7 @@ def search(x, codebook, k, precision="tf32x3", block=16, tile=(64, 64, 4), max_e
     Tokens whose candidates are not proven get the exact kernel's ids, so there is no host sync.
     max_elems: as in candidates."""
     N, G, d = x.shape
-    x, u = x.float(), unit(codebook)
+    x, u = _fp32_rows(x), unit(codebook)
     ids, proven = candidates(x, u, k, precision, block, tile, max_elems)  # (G, N, k), (G, N)
     BM, BC, warps = EXACT_TILE
     _launch(_exact_kernel, (triton.cdiv(N, BM), G), x, u, ~proven, ids, N, u.shape[1], d, x.stride(0),
