@@ -8,6 +8,7 @@ how the files stand.
 
 import copy
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -1026,8 +1027,19 @@ def fused_checks():
     assert torch.equal(ids, ids2) and torch.equal(y, y2)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="needs triton (pip install triton): its interpreter runs the CUDA kernels on the CPU")
+def interpreter_unusable():
+    """Why Triton's interpreter cannot run here, or "". Before Triton 3.7 it turns 1-element arrays into
+    ints the way numpy 2.4 forbids (triton-lang/triton#9171), and torch 2.11 brings Triton 3.6."""
+    if importlib.util.find_spec("triton") is None:
+        return "needs triton (pip install triton): its interpreter runs the CUDA kernels on the CPU"
+    version = lambda name: tuple(int(v) for v in re.findall(r"\d+", importlib.metadata.version(name))[:2])  # noqa: E731
+    if version("triton") < (3, 7) and version("numpy") >= (2, 4):
+        return (f"Triton {importlib.metadata.version('triton')}'s interpreter fails with numpy "
+                f"{np.__version__}: needs Triton >= 3.7 or numpy < 2.4")
+    return ""
+
+
+@pytest.mark.skipif(bool(interpreter_unusable()), reason=interpreter_unusable())
 def test_fused_search_under_triton_interpreter():
     """The fused kernels, their proof and the exact search of what is not proven, against brute force;
     then bench.py's layer row with --fused."""
