@@ -7,7 +7,7 @@ score matmul, plus what codebooks cost a training step.
     python bench.py --out=bench.json               # also write the table, with its ratios, as JSON
     python bench.py --quick --out=/tmp/bench.json  # tiny shapes, seconds: the smoke test
     python bench.py --shapes=lm --compile=False --threads=1 --reps=3
-    python bench.py --shapes=lm_gpu --tile_elems=67108864   # try another codebook.PLANS setting
+    python bench.py --shapes=lm_gpu --tile_elems=67108864   # try another codebook_fast.PLANS setting
     python bench.py --fused=tf32x3 --out=bench_fused.json   # GPU: the fused Triton search (triton_search.py)
 
 Rows, per shape (N tokens, G groups of width d, C codes per group, k codes per token):
@@ -65,7 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import parse_value
-import codebook
+import codebook_fast
 import triton_search
 from codebook import CodebookLayer
 from fsm_data import FSM
@@ -84,7 +84,7 @@ class BenchConfig:
     device: str = "auto"  # auto, cpu, cuda
     out: str = ""  # write the results as JSON to this path
     quick: bool = False  # tiny shapes, one rep, a tiny training config: a smoke test in seconds
-    tile_elems: int = 0  # try another codebook.PLANS setting for this device (0: keep the plan's)
+    tile_elems: int = 0  # try another codebook_fast.PLANS setting for this device (0: keep the plan's)
     block_k1: int = 0
     block: int = 0
     fused: str = ""  # the fused Triton search (CUDA): tf32x3, tf32, ieee, or none ("": keep the plan's)
@@ -293,7 +293,7 @@ def layer_row(cfg, shape, variant, device):
     if variant == "compiled":
         out["warmup_s"] = t_warm  # includes compilation
     if variant != "reference":
-        p = codebook.plan_for(x.device)
+        p = codebook_fast.plan_for(x.device)
         fused = p["fused"] if p["fused"] and triton_search.available(x.device, x.shape[-1]) else None
         out["fused"] = fused
         if fused:
@@ -353,7 +353,7 @@ def run_row(cfg):
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    plan = codebook.PLANS["cpu" if device == "cpu" else "cuda"]
+    plan = codebook_fast.PLANS["cpu" if device == "cpu" else "cuda"]
     for key in ("tile_elems", "block_k1", "block"):  # --tile_elems=... etc.: try another plan
         if getattr(cfg, key):
             plan[key] = getattr(cfg, key)

@@ -13,6 +13,10 @@ Gradients: straight-through to the input (d y / d x := identity); the codes get 
 through the output plus the gradient of a reconstruction term, sum over groups of
 mean over tokens of |y - sg(x)|^2, added inside the backward as the official 'aeloss' does,
 so the model's own loss stays pure cross-entropy. The MSE value is kept in `layer.last_mse`.
+
+This file is the method: the plain search below, the layer, interventions (force or ablate a code at
+inference). `CodebookLayer(fast=True)`, the default, takes the tuned search of codebook_fast.py instead
+(per-device tiles, block maxima, fused Triton kernels on a GPU), which gives the same ids (tested).
 """
 
 import math
@@ -22,196 +26,66 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import triton_search
+import codebook_fast
 
 # -----------------------------------------------------------------------------
-# the search: pure functions of tensors; compile=True compiles the top-k of a tile
-#
-# The work is one (N, d) @ (d, C) score matmul per group. What makes it slow is everything around it, and
-# that differs per device. On a CPU a full (N, C) score matrix does not fit in cache, and torch.topk costs
-# ~2 ns a score, more than the matmul: so scores are made a tile (~2 MB a thread) at a time into one
-# reused buffer, and a tile's top-k is found through strided blocks (the k best codes lie in the k blocks
-# with the best maxima, so one vectorised max pass touches every score and topk sees 1/16 of them, plus
-# 16k candidates). On a GPU each op is a kernel launch: cache-sized tiles meant thousands of tiny
-# kernels (the layer ran 9-27x slower than the official code on an H100), so a GPU gets tiles of tens
-# of millions of scores.
-
-# The per-device choices, in one place (measured with bench.py; README "Speed"):
-#   tile_elems  scores held at once (on CPU per thread); on CUDA also at most 1/8 of the free memory.
-#               On an H200 each halving of a 2^26 tile cost 5-10% (k = 1) to 25-40% (k = 8, C = 100k):
-#               every tile is ~10 small kernels after its matmul, so launches add up
-#   block_k1    block size of the top-1 pass (1: a plain max over the codes, one read of the scores;
-#               on the H200 the block maxima were 8% slower than a plain max)
-#   block       block size of the top-k pass, k > 1 (on the H200 a plain topk was 1.7-1.9x slower)
-#   bwd_rows    rows of (tokens x groups) per step of the codes' gradient scatter
-#   compile     whether compile=True compiles a tile's top-k here: on the H200 it gained nothing at
-#               k = 1, 7% at the LM shape and lost 25% at 100k codes, so a GPU runs it eagerly
-#   fused       None: the torch tiles above; or the tensor-core precision of triton_search's fused
-#               kernels ("tf32x3", "tf32", "ieee"), which never write the scores (CUDA with Triton only).
-#               Off until timed on a GPU: bench.py --fused=tf32x3 measures it
-#   fused_tile  (tokens, codes, warps) of a program of the fused candidate kernels; their k > 1 pass
-#               takes the maxima of `block` consecutive codes
-PLANS = {
-    "cpu": dict(tile_elems=1 << 19, block_k1=16, block=16, bwd_rows=8192, compile=True, fused=None,
-                fused_tile=None),
-    "cuda": dict(tile_elems=1 << 26, block_k1=1, block=16, bwd_rows=1 << 16, compile=False, fused=None,
-                 fused_tile=(64, 64, 4)),
-}
+# the search: a pure function of tensors
 
 
-def device_plan(kind, threads=1, free_bytes=None):
-    """The PLANS entry for a device kind ('cpu', 'cuda'; others, e.g. mps, take the GPU plan), its
-    tile_elems scaled for the machine: per thread on a CPU, at most 1/8 of free_bytes on a GPU."""
-    p = dict(PLANS["cpu" if kind == "cpu" else "cuda"])
-    if kind == "cpu":
-        p["tile_elems"] *= threads  # a tile per core's cache, and rows enough that topk runs on all cores
-    elif free_bytes is not None:
-        p["tile_elems"] = max(1 << 20, min(p["tile_elems"], free_bytes // 8 // 4))  # fp32 scores
-    return p
+def similarity(x, codes):
+    """Cosine scores up to a per-token factor: x (n, G, d), unit codes (G, C, d) -> (n, G, C).
+    Dividing by |x| changes no token's ranking, so it is left out. Another similarity goes here (and
+    CodebookLayer(fast=False): the tuned search is cosine only)."""
+    return torch.einsum("ngd,gcd->ngc", x, codes)
 
 
-_free = {}
+def top_codes(x, codes, k):
+    """(n, G, d) -> (n, G, k) ids of the k best codes, best first. compile=True compiles this."""
+    return similarity(x, codes).topk(k, dim=-1).indices
 
 
-def plan_for(device):
-    """device_plan for a torch.device, with this process's threads or the GPU's free memory (read once
-    per device: a driver call, not a per-forward cost)."""
-    if device.type != "cuda":
-        return device_plan(device.type, torch.get_num_threads())
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _free:
-        _free[i] = torch.cuda.mem_get_info(i)[0]
-    return device_plan("cuda", free_bytes=_free[i])
-
-
-def topk_scores(s, k, valid, block):
-    """Top-k of a tile of scores s (G, n, c) -> (values, ids), (G, n, k), best first. Codes from `valid`
-    on are padding up to a multiple of `block` (their scores are overwritten with -inf)."""
-    G, n, c = s.shape
-    if valid < c:
-        s[..., valid:] = float("-inf")
-    m = c // block
-    if block == 1 or m < k:
-        return s.max(dim=-1, keepdim=True) if k == 1 else s.topk(k, dim=-1)  # max: 2x faster than topk
-    blocks = s.view(G, n, block, m)  # blocks[..., r, j] is code r * m + j: block j holds codes j, m + j, ...
-    best = blocks.amax(dim=2)  # (G, n, m) block maxima: an elementwise max of `block` contiguous rows
-    if k == 1:
-        v, j = best.max(dim=-1, keepdim=True)  # (G, n, 1)
-        r = blocks.gather(3, j.unsqueeze(2).expand(G, n, block, 1)).view(G, n, block).argmax(-1, keepdim=True)
-        return v, j.add_(r, alpha=m)
-    J = best.topk(k, dim=-1).indices  # (G, n, k) the blocks that hold the k best codes
-    v, p = blocks.gather(3, J.unsqueeze(2).expand(G, n, block, k)).view(G, n, block * k).topk(k, dim=-1)
-    return v, torch.div(p, k, rounding_mode="floor") * m + J.gather(-1, p % k)
-
-
-def merge_topk(vals, ids, new_vals, new_ids, k):
-    """Running top-k over code chunks: keep the k best of two candidate lists, (G, n, k) each."""
-    if k == 1:
-        take = new_vals > vals  # a tie keeps the earlier chunk's (lower) id
-        return torch.where(take, new_vals, vals), torch.where(take, new_ids, ids)
-    v, order = torch.cat([vals, new_vals], dim=-1).topk(k, dim=-1)
-    return v, torch.cat([ids, new_ids], dim=-1).gather(-1, order)
-
-
-_compiled = {}
-
-
-def _maybe_compiled(fn, compile):
-    if not compile:
-        return fn
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn)  # dynamic=None: a second tile shape recompiles once, with symbolic sizes
-    return _compiled[fn]
-
-
-def plan(N, G, C, k, max_elems=1 << 19, block=16):
-    """Tile sizes (groups, tokens, codes) and block size: about max_elems scores a tile, at least 32
-    tokens a matmul, and as few code chunks as possible (each adds a merge and topk's per-row cost);
-    tokens before groups (each group's codes are packed anew for the matmul). block: the device's block
-    size for this k (device_plan), used where a row has >= 64 blocks."""
-    c = max(k, -(-C // -(-C * 32 // max_elems)))  # C split evenly into chunks of <= max_elems / 32 codes
-    block = block if c >= max(1024, 64 * k) else 1  # >= 64 blocks a row, or the block maxima are not worth it
-    c = -(-c // block) * block  # whole blocks (the last chunk is padded)
-    n = max(1, min(N, max_elems // c))
-    return max(1, min(G, max_elems // (n * c))), n, c, block
+_compiled_top_codes = None
 
 
 @torch.no_grad()
-def search(x, codebook, k, max_elems=None, compile=False, kind=None):
-    """Ids of the k codes most cosine-similar to each input, slot 0 the best.
-
-    x (N, G, d), codebook (G, C, d) -> ids (N, G, k) int64, the same as a brute-force topk over all
-    scores (up to exact ties). The device's plan picks the way: triton_search's fused kernels where
-    it names a precision, Triton runs and d <= triton_search.MAX_WIDTH, else tiled_search.
-    kind: follow another device kind's plan ('cpu', 'cuda'; None: x's own).
-    """
-    if not 1 <= k <= codebook.shape[1]:
-        raise ValueError(f"search: k = {k}; valid: 1 <= k <= {codebook.shape[1]}, the number of codes")
-    p = plan_for(x.device) if kind is None else device_plan(kind, torch.get_num_threads(), 1 << 34)
-    if p["fused"] and triton_search.available(x.device, x.shape[-1]):
-        return triton_search.search(x, codebook, k, p["fused"], p["block"], p["fused_tile"],
-                                    max_elems or p["tile_elems"])
-    return tiled_search(x, codebook, k, max_elems, compile, p)
-
-
-@torch.no_grad()
-def tiled_search(x, codebook, k, max_elems=None, compile=False, p=None):
-    """search in torch: tiles of tokens and codes with a running top-k, so memory does not grow with
-    N * C. Holds about `max_elems` scores at once (None: the plan's), plus one normalised chunk of
-    codes. p: a device_plan (None: x's device)."""
-    N, G, d = x.shape
-    C = codebook.shape[1]
-    p = p or plan_for(x.device)
-    block = p["block_k1" if k == 1 else "block"]
-    g_tile, n_tile, c_tile, block = plan(N, G, C, k, max_elems or p["tile_elems"], block)
-    select = _maybe_compiled(topk_scores, compile and p["compile"])
-    xt = x.transpose(0, 1)  # (G, N, d), a strided view the matmul reads as it is
-    buf = torch.empty(g_tile * n_tile * c_tile, device=x.device, dtype=x.dtype)  # a new one per tile: page faults
-    out = torch.empty(N, G, k, device=x.device, dtype=torch.long)
-    ids = out.transpose(0, 1)  # (G, N, k)
-    vals = torch.empty(G, N, k, device=x.device, dtype=x.dtype) if C > c_tile else None  # for merges
-    for c0 in range(0, C, c_tile):
-        valid = min(c_tile, C - c0)
-        c = -(-valid // block) * block
-        for g0 in range(0, G, g_tile):
-            g = min(g_tile, G - g0)
-            chunk = codebook[g0:g0 + g, c0:c0 + valid]
-            # unit codes (dividing by |x| changes no ranking), laid out (g, d, c): the matmul packs a
-            # transposed operand much more slowly; zero padding up to whole blocks
-            inv = torch.linalg.vector_norm(chunk, dim=-1).clamp_min_(1e-12).reciprocal_()  # (g, c)
-            codes_t = chunk.new_zeros(g, d, c) if c > valid else chunk.new_empty(g, d, c)
-            torch.mul(chunk.transpose(1, 2), inv.unsqueeze(1), out=codes_t[:, :, :valid])
-            for n0 in range(0, N, n_tile):
-                n = min(n_tile, N - n0)
-                s = torch.bmm(xt[g0:g0 + g, n0:n0 + n], codes_t, out=buf[:g * n * c].view(g, n, c))
-                v, i = select(s, min(k, valid), valid, block)
-                tile = (slice(g0, g0 + g), slice(n0, n0 + n))
-                if vals is None:  # a single chunk: its top-k is the answer
-                    ids[tile] = i
-                elif c0 == 0:  # k <= C, so the first chunk fills all k slots
-                    vals[tile], ids[tile] = v, i
-                else:
-                    vals[tile], ids[tile] = merge_topk(vals[tile], ids[tile], v, i + c0, k)
-    return out
+def search(x, codebook, k, max_elems=1 << 22, compile=False):
+    """Ids of the k codes most cosine-similar to each input, slot 0 the best: x (N, G, d),
+    codebook (G, C, d) -> (N, G, k) int64. Tokens go in chunks of about max_elems scores, so memory does
+    not grow with N. Matmuls are pinned to fp32: TF32 would round the scores and change ids."""
+    global _compiled_top_codes
+    (N, G, _), C = x.shape, codebook.shape[1]
+    if not 1 <= k <= C:
+        raise ValueError(f"search: k = {k}; valid: 1 <= k <= {C}, the number of codes")
+    if compile and _compiled_top_codes is None:
+        _compiled_top_codes = torch.compile(top_codes)
+    select = _compiled_top_codes if compile else top_codes
+    codes = F.normalize(codebook, dim=-1)  # (G, C, d) unit codes: x . c_i / |c_i|
+    ids = torch.empty(N, G, k, dtype=torch.long, device=x.device)
+    n = max(1, max_elems // (G * C))  # tokens a chunk
+    with codebook_fast.exact_fp32():
+        for i in range(0, N, n):
+            ids[i:i + n] = select(x[i:i + n], codes, k)
+    return ids
 
 
 # -----------------------------------------------------------------------------
-# the straight-through snap with the reconstruction gradient for the codes, and a lean grouped LayerNorm
+# the straight-through snap, with the reconstruction gradient for the codes
 
 
 class _Snap(torch.autograd.Function):
     """(xn (N, G, d), codebook, ids (N, G, k)) -> out, the mean of the k chosen codes, and the logged mse,
-    sum over groups of mean over tokens of |out - xn|^2. No (N, G, k, d) tensor, forward or backward."""
+    sum over groups of mean over tokens of |out - xn|^2. No (N, G, k, d) tensor, forward or backward.
+    rows: (token, group) rows per step of the codes' gradient scatter (None: all at once)."""
 
     @staticmethod
-    def forward(ctx, xn, codebook, ids, mse_weight):
+    def forward(ctx, xn, codebook, ids, mse_weight, rows=None):
         G, C, d = codebook.shape
         N, _, k = ids.shape
         flat_ids = (ids + torch.arange(G, device=ids.device)[:, None] * C).reshape(N * G, k)  # rows of (G*C, d)
         out = F.embedding_bag(flat_ids, codebook.reshape(G * C, d), mode="mean").view(N, G, d)
         diff = (out - xn).view(-1)
         ctx.save_for_backward(xn, out, flat_ids)  # alive anyway (the caller holds both): no extra memory
-        ctx.mse_weight, ctx.shape = mse_weight, codebook.shape
+        ctx.mse_weight, ctx.shape, ctx.rows = mse_weight, codebook.shape, rows or N * G
         mse = torch.dot(diff, diff) / N
         ctx.mark_non_differentiable(mse)
         return out, mse
@@ -224,98 +98,14 @@ class _Snap(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_codes = torch.zeros(G * C, d, device=xn.device, dtype=xn.dtype)
             xn, out, grad = (t.reshape(N * G, d) for t in (xn, out, grad_out))
-            rows = plan_for(xn.device)["bwd_rows"]  # CPU: no temporary the size of x; GPU: few launches
-            for r in range(0, N * G, rows):
+            for r in range(0, N * G, ctx.rows):
                 # d/d out of sum_g mean_n |out - sg(x)|^2 plus the loss gradient; each of the k codes gets 1/k
-                g = torch.sub(out[r:r + rows], xn[r:r + rows]).mul_(ctx.mse_weight * 2.0 / N)
-                g = g.add_(grad[r:r + rows]).div_(k)
+                g = torch.sub(out[r:r + ctx.rows], xn[r:r + ctx.rows]).mul_(ctx.mse_weight * 2.0 / N)
+                g = g.add_(grad[r:r + ctx.rows]).div_(k)
                 for j in range(k):
-                    grad_codes.index_add_(0, flat_ids[r:r + rows, j], g)
+                    grad_codes.index_add_(0, flat_ids[r:r + ctx.rows, j], g)
             grad_codes = grad_codes.view(G, C, d)
-        return grad_out, grad_codes, None, None  # straight-through to the input
-
-
-class _GroupLayerNorm(torch.autograd.Function):
-    """x (N, G, d) -> F.layer_norm(x, (d,)) * weight + bias with a (G, d) affine, saving only x and the
-    row statistics (autograd would also keep the normalised copy, the size of x) for a fused backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        xhat, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), None, None, 1e-5)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        return torch.addcmul(bias, xhat, weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, mean, rstd = ctx.saved_tensors
-        N, G, d = x.shape
-        grad = grad.contiguous()
-        mask = [ctx.needs_input_grad[0], True, True]
-        if G == 1:  # one affine: the fused kernel does it all (the bias argument: only its shape is read)
-            dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-                grad.view(N, d), x.view(N, d), (d,), mean.view(N, 1), rstd.view(N, 1), weight[0], weight[0], mask)
-            return None if dx is None else dx.view(N, 1, d), dw[None], db[None]
-        grad_b = grad.sum(0)  # (G, d)
-        grad_w = (x - mean).mul_(rstd).mul_(grad).sum(0)  # sum over tokens of grad * xhat, one temporary
-        grad_x = None
-        if mask[0]:  # the affine applied by hand, then one kernel for all G * N rows
-            grad_x = torch.ops.aten.native_layer_norm_backward(
-                (grad * weight).view(N * G, d), x.reshape(N * G, d), (d,), mean.reshape(N * G, 1),
-                rstd.reshape(N * G, 1), None, None, [True, False, False])[0].view(N, G, d)
-        return grad_x, grad_w, grad_b
-
-
-# -----------------------------------------------------------------------------
-# interventions: plain data passed to forward
-
-
-@dataclass(frozen=True)
-class Intervention:
-    """Force or ablate one code of one codebook at inference time.
-
-    force: the code takes the lowest-similarity slot of its group's top-k (a second forced code in
-    the same group takes the next slot up, and so on); ablate: the code is removed from the search,
-    so the next best is taken. positions index the time axis (dim -2 of the layer's input);
-    None means every position, negative values count from the end, values past the end are ignored.
-    """
-    site: str  # codebook site, e.g. "L2.attn"
-    group: int  # head (0 for an ungrouped codebook)
-    code: int
-    ablate: bool = False
-    positions: tuple = None
-
-
-def _position_mask(positions, T, device):
-    if positions is None:
-        return torch.ones(T, dtype=torch.bool, device=device)
-    mask = torch.zeros(T, dtype=torch.bool, device=device)
-    idx = [p % T if p < 0 else p for p in positions if -T <= p < T]
-    mask[idx] = True
-    return mask
-
-
-def apply_interventions(ids_ext, interventions, k, T):
-    """ids_ext (N, G, k + A) candidates -> (N, G, k) ids after ablations and forced codes."""
-    N, G, _ = ids_ext.shape
-    dev = ids_ext.device
-    ablations = [iv for iv in interventions if iv.ablate]
-    forces = [iv for iv in interventions if not iv.ablate]
-    if ablations:
-        bad = torch.zeros_like(ids_ext, dtype=torch.bool)
-        for iv in ablations:
-            at = _position_mask(iv.positions, T, dev).repeat(N // T)  # (N,)
-            bad[:, iv.group] |= (ids_ext[:, iv.group] == iv.code) & at[:, None]
-        order = torch.sort(bad.to(torch.int8), dim=-1, stable=True).indices  # ablated candidates last
-        ids_ext = ids_ext.gather(-1, order)
-    ids = ids_ext[..., :k].clone()
-    slot = [k - 1] * G  # next free slot per group, from the lowest similarity up
-    for iv in forces:
-        if slot[iv.group] < 0:
-            raise ValueError(f"more than k={k} codes forced into group {iv.group} of {iv.site}")
-        at = _position_mask(iv.positions, T, dev).repeat(N // T)
-        ids[at, iv.group, slot[iv.group]] = iv.code
-        slot[iv.group] -= 1
-    return ids
+        return grad_out, grad_codes, None, None, None  # straight-through to the input
 
 
 # -----------------------------------------------------------------------------
@@ -323,7 +113,13 @@ def apply_interventions(ids_ext, interventions, k, T):
 
 
 class CodebookLayer(nn.Module):
-    def __init__(self, dim, num_codes, k=1, groups=1, mse_weight=1.0, compile=False, max_elems=None):
+    """y, ids = layer(x, interventions=()): x (..., dim) -> y (..., dim), ids (..., groups, k).
+
+    num_codes C per group, k codes per token; mse_weight scales the codes' reconstruction gradient;
+    compile: torch.compile the search; max_elems: scores held at once by the search (None: its default);
+    fast: the tuned search and LayerNorm of codebook_fast.py (False: the plain ones of this file)."""
+
+    def __init__(self, dim, num_codes, k=1, groups=1, mse_weight=1.0, compile=False, max_elems=None, fast=True):
         super().__init__()
         if dim % groups:
             raise ValueError(f"dim={dim} is not divisible by groups={groups}")
@@ -332,6 +128,7 @@ class CodebookLayer(nn.Module):
         d = dim // groups
         self.dim, self.num_codes, self.k, self.groups = dim, num_codes, k, groups
         self.mse_weight, self.compile, self.max_elems = mse_weight, compile, max_elems
+        self.fast = fast  # the tuned search (codebook_fast.py) or the plain one: the same ids and gradients
         self.codebook = nn.Parameter(torch.randn(groups, num_codes, d))  # N(0, 1): norm ~ sqrt(d), like LN output
         self.ln_weight = nn.Parameter(torch.ones(groups, d))
         self.ln_bias = nn.Parameter(torch.zeros(groups, d))
@@ -344,9 +141,11 @@ class CodebookLayer(nn.Module):
         self._recent = None  # last normalised training inputs, the pool for dead-code replacement
 
     def normalize(self, x):
-        """(..., dim) -> (N, G, d) in the layer's LayerNorm space."""
-        d = self.dim // self.groups
-        return _GroupLayerNorm.apply(x.reshape(-1, self.groups, d), self.ln_weight, self.ln_bias)
+        """(..., dim) -> (N, G, d) in the layer's LayerNorm space: each group its own LN affine."""
+        a = x.reshape(-1, self.groups, self.dim // self.groups)
+        if self.fast:  # the same values; its backward keeps less memory
+            return codebook_fast.group_layer_norm(a, self.ln_weight, self.ln_bias)
+        return F.layer_norm(a, a.shape[-1:], eps=1e-5) * self.ln_weight + self.ln_bias
 
     def forward(self, x, interventions=()):
         if interventions and self.training:
@@ -359,11 +158,16 @@ class CodebookLayer(nn.Module):
         N, G, d = xn.shape
         T = x.shape[-2] if x.dim() >= 3 else N
         n_ablate = max([sum(iv.ablate and iv.group == g for iv in interventions) for g in range(G)], default=0)
-        ids = search(xn.detach(), self.codebook.detach(), min(self.k + n_ablate, self.num_codes),
-                     self.max_elems, self.compile)
+        k = min(self.k + n_ablate, self.num_codes)  # ablated codes leave the search: more candidates
+        if self.fast:
+            ids = codebook_fast.search(xn.detach(), self.codebook.detach(), k, self.max_elems, self.compile)
+            rows = codebook_fast.plan_for(x.device)["bwd_rows"]
+        else:
+            ids = search(xn.detach(), self.codebook.detach(), k, self.max_elems or 1 << 22, self.compile)
+            rows = None
         if interventions:
             ids = apply_interventions(ids, interventions, self.k, T)
-        out, mse = _Snap.apply(xn, self.codebook, ids, self.mse_weight)
+        out, mse = _Snap.apply(xn, self.codebook, ids, self.mse_weight, rows)
         with torch.no_grad():
             self.last_mse = mse
             if self.training:
@@ -447,3 +251,56 @@ class CodebookLayer(nn.Module):
 
     def extra_repr(self):
         return f"dim={self.dim}, num_codes={self.num_codes}, k={self.k}, groups={self.groups}"
+
+
+# -----------------------------------------------------------------------------
+# interventions: plain data passed to forward
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """Force or ablate one code of one codebook at inference time.
+
+    force: the code takes the lowest-similarity slot of its group's top-k (a second forced code in
+    the same group takes the next slot up, and so on); ablate: the code is removed from the search,
+    so the next best is taken. positions index the time axis (dim -2 of the layer's input);
+    None means every position, negative values count from the end, values past the end are ignored.
+    """
+    site: str  # codebook site, e.g. "L2.attn"
+    group: int  # head (0 for an ungrouped codebook)
+    code: int
+    ablate: bool = False
+    positions: tuple = None
+
+
+def _position_mask(positions, T, device):
+    if positions is None:
+        return torch.ones(T, dtype=torch.bool, device=device)
+    mask = torch.zeros(T, dtype=torch.bool, device=device)
+    idx = [p % T if p < 0 else p for p in positions if -T <= p < T]
+    mask[idx] = True
+    return mask
+
+
+def apply_interventions(ids_ext, interventions, k, T):
+    """ids_ext (N, G, k + A) candidates -> (N, G, k) ids after ablations and forced codes."""
+    N, G, _ = ids_ext.shape
+    dev = ids_ext.device
+    ablations = [iv for iv in interventions if iv.ablate]
+    forces = [iv for iv in interventions if not iv.ablate]
+    if ablations:
+        bad = torch.zeros_like(ids_ext, dtype=torch.bool)
+        for iv in ablations:
+            at = _position_mask(iv.positions, T, dev).repeat(N // T)  # (N,)
+            bad[:, iv.group] |= (ids_ext[:, iv.group] == iv.code) & at[:, None]
+        order = torch.sort(bad.to(torch.int8), dim=-1, stable=True).indices  # ablated candidates last
+        ids_ext = ids_ext.gather(-1, order)
+    ids = ids_ext[..., :k].clone()
+    slot = [k - 1] * G  # next free slot per group, from the lowest similarity up
+    for iv in forces:
+        if slot[iv.group] < 0:
+            raise ValueError(f"more than k={k} codes forced into group {iv.group} of {iv.site}")
+        at = _position_mask(iv.positions, T, dev).repeat(N // T)
+        ids[at, iv.group, slot[iv.group]] = iv.code
+        slot[iv.group] -= 1
+    return ids
