@@ -1,14 +1,15 @@
 """
 What every script shares, and nothing else: `--key=value` parsing into a config dataclass, one-line
-errors, picking a device, progress that shows in a terminal and in a log, and checkpoints.
+errors, picking a device, progress that shows in a terminal and in a log, checkpoints and JSON files.
 
-    from common import fail, parse_args, pick_device, Progress, save_checkpoint, load_checkpoint
+    from common import fail, parse_args, pick_device, Progress, save_checkpoint, load_checkpoint, save_json
     cfg, given = parse_args(sys.argv[1:], TrainConfig, PRESETS)   # --config=NAME picks a preset
     ckpt = load_checkpoint("out-fsm/ckpt.pt")                     # torch.load(weights_only=True)
     model = model_from_checkpoint(ckpt, "cpu")
 """
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -121,13 +122,21 @@ class Progress:
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: atomic writes, weights_only reads
+# checkpoints and JSON: atomic writes; checkpoints: weights_only reads
 
 
 def save_checkpoint(path, obj):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint whole
+
+
+def save_json(path, obj):
+    """obj as indented JSON at path, atomically as save_checkpoint (metrics.json, results files)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
 
 def load_checkpoint(path, map_location="cpu"):

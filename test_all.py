@@ -33,7 +33,9 @@ import steer
 import tinystories_data as td
 import topics
 import train
-from codebook import CodebookLayer, Intervention, plan, search
+import codebook_fast
+from codebook import CodebookLayer, Intervention, search
+from codebook_fast import plan
 from fsm_data import FSM
 from model import GPT, GPTConfig, format_code, make_interventions, parse_code
 
@@ -116,6 +118,85 @@ def test_layer_forward_and_both_gradient_parts(k, groups):
     # the MSE part is really there: without it the code gradient differs
     lm_only = torch.autograd.grad((out * g.view(-1, groups, d)).sum(), codes)[0]
     assert not torch.allclose(grad_codes, lm_only, atol=1e-3)
+
+
+@pytest.mark.parametrize("k,groups,C", [(1, 1, 300), (1, 4, 3000), (3, 4, 300), (8, 2, 3000)])
+def test_fast_and_plain_layers_give_the_same_ids_and_gradients(k, groups, C):
+    """CodebookLayer(fast=True) (codebook_fast.py: tiles, block maxima, lean LayerNorm) against fast=False
+    (codebook.py's plain search and F.layer_norm), on the CPU plan with C large enough for block maxima."""
+    torch.manual_seed(5)
+    fast = CodebookLayer(64, C, k=k, groups=groups, max_elems=1 << 14)  # several token and code tiles
+    with torch.no_grad():
+        fast.ln_weight.uniform_(0.5, 1.5)
+        fast.ln_bias.normal_()
+    plain = copy.deepcopy(fast)
+    plain.fast = False
+    x, g = torch.randn(2, 150, 64), torch.randn(2, 150, 64)
+    runs = []
+    for layer in (fast, plain):
+        xi = x.clone().requires_grad_(True)
+        y, ids = layer(xi)
+        (y * g).sum().backward()
+        runs.append((ids, y, layer.last_mse, xi.grad, layer.codebook.grad, layer.ln_weight.grad, layer.ln_bias.grad))
+    assert torch.equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1:], runs[1][1:]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert runs[0][5].abs().sum() > 0  # the LN affine gets a gradient (through the reconstruction term)
+
+
+class MatmulPrecisionSpy(torch.overrides.TorchFunctionMode):
+    """Records the fp32 matmul precision of the CUDA and CPU (mkldnn) backends at every matmul call."""
+    MATMULS = (torch.bmm, torch.mm, torch.matmul, torch.einsum, torch.Tensor.matmul, torch.Tensor.__matmul__)
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.MATMULS:
+            self.seen.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("how", ["set_float32_matmul_precision", "allow_tf32", "fp32_precision"])
+def test_search_matmuls_are_fp32_whatever_the_global_precision(how):
+    """TF32 (nanoGPT's train.py turns it on) would round the scores and change ids: both searches pin
+    fp32 inside, and give the user's setting back."""
+    torch.manual_seed(6)
+    x, cb = torch.randn(100, 2, 16), torch.randn(2, 400, 16)
+    try:
+        if how == "set_float32_matmul_precision":
+            torch.set_float32_matmul_precision("high")
+        elif how == "allow_tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        else:  # torch >= 2.9's per-backend API, which the legacy getter then refuses to read
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+            torch.backends.mkldnn.matmul.fp32_precision = "tf32"
+        before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
+        assert before[0] == "tf32"
+        for fn in (search, codebook_fast.search):
+            with MatmulPrecisionSpy() as spy:
+                ids = fn(x, cb, 3)
+            assert spy.seen and all(p == ("ieee", "ieee") for p in spy.seen), (fn, spy.seen)
+            assert torch.equal(ids, brute_topk(x, cb, 3))
+            assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == before
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
+        torch.set_float32_matmul_precision("highest")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (TF32 tensor cores)")
+def test_gpu_ids_exact_with_tf32_on():
+    torch.manual_seed(7)
+    x, cb = torch.randn(4096, 4, 32, device="cuda"), torch.randn(4, 10000, 32, device="cuda")
+    exact = brute_topk(x.double(), cb.double(), 4)
+    torch.set_float32_matmul_precision("high")
+    try:
+        for layer_search in (search, codebook_fast.search):
+            assert torch.equal(layer_search(x, cb, 4), exact)
+    finally:
+        torch.set_float32_matmul_precision("highest")
 
 
 def test_force_and_ablate():
@@ -325,7 +406,7 @@ def test_fsm_walks_have_the_fsm_statistics(device):
 def test_device_plans():
     """The tile plan per device kind: CPU tiles scale with threads; GPU tiles are large but bounded by
     free memory, and a GPU takes a plain max for k = 1."""
-    from codebook import PLANS, device_plan
+    from codebook_fast import PLANS, device_plan
     assert device_plan("cpu", threads=4)["tile_elems"] == 4 * PLANS["cpu"]["tile_elems"]
     big = device_plan("cuda", free_bytes=80 << 30)
     assert big == PLANS["cuda"] and big["tile_elems"] >= 1 << 24 and big["block_k1"] == 1
@@ -339,7 +420,7 @@ def test_device_plans():
 def test_group_layernorm_gradients(G):
     """The hand-written LayerNorm backward (one fused kernel for G = 1, vectorised over groups otherwise)
     against finite differences, with and without a gradient for the input."""
-    from codebook import _GroupLayerNorm
+    from codebook_fast import _GroupLayerNorm
     torch.manual_seed(0)
     x = torch.randn(20, G, 6, dtype=torch.float64, requires_grad=True)
     w, b = (torch.randn(G, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
@@ -363,15 +444,19 @@ def test_bf16_autocast_keeps_the_codebook_fp32(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_training_on_a_gpu(tmp_path):
     """The GPU path: FSM walks drawn on the device, a resumed run close to an unbroken one (CUDA's
-    scatter-adds are not bitwise reproducible), the checkpoint loads on the CPU."""
+    scatter-adds are not bitwise reproducible), the checkpoint loads on the CPU. Dead codes are replaced
+    at steps 2, 4 (before the stop at 5) and 6 (after it) from the GPU's generator: the resumed run
+    continues it, so both runs end with the same generator state."""
     a, b = tmp_path / "a", tmp_path / "b"
-    ma = train.train(tiny_cfg(a, max_iters=6, decay_lr=False, device="cuda"))
-    train.train(tiny_cfg(b, max_iters=4, decay_lr=False, device="cuda"))
-    cfg, given = common.parse_args([f"--out_dir={b}", "--resume=True", "--max_iters=6"], train.TrainConfig,
+    ma = train.train(tiny_cfg(a, max_iters=8, decay_lr=False, replace_every=2, device="cuda"))
+    train.train(tiny_cfg(b, max_iters=5, decay_lr=False, replace_every=2, device="cuda"))
+    cfg, given = common.parse_args([f"--out_dir={b}", "--resume=True", "--max_iters=8"], train.TrainConfig,
                                    train.PRESETS)
     mb = train.train(cfg, given)
     assert ma["device"] == "cuda" and abs(ma["val_loss"] - mb["val_loss"]) < 1e-2
-    model = common.model_from_checkpoint(common.load_checkpoint(str(b / "ckpt.pt")))
+    ca, cb = (common.load_checkpoint(str(d / "ckpt.pt")) for d in (a, b))
+    assert torch.equal(ca["cuda_rng"], cb["cuda_rng"])
+    model = common.model_from_checkpoint(cb)
     assert next(model.parameters()).device.type == "cpu"
 
 
@@ -512,6 +597,136 @@ def test_gradient_accumulation_matches_one_big_batch():
         assert torch.equal(ca.counts, cb.counts) and ca.counts.sum() == 8 * 15 * ca.groups
 
 
+def test_weight_decay_only_on_the_weights_of_linears_and_embeddings():
+    """By name, not by shape: the codebooks' LayerNorm affine is (G, d), yet a LayerNorm, so no decay."""
+    model = tiny_model()
+    cfg = train.TrainConfig(learning_rate=5e-3, cb_lr=1e-2, weight_decay=0.1)
+    names = {p: n for n, p in model.named_parameters()}
+    decay, rest, codes = ({names[p] for p in g["params"]} for g in train.make_optimizer(model, cfg, "cpu").param_groups)
+    weights = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding))}
+    assert decay == weights & set(names.values()) and "transformer.wte.weight" in decay  # tied with lm_head
+    assert codes == {n for n in names.values() if n.endswith(".codebook")} and len(codes) == 4
+    assert rest == set(names.values()) - decay - codes
+    assert {"transformer.h.0.attn.codebook.ln_weight", "transformer.h.1.mlp.codebook.ln_bias",
+            "transformer.h.0.ln_1.weight", "transformer.h.0.attn.c_attn.bias"} <= rest
+    groups = train.make_optimizer(model, cfg, "cpu").param_groups
+    assert [(g["weight_decay"], g["lr_mult"]) for g in groups] == [(0.1, 1.0), (0.0, 1.0), (0.0, 2.0)]
+
+
+def test_train_step_keeps_the_codebooks_own_mse_weight():
+    """A codebook's mse_weight w scales its codes' reconstruction gradient; split over micro-batches, the
+    update is that of one batch with the same w, and w is the user's again after the step."""
+    x = FSM().sample(8, 16, torch.Generator().manual_seed(0))
+    model = tiny_model()
+    for cb in model.codebooks().values():
+        cb.mse_weight = 0.25
+    by_hand = copy.deepcopy(model)
+    by_hand(x[:, :-1], x[:, 1:])[1].backward()  # the loss, and inside the backward 0.25 x the codes' MSE
+    train.train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), [x[:4], x[4:]], grad_clip=1e9)
+    for (name, p), q in zip(by_hand.named_parameters(), model.parameters()):
+        if name.endswith(".codebook"):
+            torch.testing.assert_close(p.detach() - q.detach(), p.grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert [cb.mse_weight for cb in model.codebooks().values()] == [0.25] * 4
+
+
+def test_inserting_codebooks_keeps_the_adam_state_of_the_weights(tmp_path, monkeypatch):
+    """At cb_warmup the new model's weights keep their Adam moments and step count (at near-peak learning
+    rate a fresh Adam would take sign-sized steps); the codes start without state."""
+    seen, train_step = [], train.train_step
+
+    def recording(model, optimizer, *args):
+        def state():
+            return {n: {k: v.clone() for k, v in optimizer.state[p].items()}
+                    for n, p in model.named_parameters() if p in optimizer.state}
+        before = state()
+        out = train_step(model, optimizer, *args)
+        seen.append((before, state()))
+        return out
+
+    monkeypatch.setattr(train, "train_step", recording)
+    train.train(tiny_cfg(tmp_path, cb_warmup=2, max_iters=3, replace_every=0))
+    (_, after_2), (before_3, _) = seen[1], seen[2]  # codebooks inserted between the 2nd and 3rd steps
+    assert set(before_3) == set(after_2) and len(after_2) > 0
+    for name, s in after_2.items():
+        assert set(s) == {"step", "exp_avg", "exp_avg_sq"} and float(s["step"]) == 2.0
+        for key, value in s.items():
+            assert torch.equal(before_3[name][key], value), (name, key)
+    assert not any(n.endswith(".codebook") for n in before_3) and any(n.endswith(".codebook") for n in seen[2][1])
+
+
+def test_resume_loads_an_optimizer_state_with_the_old_decay_groups():
+    """Checkpoints from before the decay groups went by name have the codebooks' LayerNorms in the decay
+    group, so other group sizes: each parameter still gets its own Adam state back."""
+    model, cfg = tiny_model(), train.TrainConfig()
+    x = FSM().sample(4, 16, torch.Generator().manual_seed(0))
+    trained = train.make_optimizer(model, cfg, "cpu")
+    train.train_step(model, trained, [x], grad_clip=1.0)
+    named = list(model.named_parameters())
+    old = torch.optim.AdamW([dict(params=[p for n, p in named if p.dim() >= 2 and not n.endswith(".codebook")]),
+                             dict(params=[p for n, p in named if p.dim() < 2]),
+                             dict(params=[p for n, p in named if n.endswith(".codebook")])])
+    old.state.update(trained.state)
+    resumed = train.make_optimizer(model, cfg, "cpu")
+    train.load_optimizer_state(resumed, model, copy.deepcopy(old.state_dict()))
+    for name, p in named:
+        for key, value in trained.state[p].items():
+            assert torch.equal(resumed.state[p][key], value), (name, key)
+    assert [g["weight_decay"] for g in resumed.param_groups] == [0.1, 0.0, 0.0]  # this version's groups
+
+
+def test_resume_restores_the_gpus_generator(monkeypatch):
+    """Dead codes are drawn on the run's device: a GPU run's checkpoint keeps that device's generator and a
+    resumed run on a GPU restores it (checked here with the CUDA calls faked; checkpoints without it load)."""
+    state, calls = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": calls.append(("get", device)) or state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.append(("set", device, s)))
+    saved = train.rng_states("cuda:1")
+    assert calls == [("get", "cuda:1")] and torch.equal(saved["cuda_rng"], state)
+    assert torch.equal(saved["torch_rng"], torch.get_rng_state())
+    torch.manual_seed(5)
+    train.restore_rng_states(saved, "cuda:1")
+    assert calls[-1][:2] == ("set", "cuda:1") and torch.equal(calls[-1][2], state)
+    assert torch.equal(torch.get_rng_state(), saved["torch_rng"])
+    calls.clear()
+    assert set(train.rng_states("cpu")) == {"torch_rng"} and calls == []
+    train.restore_rng_states(dict(torch_rng=saved["torch_rng"]), "cuda:1")  # an older or a CPU checkpoint
+    train.restore_rng_states(saved, "cpu")  # a GPU checkpoint resumed on the CPU
+    assert calls == []
+
+
+def test_too_short_train_bin_is_one_line_error(tmp_path, capsys):
+    """get_batch draws offsets below len - (block_size + 1): a train.bin needs one token more than a window."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps(dict(vocab_size=50, eot=49)))
+    np.arange(40, dtype=np.uint16).tofile(data / "val.bin")
+    for n, ok in ((17, False), (18, True)):  # block_size 16: windows of 17
+        np.arange(n, dtype=np.uint16).tofile(data / "train.bin")
+        cfg = tiny_lm(tmp_path / "out", data, block_size=16, max_iters=1, eval_seqs=2, cb_at="none")
+        if ok:
+            assert train.train(cfg)["iters"] == 1
+            continue
+        with pytest.raises(SystemExit) as e:
+            train.train(cfg)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert f"{data / 'train.bin'} has 17 tokens" in err and "block_size + 1 = 17" in err
+
+
+def test_metrics_json_is_written_atomically(tmp_path, monkeypatch):
+    """A crash while writing metrics.json leaves the last one whole, as a checkpoint is."""
+    (tmp_path / "metrics.json").write_text('{"val_loss": 1.0}')
+
+    def crash(obj, f, **kw):
+        f.write('{"val_lo')
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(json, "dump", crash)
+    with pytest.raises(OSError):
+        train.train(tiny_cfg(tmp_path, max_iters=1))
+    assert (tmp_path / "metrics.json").read_text() == '{"val_loss": 1.0}'
+
+
 # -----------------------------------------------------------------------------
 # several processes: torchrun's environment, DDP over gloo, two processes on the CPU
 
@@ -585,6 +800,8 @@ def test_two_gloo_processes_keep_codebooks_identical(ddp_run):
     for p, s in r0["optimizer"]["state"].items():
         for key, value in s.items():
             assert torch.equal(value, r1["optimizer"]["state"][p][key]), (p, key)
+    # the weights kept their Adam state through the insertion (6 steps), the codes and their LNs are new (4)
+    assert sorted({float(s["step"]) for s in r0["optimizer"]["state"].values()}) == [4.0, 6.0]
     log = (ddp_run / "log0.txt").read_text()
     assert "2 processes" in log and "step 2: inserted codebooks (L0.attn, L0.mlp), k-means initialised" in log
     replaced = int(re.search(r"step 4: replaced (\d+) dead codes", log).group(1))
@@ -897,7 +1114,7 @@ def test_tiled_search_matches_brute_force(k, groups, C, max_elems):
     assert C % c_tile and C // c_tile >= 1 and N % n_tile  # several code chunks and token tiles, with remainders
     assert (block > 1) == (C == 2500)
     for kind in ("cpu", "cuda"):  # the GPU's plan (a plain max for k = 1) run here on the CPU
-        ids = search(x, codebook, k, max_elems, kind=kind)
+        ids = codebook_fast.search(x, codebook, k, max_elems, kind=kind)
         assert ids.shape == (N, groups, k) and ids.dtype == torch.long
         assert torch.equal(ids, brute_force(x, codebook, k))
 
@@ -906,8 +1123,8 @@ def test_compiled_tiled_search_equals_eager():
     torch.manual_seed(1)
     x, codebook = torch.randn(200, 4, 16), torch.randn(4, 2500, 16)
     for k in (1, 4):
-        eager = search(x, codebook, k, 1 << 16)
-        assert torch.equal(search(x, codebook, k, 1 << 16, compile=True), eager)
+        eager = codebook_fast.search(x, codebook, k, 1 << 16)
+        assert torch.equal(codebook_fast.search(x, codebook, k, 1 << 16, compile=True), eager)
         assert torch.equal(eager, brute_force(x, codebook, k))
 
 
@@ -943,11 +1160,10 @@ def test_fused_error_bound_holds_for_emulated_tensor_cores(precision):
 
 def fused_checks():
     """Run by the test below in a process with TRITON_INTERPRET=1: the fused kernels on CPU tensors."""
-    import codebook
     import triton_search
     assert triton_search.available(torch.device("cpu"))
     for kind in ("cpu", "cuda"):
-        codebook.PLANS[kind].update(fused="tf32x3", fused_tile=(16, 32, 4))
+        codebook_fast.PLANS[kind].update(fused="tf32x3", fused_tile=(16, 32, 4))
     torch.manual_seed(0)
     # (N, G, d, C, k): d not a power of 2; C not a multiple of the tile; fewer blocks than k; C < a tile
     for N, G, d, C, k in [(70, 3, 24, 257, 1), (70, 2, 16, 257, 4), (33, 1, 8, 40, 5), (40, 2, 16, 20, 2)]:
@@ -957,8 +1173,8 @@ def fused_checks():
         ids, proven = ids.transpose(0, 1), proven.T  # (N, G, k), (N, G)
         assert proven.float().mean() > 0.9, (N, G, d, C, k)
         assert torch.equal(ids[proven], brute_force(x, cb, k)[proven]), (N, G, d, C, k)
-        assert torch.equal(codebook.search(x, cb, k, kind="cuda"), brute_force(x, cb, k))
-        chunked = codebook.search(x, cb, k, max_elems=G * 17 * 10, kind="cuda")  # k > 1: 10 tokens a chunk
+        assert torch.equal(codebook_fast.search(x, cb, k, kind="cuda"), brute_force(x, cb, k))
+        chunked = codebook_fast.search(x, cb, k, max_elems=G * 17 * 10, kind="cuda")  # k > 1: 10 tokens a chunk
         assert torch.equal(chunked, brute_force(x, cb, k))
     # the k = 1 kernel's running top 3, merged over 32 tiles of 16 codes, against a sort
     xs, u = torch.randn(40, 1, 16), triton_search.unit(torch.randn(1, 500, 16))
@@ -1003,15 +1219,15 @@ def fused_checks():
         gap = scores[..., k - 1] - scores[..., k + 1]  # k + 1 candidates are scored exactly, so the (k+2)-th
         assert (gap[:8] < triton_search.eps_rel(d, "tf32x3") * x[:8].norm(dim=-1)).all()  # near-ties indeed
         assert not proven.T[:8].any() and proven.T[8:].float().mean() > 0.9, k  # sent to the exact search
-        assert torch.equal(codebook.search(x, cb, k, kind="cuda"), brute_force(x, cb, k))
+        assert torch.equal(codebook_fast.search(x, cb, k, kind="cuda"), brute_force(x, cb, k))
     # inputs whose last dimension is not contiguous, as a view can hand them over
     x, cb = torch.randn(40, 16, 2).transpose(1, 2), torch.randn(2, 100, 16)  # (N, G, d), stride (32, 1, 2)
     for k in (1, 3):
-        assert torch.equal(codebook.search(x, cb, k, kind="cuda"), brute_force(x, cb, k)), k
-        assert codebook.search(x[:0], cb, k, kind="cuda").shape == (0, 2, k)  # no tokens: no ids, no error
+        assert torch.equal(codebook_fast.search(x, cb, k, kind="cuda"), brute_force(x, cb, k)), k
+        assert codebook_fast.search(x[:0], cb, k, kind="cuda").shape == (0, 2, k)  # no tokens: no ids, no error
     # groups wider than the kernels take stay on the torch path
     x, cb = torch.randn(20, 1, triton_search.MAX_WIDTH + 32), torch.randn(1, 50, triton_search.MAX_WIDTH + 32)
-    assert torch.equal(codebook.search(x, cb, 2, kind="cuda"), brute_force(x, cb, 2))
+    assert torch.equal(codebook_fast.search(x, cb, 2, kind="cuda"), brute_force(x, cb, 2))
     with pytest.raises(ValueError, match="the fused kernels take d <= "):
         triton_search.search(x, cb, 2)
     # the layer on the fused path: the same ids and output as on the torch path
@@ -1019,7 +1235,7 @@ def fused_checks():
     layer = CodebookLayer(dim=32, num_codes=100, k=3, groups=2)
     inp = torch.randn(2, 9, 32)
     y, ids = layer(inp)
-    codebook.PLANS["cpu"]["fused"] = None
+    codebook_fast.PLANS["cpu"]["fused"] = None
     y2, ids2 = layer(inp)
     assert torch.equal(ids, ids2) and torch.equal(y, y2)
 
@@ -1083,7 +1299,7 @@ def test_fused_kernels_compiled_for_nvidia_gpus_fit():
     - for an RTX 30/40 card (sm_86, 99 KB a block), at MAX_WIDTH 3 stages do not fit and 2 do, so
       triton_search._launch finds a count that runs."""
     import triton_search
-    from codebook import PLANS
+    from codebook_fast import PLANS
     BM, BC, warps = PLANS["cuda"]["fused_tile"]
     B, W = PLANS["cuda"]["block"], triton_search.MAX_WIDTH
     bm, bc, w = triton_search.EXACT_TILE
@@ -1417,11 +1633,47 @@ def test_gpt2_offline_is_a_one_line_error(tmp_path, monkeypatch):
     td.prepare(str(tmp_path / "d"), input=str(write_docs(tmp_path, "\n\n")), encoding="bytes")  # works offline
 
 
+@pytest.mark.slow
+def test_gpu_report_small_runs_every_step(tmp_path):
+    """gpu_report.py --size=small: every step in its own process, figures parsed, one JSON named after the
+    device (as bench.py names it); the fused search may be skipped where it cannot run, saying why."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a CPU skips the fused search
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "gpu_report.py"), "--size=small",
+                           f"--out_dir={tmp_path}", f"--work_dir={tmp_path / 'work'}"],
+                          capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("gpu_report_*.json")
+    report = json.loads(path.read_text())
+    steps = report["steps"]
+    assert list(steps) == ["tests", "bench", "bench_fused", "fsm_paper", "tinystories", "torchrun"]
+    assert report["complete"] and report["failed"] == [] and report["versions"]["torch"] == torch.__version__
+    name = steps["bench"]["figures"]["device_name"]
+    assert report["device_name"] == name
+    assert path.name == "gpu_report_" + re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_") + ".json"
+    assert len(report["load_before"]) == len(report["load_after"]) == 3
+    for run, step in steps.items():
+        assert step["wall_s"] > 0 and os.path.exists(step["log"]) and step["tail"]
+        if step["status"] == "skipped":  # only the fused search, only with bench.py's one-line reason
+            assert run == "bench_fused" and step["rc"] != 0 and "needs Triton" in step["reason"]
+        else:
+            assert step["status"] == "ok" and step["rc"] == 0, step
+    assert steps["tests"]["figures"]["passed"] == 1 and "failed" not in steps["tests"]["figures"]
+    assert "gpu_report" in steps["tests"]["command"]  # the selection leaves this test out: no recursion
+    assert steps["bench"]["figures"]["train_overhead"] > 0
+    assert steps["bench"]["figures"]["shapes"]["tiny"]["rows"]["layer"]["fwdbwd_ms"] > 0
+    for run in ("fsm_paper", "tinystories", "torchrun"):
+        fig = steps[run]["figures"]
+        assert fig["step_ms"] > 0 and fig["tokens_per_s"] > 0 and fig["world_size"] == 1, (run, fig)
+        assert not os.path.exists(tmp_path / "work" / run / "ckpt.pt")  # scratch, removed
+    assert abs(steps["tinystories"]["figures"]["val_loss"] - math.log(50257)) < 1  # uniform ids: ~ln(vocab)
+    assert steps["fsm_paper"]["figures"]["bayes_loss"] > 1 and "torch.distributed.run" in steps["torchrun"]["command"]
+
+
 # =============================================================================
 # how the files stand
 
-SCRIPTS = {"train", "steer", "topics", "bench"}  # run by users; stand on the libraries only
-LIBRARIES = {"model", "codebook", "triton_search", "common", "readout", "distributed", "fsm_data",
+SCRIPTS = {"train", "steer", "topics", "bench", "gpu_report"}  # run by users; stand on the libraries only
+LIBRARIES = {"model", "codebook", "codebook_fast", "triton_search", "common", "readout", "distributed", "fsm_data",
              "tinystories_data"}  # data files run too
 
 

@@ -22,7 +22,7 @@ synthetic stories on a CPU: a baseline, then the paper's finetuning with and wit
     python train.py --config=tinystories --data_dir=data/tinystories              # the real data: a GPU
 
 Overrides are --key=value (no exec); unknown keys and bad values stop with a one-line error.
-Writes out_dir/ckpt.pt (atomically, loadable with torch.load(weights_only=True)) and out_dir/metrics.json.
+Writes out_dir/ckpt.pt (loadable with torch.load(weights_only=True)) and out_dir/metrics.json, both atomically.
 """
 
 import dataclasses
@@ -31,15 +31,16 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tinystories_data
 import distributed
-from common import Progress, fail, load_checkpoint, model_from_checkpoint, parse_args, save_checkpoint
+from common import Progress, fail, load_checkpoint, model_from_checkpoint, parse_args, save_checkpoint, save_json
 from fsm_data import FSM
 from model import CB_AT, GPT, GPTConfig
 
@@ -118,7 +119,7 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "cb_at", "num_codes",
 
 
 # -----------------------------------------------------------------------------
-# configuration: parsed by common.parse_args, checked here
+# configuration: parsed by common.parse_args, checked here, completed from a checkpoint
 
 
 def check(cfg):
@@ -161,6 +162,104 @@ def layers(cfg):
     return out
 
 
+def resolve_config(cfg, given):
+    """The run's config -> (cfg, the checkpoint to resume or None, the base checkpoint to finetune or None).
+    --resume: the stored run's config, with the keys given now on top (its model's shape cannot change);
+    --init_from: the base model's shape, our codebooks."""
+    if cfg.resume:
+        try:
+            ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+        except (FileNotFoundError, ValueError) as e:
+            fail(f"cannot resume: {e}")
+        stored = ckpt["config"]
+        changed = [k for k in MODEL_KEYS if k in given and getattr(cfg, k) != stored[k]]
+        if changed:
+            fail(f"cannot resume with a different model: {', '.join(changed)} differ from the checkpoint")
+        # out_dir: where the run was found, also where a copied checkpoint is resumed from
+        cfg = TrainConfig(**{**stored, **{k: getattr(cfg, k) for k in given}, "out_dir": cfg.out_dir})
+        check(cfg)
+        return cfg, ckpt, None
+    if cfg.init_from:
+        base = load_base(cfg, given)
+        shape = {k: base["config"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
+        return dataclasses.replace(cfg, **shape), None, base
+    return cfg, None, None
+
+
+def load_base(cfg, given):
+    """The checkpoint that --init_from names, checked: no codebooks yet, the same kind of data.
+    With --cb_at=none it is finetuned as it is: the baseline to compare a finetune with codebooks with."""
+    try:
+        base = load_checkpoint(cfg.init_from)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"--init_from: {e}")
+    if base["model_args"]["cb_at"] != "none":
+        fail(f"--init_from inserts codebooks into a model without them: {cfg.init_from} has cb_at="
+             f"{base['model_args']['cb_at']}")
+    if base.get("kind") != ("lm" if cfg.data_dir else "fsm"):
+        fail(f"--init_from={cfg.init_from} was trained on kind={base.get('kind')!r} data")
+    shape = ("n_layer", "n_head", "n_embd", "block_size")
+    changed = [k for k in shape if k in given and getattr(cfg, k) != base["config"][k]]
+    if changed:
+        fail(f"--init_from: {', '.join(changed)} differ from the checkpoint's (its shape is kept)")
+    return base
+
+
+# -----------------------------------------------------------------------------
+# data: walks on the FSM, or windows of token data
+
+
+@dataclass
+class Data:
+    sample: object  # sample() -> (micro, block_size + 1) int64 sequences on the device, from gen
+    gen: torch.Generator  # this rank's data stream, stored in the checkpoint
+    val: torch.Tensor  # (eval_seqs, block_size + 1) held-out sequences
+    vocab_size: int
+    about: str  # for the log
+    stored: dict  # what the checkpoint says about the data (kind: fsm or lm), for steer.py and topics.py
+    fsm: FSM = None  # None: token data
+    bayes: tuple = (0.0, 0.0)  # the FSM's Bayes-optimal loss and accuracy
+
+
+def load_data(cfg, micro, world):
+    """The data of this rank: micro sequences per sample() from its own stream (distributed.data_seed)."""
+    cuda = world.device.startswith("cuda")  # "cuda:1" under torchrun
+    if cfg.data_dir:  # token data: windows of block_size + 1 tokens, all predicted
+        try:
+            train_data, val_data, meta = tinystories_data.load_tokens(cfg.data_dir)
+            val = tinystories_data.fixed_windows(val_data, cfg.eval_seqs, cfg.block_size + 1)
+        except (OSError, ValueError) as e:
+            fail(f"--data_dir={cfg.data_dir}: {e}")
+        if len(train_data) <= cfg.block_size + 1:  # get_batch draws offsets below len - (block_size + 1)
+            fail(f"{os.path.join(cfg.data_dir, 'train.bin')} has {len(train_data)} tokens: windows of "
+                 f"block_size + 1 = {cfg.block_size + 1} at random offsets need at least {cfg.block_size + 2}")
+        gen = torch.Generator()  # token windows are drawn on the host
+
+        def sample():  # on a GPU through pinned memory, copied while the last step still runs (nanoGPT)
+            batch = tinystories_data.get_batch(train_data, micro, cfg.block_size + 1, gen)
+            return batch.pin_memory().to(world.device, non_blocking=True) if cuda else batch.to(world.device)
+        about = f"vocab {meta['vocab_size']}, {len(train_data)} train / {len(val_data)} val tokens"
+        stored = dict(kind="lm", data=dict(data_dir=os.path.abspath(cfg.data_dir), meta=meta))
+        data = Data(sample, gen, val, meta["vocab_size"], about, stored)
+    else:
+        fsm = FSM(cfg.num_states, cfg.num_edges, seed=cfg.fsm_seed)
+        val = fsm.sample(cfg.eval_seqs, cfg.block_size, torch.Generator().manual_seed(cfg.seed + 1))
+        gen = torch.Generator(device=world.device if cuda else "cpu")  # the walks are drawn where they are used
+
+        def sample():  # made where gen lives: on a GPU, no host work and no copy
+            return fsm.sample(micro, cfg.block_size, gen).to(world.device)
+        bayes = fsm.bayes(cfg.block_size)
+        about = f"Bayes-optimal loss {bayes[0]:.4f} acc {bayes[1]:.4f}"
+        stored = dict(kind="fsm", fsm=dict(num_states=cfg.num_states, num_edges=cfg.num_edges, seed=cfg.fsm_seed))
+        data = Data(sample, gen, val, fsm.vocab_size, about, stored, fsm, bayes)
+    gen.manual_seed(distributed.data_seed(cfg.seed, world.rank))
+    return data
+
+
+# -----------------------------------------------------------------------------
+# the model and its optimizer: new, resumed, or a trained model with codebooks inserted
+
+
 def build_model(cfg, vocab_size, cb_at=None):
     return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
                          n_head=cfg.n_head, n_embd=cfg.n_embd, cb_at=cb_at or cfg.cb_at,
@@ -186,27 +285,123 @@ def insert_once(model, cfg, vocab_size, draw, world):
     return insert_codebooks(model, cfg, vocab_size, idx[:, :-1].to(world.device))
 
 
+def make_optimizer(model, cfg, device):
+    """AdamW, weight decay on the weights of the Linears and embeddings only. Chosen by name, not by shape:
+    a codebook's LayerNorm affine (ln_weight, ln_bias) is (G, d) but gets no decay, as LayerNorms and biases."""
+    weights = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    params = list(model.named_parameters())  # a tied weight once
+    codes = [p for n, p in params if n.endswith(".codebook")]
+    decay = [p for n, p in params if n in weights]
+    rest = [p for n, p in params if n not in weights and not n.endswith(".codebook")]
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay, lr_mult=1.0),
+              dict(params=rest, weight_decay=0.0, lr_mult=1.0)]
+    if codes:  # no weight decay on codes, as in the paper's runs
+        lr_mult = (cfg.cb_lr or cfg.learning_rate) / cfg.learning_rate
+        groups.append(dict(params=codes, weight_decay=0.0, lr_mult=lr_mult))
+    fused = device.startswith("cuda")  # "cuda:1" under torchrun
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def init_model(cfg, ckpt, base, data, world, log):
+    """-> (model, optimizer): the stored ones (with or without codebooks yet), a base model with codebooks
+    inserted (--init_from), or a new model, without codebooks until cb_warmup."""
+    if ckpt is not None:
+        model = GPT(GPTConfig(**ckpt["model_args"])).to(world.device)
+    elif base is not None:
+        if base["model_args"]["vocab_size"] != data.vocab_size:
+            fail(f"--init_from={cfg.init_from}: its vocab {base['model_args']['vocab_size']} is not the data's "
+                 f"{data.vocab_size}")
+        model = model_from_checkpoint(base, world.device)
+        if cfg.cb_at != "none":
+            model = insert_once(model, cfg, data.vocab_size, data.sample, world)
+            log(f"inserted codebooks ({', '.join(model.codebooks())}) into {cfg.init_from}, k-means initialised")
+    else:
+        model = build_model(cfg, data.vocab_size, "none" if cfg.cb_warmup else None).to(world.device)
+    optimizer = make_optimizer(model, cfg, world.device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        load_optimizer_state(optimizer, model, ckpt["optimizer"])
+    return model, optimizer
+
+
+def load_optimizer_state(optimizer, model, saved):
+    """optimizer.load_state_dict(saved), also from a checkpoint whose decay groups went by shape (before
+    make_optimizer chose them by name, the codebooks' (G, d) LayerNorms were decayed): each parameter gets
+    its own Adam state, in this version's groups."""
+    if [len(g["params"]) for g in saved["param_groups"]] == [len(g["params"]) for g in optimizer.param_groups]:
+        return optimizer.load_state_dict(saved)
+    named = list(model.named_parameters())
+    by_shape = [[p for n, p in named if p.dim() >= 2 and not n.endswith(".codebook")],
+                [p for n, p in named if p.dim() < 2], [p for n, p in named if n.endswith(".codebook")]]
+    old = torch.optim.AdamW([dict(params=g) for g in by_shape if g], fused=optimizer.defaults["fused"])
+    old.load_state_dict(saved)  # its index -> parameter map
+    for p, state in old.state.items():
+        optimizer.state[p] = state
+
+
+def add_codebooks(model, optimizer, cfg, data, world):
+    """Codebooks inserted into the running model at cb_warmup -> (model, its DDP wrapper, optimizer). The
+    k-means runs on rank 0; wrapping the new model in DDP copies its weights and codes to the other ranks."""
+    new = insert_once(model, cfg, data.vocab_size, data.sample, world)
+    ddp_model, new_optimizer = distributed.wrap(new, world), make_optimizer(new, cfg, world.device)
+    # the weights keep their Adam moments and step (a fresh Adam at near-peak lr takes sign-sized steps);
+    # equal on every rank, as the old optimizer was; the codes start without state
+    state = {name: optimizer.state[p] for name, p in model.named_parameters() if p in optimizer.state}
+    for name, p in new.named_parameters():
+        if name in state:
+            new_optimizer.state[p] = state[name]
+    return new, ddp_model, new_optimizer
+
+
+def replace_dead_codes(model, rho, world):
+    """Reset the codes that fired on no rank since the last reset: once, on rank 0, then broadcast."""
+    distributed.reduce_usage(model, world)
+    n = sum(cb.replace_dead_codes(rho) for cb in model.codebooks().values()) if world.master else 0
+    distributed.broadcast([cb.codebook for cb in model.codebooks().values()], world)
+    return n
+
+
 # -----------------------------------------------------------------------------
-# finetuning a trained model
+# checkpoints: the model, the optimizer and every random stream, so that a resumed run goes on as one
 
 
-def load_base(cfg, given):
-    """The checkpoint that --init_from names, checked: no codebooks yet, the same kind of data.
-    With --cb_at=none it is finetuned as it is: the baseline to compare a finetune with codebooks with."""
+def write_checkpoint(cfg, model, optimizer, it, wall_s, data, data_rngs, world):
+    """out_dir/ckpt.pt, atomically, from rank 0, with every rank's data stream (data_rngs)."""
+    save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), dict(
+        model=model.state_dict(), optimizer=optimizer.state_dict(), iter_num=it,
+        config=dataclasses.asdict(cfg), model_args=dataclasses.asdict(model.config), data_rng=data_rngs[0],
+        data_rngs=data_rngs, world_size=world.size, wall_s=wall_s, **rng_states(world.device), **data.stored))
+
+
+def rng_states(device):
+    """The generators a resumed run continues besides the data streams: the CPU's and, on a GPU, that
+    device's (dead-code replacement draws its picks and noise there)."""
+    states = dict(torch_rng=torch.get_rng_state())
+    if device.startswith("cuda"):
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(ckpt, device):
+    torch.set_rng_state(ckpt["torch_rng"])
+    if device.startswith("cuda") and "cuda_rng" in ckpt:  # none: a CPU run's checkpoint, or an older one
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+
+
+def resume(ckpt, cfg, data, world, log):
+    """Continue the stored run's random streams: -> (its step, its seconds so far)."""
+    restore_rng_states(ckpt, world.device)
+    saved = ckpt.get("data_rngs", [ckpt["data_rng"]])  # one per process of the stored run
+    it = ckpt["iter_num"]
     try:
-        base = load_checkpoint(cfg.init_from)
-    except (FileNotFoundError, ValueError) as e:
-        fail(f"--init_from: {e}")
-    if base["model_args"]["cb_at"] != "none":
-        fail(f"--init_from inserts codebooks into a model without them: {cfg.init_from} has cb_at="
-             f"{base['model_args']['cb_at']}")
-    if base.get("kind") != ("lm" if cfg.data_dir else "fsm"):
-        fail(f"--init_from={cfg.init_from} was trained on kind={base.get('kind')!r} data")
-    shape = ("n_layer", "n_head", "n_embd", "block_size")
-    changed = [k for k in shape if k in given and getattr(cfg, k) != base["config"][k]]
-    if changed:
-        fail(f"--init_from: {', '.join(changed)} differ from the checkpoint's (its shape is kept)")
-    return base
+        if world.rank < len(saved):  # a rank the stored run did not have starts its own stream
+            data.gen.set_state(saved[world.rank])
+    except RuntimeError:  # a generator of another device kind (a GPU run resumed on a CPU, or back)
+        data.gen.manual_seed(distributed.data_seed(cfg.seed + it, world.rank))
+        log("the checkpoint's data streams were drawn on another device: the data differ from an unbroken run")
+    log(f"resumed from {os.path.join(cfg.out_dir, 'ckpt.pt')} at step {it}" + ("" if len(saved) == world.size else
+        f"; it ran on {len(saved)} process(es), this on {world.size}: the data differ from an unbroken run"))
+    return it, ckpt["wall_s"]
 
 
 # -----------------------------------------------------------------------------
@@ -239,6 +434,25 @@ def fsm_state_accuracy(model, fsm, n_seqs, block_size, device, seed=0):
     return fsm.state_accuracy(out.cpu())
 
 
+def report(model, cfg, data, usage, run, amp, micro, device):
+    """The final evaluation (FSM: also sampled walks), written to out_dir/metrics.json and printed."""
+    with amp:
+        vl, va = evaluate(model, data.val, micro, device)
+        metrics = dict(val_loss=vl, val_acc=va)
+        if data.fsm:
+            sacc = fsm_state_accuracy(model, data.fsm, cfg.state_seqs, cfg.block_size, device, seed=cfg.seed)
+            metrics.update(state_acc=sacc, bayes_loss=data.bayes[0], bayes_acc=data.bayes[1])
+    metrics.update(alive={n: s["alive"] for n, s in usage.items()}, mse=usage.get("all", {}).get("mse"), **run,
+                   config=dataclasses.asdict(cfg))
+    save_json(os.path.join(cfg.out_dir, "metrics.json"), metrics)
+    if data.fsm:
+        print(f"val loss {vl:.4f} (Bayes {data.bayes[0]:.4f}, +{vl - data.bayes[0]:.4f}), acc {va:.4f}, "
+              f"state acc {sacc:.4f}; wrote {cfg.out_dir}/metrics.json")
+    else:
+        print(f"val loss {vl:.4f}, acc {va:.4f}, {run['wall_s']:.0f} s; wrote {cfg.out_dir}/metrics.json")
+    return metrics
+
+
 # -----------------------------------------------------------------------------
 # training
 
@@ -252,16 +466,19 @@ def lr_at(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def make_optimizer(model, cfg, device):
-    codes = [p for n, p in model.named_parameters() if n.endswith(".codebook")]
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.endswith(".codebook")]
-    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
-    groups = [dict(params=decay, weight_decay=cfg.weight_decay, lr_mult=1.0),
-              dict(params=rest, weight_decay=0.0, lr_mult=1.0)]
-    if codes:  # no weight decay on codes, as in the paper's runs
-        groups.append(dict(params=codes, weight_decay=0.0, lr_mult=(cfg.cb_lr or cfg.learning_rate) / cfg.learning_rate))
-    fused = device.startswith("cuda")  # "cuda:1" under torchrun
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+@contextmanager
+def mse_weights_divided(model, n):
+    """Each codebook's mse_weight divided by n, then restored: the codes' reconstruction gradient is added
+    inside their backward, not through the loss, so dividing the loss by n does not reach it."""
+    cbs = list(model.codebooks().values())
+    weights = [cb.mse_weight for cb in cbs]
+    for cb, w in zip(cbs, weights):
+        cb.mse_weight = w / n
+    try:
+        yield
+    finally:
+        for cb, w in zip(cbs, weights):
+            cb.mse_weight = w
 
 
 def train_step(model, optimizer, batches, grad_clip, amp=nullcontext()):
@@ -269,17 +486,16 @@ def train_step(model, optimizer, batches, grad_clip, amp=nullcontext()):
     by their number, so that 2 x B gives the update of 1 x 2B; under DDP averaged over the processes once,
     in the last backward (no_sync before). Returns the mean loss and codebook MSE (tensors: no host sync)."""
     n, raw = len(batches), model.module if isinstance(model, DDP) else model
-    for cb in raw.codebooks().values():  # the codes' reconstruction gradient is added inside their
-        cb.mse_weight = 1.0 / n  # backward, not through the loss: divide it by n too
     optimizer.zero_grad(set_to_none=True)
     losses, mses = [], []
-    for i, seq in enumerate(batches):
-        with model.no_sync() if isinstance(model, DDP) and i < n - 1 else nullcontext():
-            with amp:  # bf16 autocast for the forward (--dtype=bfloat16), or nothing
-                _, loss, _, mse = model(seq[:, :-1], seq[:, 1:])
-            (loss / n).backward()
-        losses.append(loss.detach())
-        mses.append(mse)
+    with mse_weights_divided(raw, n):
+        for i, seq in enumerate(batches):
+            with model.no_sync() if isinstance(model, DDP) and i < n - 1 else nullcontext():
+                with amp:  # bf16 autocast for the forward (--dtype=bfloat16), or nothing
+                    _, loss, _, mse = model(seq[:, :-1], seq[:, 1:])
+                (loss / n).backward()
+            losses.append(loss.detach())
+            mses.append(mse)
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return sum(losses) / n, None if mses[0] is None else sum(mses) / n
@@ -287,119 +503,38 @@ def train_step(model, optimizer, batches, grad_clip, amp=nullcontext()):
 
 def train(cfg, given=()):
     os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = None
-    if cfg.resume:
-        try:
-            ckpt = load_checkpoint(ckpt_path)
-        except (FileNotFoundError, ValueError) as e:
-            fail(f"cannot resume: {e}")
-        stored = ckpt["config"]
-        changed = [k for k in MODEL_KEYS if k in given and getattr(cfg, k) != stored[k]]
-        if changed:
-            fail(f"cannot resume with a different model: {', '.join(changed)} differ from the checkpoint")
-        cfg = TrainConfig(**{**stored, **{k: getattr(cfg, k) for k in given}})
-        check(cfg)
-    base = None
-    if cfg.init_from and ckpt is None:  # finetune a trained model with codebooks: its shape, our codebooks
-        base = load_base(cfg, given)
-        cfg = dataclasses.replace(cfg, **{k: base["config"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")})
+    cfg, ckpt, base = resolve_config(cfg, given)
     world = distributed.from_env(cfg.device)  # torchrun's processes, or rank 0 of 1
-    device = world.device
     micro = distributed.micro_batch(cfg.batch_size, cfg.gradient_accumulation_steps, world, ckpt is not None)
     distributed.init(world)
-    log = print if world.master else lambda *a: None  # rank 0 speaks for all
-    cuda = device.startswith("cuda")  # "cuda:1" under torchrun
+    device, log = world.device, print if world.master else lambda *a: None  # rank 0 speaks for all
     # bf16 autocast, as nanoGPT: the transformer's matmuls on a GPU's tensor cores
     amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
     torch.manual_seed(cfg.seed)
-    fsm, meta = None, None
-    if cfg.data_dir:  # token data: windows of block_size + 1 tokens, all predicted
-        try:
-            train_data, val_data, meta = tinystories_data.load_tokens(cfg.data_dir)
-            val = tinystories_data.fixed_windows(val_data, cfg.eval_seqs, cfg.block_size + 1)
-        except (OSError, ValueError) as e:
-            fail(f"--data_dir={cfg.data_dir}: {e}")
-        vocab_size = meta["vocab_size"]
-
-        def sample(gen):  # on a GPU through pinned memory, copied while the last step still runs (nanoGPT)
-            batch = tinystories_data.get_batch(train_data, micro, cfg.block_size + 1, gen)
-            return batch.pin_memory().to(device, non_blocking=True) if cuda else batch.to(device)
-    else:
-        fsm = FSM(cfg.num_states, cfg.num_edges, seed=cfg.fsm_seed)
-        vocab_size = fsm.vocab_size
-        val = fsm.sample(cfg.eval_seqs, cfg.block_size, torch.Generator().manual_seed(cfg.seed + 1))
-
-        def sample(gen):  # made where gen lives: on a GPU, no host work and no copy
-            return fsm.sample(micro, cfg.block_size, gen).to(device)
-    # a stream per rank; the FSM's walks are drawn on the GPU when training on one, token windows on the host
-    data_gen = torch.Generator(device=device if fsm and cuda else "cpu")
-    data_gen.manual_seed(distributed.data_seed(cfg.seed, world.rank))
-    if ckpt is not None:  # the stored model: with or without its codebooks yet
-        model = GPT(GPTConfig(**ckpt["model_args"])).to(device)
-    elif base is not None:
-        if base["model_args"]["vocab_size"] != vocab_size:
-            fail(f"--init_from={cfg.init_from}: its vocab {base['model_args']['vocab_size']} is not the data's "
-                 f"{vocab_size}")
-        model = model_from_checkpoint(base, device)
-        if cfg.cb_at != "none":
-            model = insert_once(model, cfg, vocab_size, lambda: sample(data_gen), world)
-            log(f"inserted codebooks ({', '.join(model.codebooks())}) into {cfg.init_from}, k-means initialised")
-    else:
-        model = build_model(cfg, vocab_size, "none" if cfg.cb_warmup else None).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    it, wall_before = 0, 0.0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        saved = ckpt.get("data_rngs", [ckpt["data_rng"]])  # one per process of the stored run
-        torch.set_rng_state(ckpt["torch_rng"])
-        it, wall_before = ckpt["iter_num"], ckpt["wall_s"]
-        try:
-            if world.rank < len(saved):  # a rank the stored run did not have starts its own stream
-                data_gen.set_state(saved[world.rank])
-        except RuntimeError:  # a generator of another device kind (a GPU run resumed on a CPU, or back)
-            data_gen.manual_seed(distributed.data_seed(cfg.seed + it, world.rank))
-            log("the checkpoint's data streams were drawn on another device: the data differ from an unbroken run")
-        log(f"resumed from {ckpt_path} at step {it}" + ("" if len(saved) == world.size else
-            f"; it ran on {len(saved)} process(es), this on {world.size}: the data differ from an unbroken run"))
-    ddp_model = distributed.wrap(model, world)
-    bayes_loss, bayes_acc = fsm.bayes(cfg.block_size) if fsm else (0.0, 0.0)
+    data = load_data(cfg, micro, world)
+    model, optimizer = init_model(cfg, ckpt, base, data, world, log)
+    it, wall_before = resume(ckpt, cfg, data, world, log) if ckpt is not None else (0, 0.0)
+    ddp_model = distributed.wrap(model, world)  # the model itself in a plain run
     log(json.dumps(dataclasses.asdict(cfg)))
     log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, " +
-        (f"{world.size} processes, " if world.ddp else "") +
-        (f"Bayes-optimal loss {bayes_loss:.4f} acc {bayes_acc:.4f}" if fsm else
-         f"vocab {vocab_size}, {len(train_data)} train / {len(val_data)} val tokens"))
-    data = (dict(kind="fsm", fsm=dict(num_states=cfg.num_states, num_edges=cfg.num_edges, seed=cfg.fsm_seed)) if fsm
-            else dict(kind="lm", data=dict(data_dir=os.path.abspath(cfg.data_dir), meta=meta)))
-
-    def checkpoint(data_rngs):  # on rank 0, with every rank's data generator
-        save_checkpoint(ckpt_path, dict(
-            model=model.state_dict(), optimizer=optimizer.state_dict(), iter_num=it,
-            config=dataclasses.asdict(cfg), model_args=dataclasses.asdict(model.config), data_rng=data_rngs[0],
-            data_rngs=data_rngs, world_size=world.size, torch_rng=torch.get_rng_state(),
-            wall_s=wall_before + time.time() - t0, **data))
+        (f"{world.size} processes, " if world.ddp else "") + data.about)
 
     t0 = t_log = time.time()
     start_it = it_log = it
     step_ms = None  # ms per training step over the last log interval
     bar = Progress(cfg.max_iters, "train", initial=it, quiet=not world.master)
     while it < cfg.max_iters:
-        if it >= cfg.cb_warmup and cfg.cb_at != "none" and not model.codebooks():
-            model = insert_once(model, cfg, vocab_size, lambda: sample(data_gen), world)
-            ddp_model, optimizer = distributed.wrap(model, world), make_optimizer(model, cfg, device)
+        if it >= cfg.cb_warmup and cfg.cb_at != "none" and not model.codebooks():  # codebooks: insert them
+            model, ddp_model, optimizer = add_codebooks(model, optimizer, cfg, data, world)
             bar.write(f"step {it}: inserted codebooks ({', '.join(model.codebooks())}), k-means initialised")
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
-        batches = [sample(data_gen) for _ in range(cfg.gradient_accumulation_steps)]
+        batches = [data.sample() for _ in range(cfg.gradient_accumulation_steps)]
         loss, mse = train_step(ddp_model, optimizer, batches, cfg.grad_clip, amp)
         it += 1
         if cfg.replace_every and it % cfg.replace_every == 0 and it < cfg.max_iters and model.codebooks():
-            distributed.reduce_usage(model, world)  # dead: fired on no rank; replaced once, then broadcast
-            cbs = model.codebooks().values() if world.master else ()
-            n = sum(cb.replace_dead_codes(cfg.replace_rho) for cb in cbs)
-            distributed.broadcast([cb.codebook for cb in model.codebooks().values()], world)
+            n = replace_dead_codes(model, cfg.replace_rho, world)  # codebooks: reset the dead codes
             bar.write(f"step {it}: replaced {n} dead codes")
         if it % cfg.log_interval == 0 or it == cfg.max_iters:
             loss, mse = distributed.mean([loss, mse], world)
@@ -411,16 +546,16 @@ def train(cfg, given=()):
             t_log, it_log = now, it
         bar.update(1)
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-            distributed.reduce_usage(model, world)  # stats and the checkpoint's firings: all ranks'
-            data_rngs = distributed.gather(data_gen.get_state(), world)
+            distributed.reduce_usage(model, world)  # codebooks: usage over all ranks, for the log and checkpoint
+            data_rngs = distributed.gather(data.gen.get_state(), world)
             if world.master:
                 with amp:
-                    vl, va = evaluate(model, val, micro, device)
-                usage = model.codebook_stats()
+                    vl, va = evaluate(model, data.val, micro, device)
+                usage = model.codebook_stats()  # alive, mse since the last evaluation
                 alive = f" alive {usage['all']['alive']:.3f} mse {usage['all']['mse']:.3f}" if usage else ""
-                bayes = f" (Bayes +{vl - bayes_loss:.4f})" if fsm else ""
+                bayes = f" (Bayes +{vl - data.bayes[0]:.4f})" if data.fsm else ""
                 bar.write(f"step {it}: val loss {vl:.4f}{bayes} acc {va:.4f}{alive}")
-                checkpoint(data_rngs)
+                write_checkpoint(cfg, model, optimizer, it, wall_before + time.time() - t0, data, data_rngs, world)
             t_log, it_log = time.time(), it  # step times leave evaluation out
     bar.close()
     wall = time.time() - t0
@@ -428,27 +563,13 @@ def train(cfg, given=()):
     if it == start_it:  # nothing to train (resumed at max_iters): still report
         distributed.reduce_usage(model, world)
         usage = model.codebook_stats()
-    if not world.master:  # rank 0 evaluates, samples and writes for all; the others wait in cleanup
-        distributed.cleanup(world)
-        return None
-    with amp:
-        vl, va = evaluate(model, val, micro, device)
-        sacc = fsm_state_accuracy(model, fsm, cfg.state_seqs, cfg.block_size, device, seed=cfg.seed) if fsm else None
-    metrics = dict(val_loss=vl, val_acc=va)
-    if fsm:
-        metrics.update(state_acc=sacc, bayes_loss=bayes_loss, bayes_acc=bayes_acc)
-    predicted = cfg.block_size - 1 if fsm else cfg.block_size  # predictions per sequence
-    metrics.update(alive={n: s["alive"] for n, s in usage.items()}, mse=usage.get("all", {}).get("mse"),
-                   iters=it, wall_s=wall_before + wall, step_ms=step_ms,
+    metrics = None
+    if world.master:  # rank 0 evaluates, samples and writes for all; the others wait in cleanup
+        predicted = cfg.block_size - 1 if data.fsm else cfg.block_size  # predictions per sequence
+        run = dict(iters=it, wall_s=wall_before + wall, step_ms=step_ms,
                    tokens_per_s=(it - start_it) * cfg.batch_size * predicted / max(wall, 1e-9),
-                   device=device, world_size=world.size, config=dataclasses.asdict(cfg))
-    with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    if fsm:
-        print(f"val loss {vl:.4f} (Bayes {bayes_loss:.4f}, +{vl - bayes_loss:.4f}), acc {va:.4f}, "
-              f"state acc {sacc:.4f}; wrote {cfg.out_dir}/metrics.json")
-    else:
-        print(f"val loss {vl:.4f}, acc {va:.4f}, {wall_before + wall:.0f} s; wrote {cfg.out_dir}/metrics.json")
+                   device=device, world_size=world.size)
+        metrics = report(model, cfg, data, usage, run, amp, micro, device)
     distributed.cleanup(world)
     return metrics
 
