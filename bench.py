@@ -17,7 +17,9 @@ Rows, per shape (N tokens, G groups of width d, C codes per group, k codes per t
              is straight-through for the input and gives the codes the output gradient plus the MSE
              gradient, both by autograd (the official 'aeloss'). Without the official per-call host
              copies (code counts, mse.item()), which would only slow it down.
-  layer      codebook.CodebookLayer, eager; compiled: CodebookLayer(compile=True), the search compiled.
+  layer      codebook.CodebookLayer, eager, with its tuned search (fast=True, codebook_fast.py);
+  plain      CodebookLayer(fast=False): codebook.py's plain search and LayerNorm (plain_vs_layer: its time
+             over the tuned layer's); compiled: CodebookLayer(compile=True), the tuned search compiled.
              With --fused (or a plan whose `fused` is set) on a GPU, the search is triton_search's; the
              row then also gives `unproven`, the fraction of (token, group) rows its proof left to the
              exact kernel.
@@ -64,7 +66,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import parse_value
+from common import parse_value, save_json
 import codebook_fast
 import triton_search
 from codebook import CodebookLayer
@@ -112,7 +114,7 @@ TRAIN = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, cb_at="attn+mlp", 
              batch_size=64, learning_rate=5e-3, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
              num_states=100, num_edges=10, fsm_seed=42, seed=1337)
 QUICK_TRAIN = dict(batch_size=4, n_layer=1, num_codes=64)  # TRAIN overrides for --quick
-VARIANTS = ("reference", "layer", "compiled", "matmul")
+VARIANTS = ("reference", "layer", "plain", "compiled", "matmul")
 
 
 def parse(argv):
@@ -263,7 +265,7 @@ def layer_row(cfg, shape, variant, device):
         reps = max(1, min(cfg.reps, int(cfg.budget / max(timed(lambda: fwd(buf), device), 1e-9))))
         return dict(fwd_ms=1e3 * min(timed(lambda: fwd(buf), device) for _ in range(reps)),
                     peak_mb=mem, reps=reps)
-    layer = CodebookLayer(G * d, C, k, G, compile=variant == "compiled").to(device)
+    layer = CodebookLayer(G * d, C, k, G, compile=variant == "compiled", fast=variant != "plain").to(device)
     model = Reference(layer).to(device) if variant == "reference" else layer
     x = torch.randn(N, G * d, device=device, requires_grad=True)
     grad = torch.randn(N, G * d, device=device)
@@ -292,7 +294,7 @@ def layer_row(cfg, shape, variant, device):
                peak_mb=mem, reps=reps)
     if variant == "compiled":
         out["warmup_s"] = t_warm  # includes compilation
-    if variant != "reference":
+    if variant in ("layer", "compiled"):
         p = codebook_fast.plan_for(x.device)
         fused = p["fused"] if p["fused"] and triton_search.available(x.device, x.shape[-1]) else None
         out["fused"] = fused
@@ -316,11 +318,12 @@ def train_row(cfg, device):
         model = GPT(GPTConfig(block_size=tc["block_size"], vocab_size=fsm.vocab_size, n_layer=tc["n_layer"],
                               n_head=tc["n_head"], n_embd=tc["n_embd"], cb_at=cb_at, num_codes=tc["num_codes"],
                               k=tc["k"])).to(device)
-        # train.py's groups: weight decay on matrices only, never on codes, LayerNorms or biases
-        codes = [p for n, p in model.named_parameters() if n.endswith(".codebook")]
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.endswith(".codebook")]
-        rest = [p for p in model.parameters() if p.dim() < 2]
-        groups = [dict(params=decay, weight_decay=tc["weight_decay"]), dict(params=rest + codes, weight_decay=0.0)]
+        # train.py's groups: weight decay on the weights of Linears and embeddings only, never on codes,
+        # LayerNorms (the codebooks' (G, d) ones included) or biases
+        weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+        decay = [p for n, p in model.named_parameters() if n in weights]
+        rest = [p for n, p in model.named_parameters() if n not in weights]
+        groups = [dict(params=decay, weight_decay=tc["weight_decay"]), dict(params=rest, weight_decay=0.0)]
         optimizer = torch.optim.AdamW(groups, lr=tc["learning_rate"], betas=(tc["beta1"], tc["beta2"]),
                                       fused=device == "cuda")
         models[cb_at] = (model, optimizer, torch.Generator().manual_seed(tc["seed"]))
@@ -424,6 +427,8 @@ def main(cfg):
                           memory_vs_reference=ratio(r.get("peak_mb"), ref.get("peak_mb")))
             if v in ("layer", "compiled"):
                 entry["ratios"].update({(k_ if v == "layer" else f"compiled_{k_}"): val for k_, val in ratios.items()})
+            if v == "plain":  # what the tuned search (fast=True) gains over codebook.py's plain one
+                entry["ratios"]["plain_vs_layer"] = ratio(total, (rows.get("layer") or {}).get("fwdbwd_ms"))
             head = f"{name:6} {N:6d} {f'{G} x {d}':>8} {C:7d} {k:2d}" if v == variants[0] else " " * 33
             print(f"{head}  {v:10} {fmt(r.get('fwd_ms'), '9.1f')} {fmt(total, '11.1f')} {fmt(r.get('peak_mb'), '8.1f')} "
                   f"{fmt(ratios['speedup_vs_reference'], '7.2f', 'x')} {fmt(ratios['vs_matmul'], '8.2f', 'x')} "
@@ -456,8 +461,7 @@ def main(cfg):
     print("load average (1, 5, 15 min) before: {:.2f} {:.2f} {:.2f}, after: {:.2f} {:.2f} {:.2f} "
           "(this run adds about 1-2; more means other work shared the cores)".format(*result["load_before"], *result["load_after"]))
     if cfg.out:
-        with open(cfg.out, "w") as f:
-            json.dump(result, f, indent=2)
+        save_json(cfg.out, result)
         print(f"wrote {cfg.out}")
     return result
 

@@ -5,13 +5,12 @@ its output logged, into one JSON named after the device (results/gpu_report_NVID
     python gpu_report.py                         # on a GPU: the README's commands, below
     python gpu_report.py --size=small            # any machine, under a minute on 2 cores: the smoke test
     python gpu_report.py --steps=bench,bench_fused --out_dir=/tmp/r   # some steps only, in the order given
-    python gpu_report.py --steps=bench,bench_fused,fsm_paper,tinystories,torchrun,tests   # GPU time short: figures first
     python gpu_report.py --k="fused or gloo"     # the test step on a pytest -k selection (--m=... for -m)
 
-The steps at --size=full (W is --work_dir, a new temporary directory unless given; --size=small runs each
-with tiny shapes, a handful of steps and CPU processes under torchrun):
+The steps, in this order (the figures first: GPU time is often short), at --size=full (W is --work_dir, a
+new temporary directory unless given; --size=small runs each with tiny shapes, a handful of steps and CPU
+processes under torchrun):
 
-    tests        python -m pytest -q -p no:cacheprovider test_all.py -k "not gpu_report"
     bench        python bench.py --compile=False --reps=3 --budget=4 --out=W/bench.json
     bench_fused  python bench.py --compile=False --reps=3 --budget=4 --fused=tf32x3 --out=W/bench_fused.json
     fsm_paper    python train.py --config=fsm_paper --max_iters=300 --eval_interval=300 --out_dir=W/fsm_paper
@@ -19,6 +18,7 @@ with tiny shapes, a handful of steps and CPU processes under torchrun):
                      --eval_seqs=128 --out_dir=W/tinystories   # 4M uniform ids below 50,257 as train.bin
     torchrun     python -m torch.distributed.run --standalone --nproc_per_node=1 train.py --max_iters=100
                      --cb_warmup=50 --replace_every=25 --eval_interval=100 --log_interval=25 --out_dir=W/torchrun
+    tests        python -m pytest -q -p no:cacheprovider test_all.py -k "not gpu_report"
 
 What each gives (under "steps" in the JSON, with its command, rc, wall_s, log path and the log's tail):
 pytest's closing line and counts; bench.py's rows and ratios per shape, from its JSON; step_ms (the last
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import fail, parse_args
+from common import fail, parse_args, save_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -63,7 +63,7 @@ class ReportConfig:
     keep_ckpt: bool = False  # keep the training steps' ckpt.pt (the tinystories one is ~0.9 GB)
 
 
-STEPS = ("tests", "bench", "bench_fused", "fsm_paper", "tinystories", "torchrun")
+STEPS = ("bench", "bench_fused", "fsm_paper", "tinystories", "torchrun", "tests")  # figures first: GPU time is short
 VOCAB = 50257  # GPT-2's, as the tinystories preset has
 # per size: the arguments each step adds to its command (small: tiny models, a few steps, CPU processes)
 SIZES = {
@@ -253,13 +253,6 @@ def summary(name, step):
     return f"step_ms {fig['step_ms']:.1f}, {fig['tokens_per_s']:,.0f} tokens/s, val_loss {fig['val_loss']:.4f}"
 
 
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
-
-
 def main(cfg):
     if cfg.size not in SIZES:
         fail(f"--size={cfg.size}: valid: {', '.join(SIZES)}")
@@ -287,10 +280,10 @@ def main(cfg):
         step = report["steps"][name] = run_step(name, argvs[name], work, cfg)
         print(f"[{i}/{len(names)}] {name}: {step['status']} in {step['wall_s']:.1f} s: {summary(name, step)} "
               f"(log {step['log']})", flush=True)
-        write_json(path, report)
+        save_json(path, report)
     failed = [n for n, s in report["steps"].items() if s["status"] == "failed"]
     report.update(load_after=os.getloadavg(), wall_s=round(time.time() - t0, 2), complete=True, failed=failed)
-    write_json(path, report)
+    save_json(path, report)
     print(f"{len(names) - len(failed)} of {len(names)} steps ok" + (f"; failed: {', '.join(failed)}" if failed else "")
           + f"; wrote {path}", flush=True)
     return 1 if failed else 0

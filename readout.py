@@ -14,14 +14,13 @@ write results next to the checkpoint. What steer.py
 This is the only place that knows what data a checkpoint was trained on (its "kind": "fsm" or "lm").
 """
 
-import json
 import os
 import string
 
 import torch
 
 import tinystories_data
-from common import Progress, fail, load_checkpoint, model_from_checkpoint, pick_device
+from common import Progress, fail, load_checkpoint, model_from_checkpoint, pick_device, save_json
 from fsm_data import FSM
 from model import format_code, make_interventions
 
@@ -140,9 +139,8 @@ def run(model, tokens, batch_size, keep=(), desc="forward"):
 
 
 def write_json(ckpt_path, name, obj):
-    """Write obj as name next to the checkpoint it came from."""
+    """Write obj as name next to the checkpoint it came from (atomically)."""
     path = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), name)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+    save_json(path, obj)
     print(f"wrote {path}")
     return path

@@ -93,7 +93,7 @@ class TrainConfig:
 
 
 PRESETS = {
-    "fsm": {},  # the defaults above: a 2-core CPU in about 10 minutes
+    "fsm": {},  # the defaults above: about 12 minutes on a 2-core CPU
     "fsm_paper": dict(out_dir="out-fsm-paper", batch_size=512, max_iters=20000, num_codes=10000,
                       learning_rate=1e-3, decay_lr=False, warmup_iters=0, cb_warmup=0, replace_every=0,
                       eval_interval=2000, eval_seqs=2048, compile=True),
