@@ -19,6 +19,7 @@ inference). `CodebookLayer(fast=True)`, the default, takes the tuned search of c
 (per-device tiles, block maxima, fused Triton kernels on a GPU), which gives the same ids (tested).
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -44,7 +45,9 @@ def top_codes(x, codes, k):
     return similarity(x, codes).topk(k, dim=-1).indices
 
 
-_compiled_top_codes = None
+@functools.cache
+def compiled_top_codes():
+    return torch.compile(top_codes)  # on first use: at import it would cost every script a second or two
 
 
 @torch.no_grad()
@@ -52,13 +55,10 @@ def search(x, codebook, k, max_elems=1 << 22, compile=False):
     """Ids of the k codes most cosine-similar to each input, slot 0 the best: x (N, G, d),
     codebook (G, C, d) -> (N, G, k) int64. Tokens go in chunks of about max_elems scores, so memory does
     not grow with N. Matmuls are pinned to fp32: TF32 would round the scores and change ids."""
-    global _compiled_top_codes
     (N, G, _), C = x.shape, codebook.shape[1]
     if not 1 <= k <= C:
         raise ValueError(f"search: k = {k}; valid: 1 <= k <= {C}, the number of codes")
-    if compile and _compiled_top_codes is None:
-        _compiled_top_codes = torch.compile(top_codes)
-    select = _compiled_top_codes if compile else top_codes
+    select = compiled_top_codes() if compile else top_codes
     codes = F.normalize(codebook, dim=-1)  # (G, C, d) unit codes: x . c_i / |c_i|
     ids = torch.empty(N, G, k, dtype=torch.long, device=x.device)
     n = max(1, max_elems // (G * C))  # tokens a chunk
