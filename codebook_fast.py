@@ -14,7 +14,7 @@ buffer, and a tile's top-k is found through strided blocks (the k best codes lie
 best maxima, so one vectorised max pass touches every score and topk sees 1/16 of them, plus 16k
 candidates). On a GPU each op is a kernel launch: cache-sized tiles meant thousands of tiny kernels, so
 a GPU gets tiles of tens of millions of scores. Only cosine similarity is tuned here: a codebook with
-another similarity changes codebook.search and runs with fast=False.
+another similarity changes codebook.similarity and runs with fast=False.
 """
 
 from contextlib import contextmanager

@@ -398,6 +398,13 @@ def fused_checks():
         assert torch.equal(codebook_fast.search(x, cb, k, kind="cuda"), brute_topk(x, cb, k))
         chunked = codebook_fast.search(x, cb, k, max_elems=G * 17 * 10, kind="cuda")  # k > 1: 10 tokens a chunk
         assert torch.equal(chunked, brute_topk(x, cb, k))
+    # the candidate pass's exact re-score runs no matmul that TF32 could round (its proof assumes fp32)
+    torch.set_float32_matmul_precision("high")
+    with MatmulPrecisionSpy() as spy:
+        for k in (1, 3):
+            triton_search.candidates(x, triton_search.unit(cb), k, "tf32x3", 16, (16, 32, 4))
+    torch.set_float32_matmul_precision("highest")
+    assert spy.seen == [], spy.seen
     # the k = 1 kernel's running top 3, merged over 32 tiles of 16 codes, against a sort
     xs, u = torch.randn(40, 1, 16), triton_search.unit(torch.randn(1, 500, 16))
     arg, third = torch.empty(2, 1, 40, dtype=torch.int32), torch.empty(1, 40)

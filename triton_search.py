@@ -4,7 +4,7 @@ The codebook search as fused Triton kernels, for CUDA: the (tokens x codes) scor
     import triton_search
     ids = triton_search.search(x, codebook, k)  # x (N, G, d) -> ids (N, G, k), as a brute-force topk
 
-codebook.search calls it on a GPU when PLANS["cuda"]["fused"] names a precision. On a CPU the kernels run
+codebook_fast.search calls it on a GPU when PLANS["cuda"]["fused"] names a precision. On a CPU the kernels run
 only under Triton's interpreter (TRITON_INTERPRET=1 before the first import of triton), which is how the
 tests check them; the CPU path stays pure torch.
 
@@ -37,7 +37,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # a CPU build of torch: codebook.search stays on its torch path
+except ImportError:  # a CPU build of torch: codebook_fast.search stays on its torch path
     triton = None
 
 # (tokens, codes, warps) of the exact kernel's programs. Its fp32 dot keeps whole operand rows per thread:
@@ -235,7 +235,7 @@ def candidates(x, u, k, precision="tf32x3", block=16, tile=(64, 64, 4), max_elem
     BM, BC, _ = tile
     if x.shape[-1] > MAX_WIDTH:
         raise ValueError(f"groups of d = {x.shape[-1]}: the fused kernels take d <= {MAX_WIDTH} "
-                         "(codebook.search keeps wider ones on its torch path)")
+                         "(codebook_fast.search keeps wider ones on its torch path)")
     pow2 = lambda v: v >= 1 and v & (v - 1) == 0  # noqa: E731
     if not (pow2(BM) and pow2(BC) and pow2(block) and BM >= 16 and BC >= 16):
         raise ValueError(f"fused tile {tile} and block {block}: tokens, codes and block must be powers of 2, "
@@ -261,7 +261,8 @@ def _candidates(x, u, k, precision, block, tile):
         _launch(_top1_kernel, grid, x, u, arg, third, *args, PREC=precision, D=D, BM=BM, BC=BC, num_warps=warps)
         two = arg.permute(1, 2, 0).long()  # (G, N, 2): both scored exactly, so a near-tie between them is settled
         codes = u.gather(1, two.reshape(G, 2 * N, 1).expand(G, 2 * N, d)).view(G, N, 2, d)
-        best, j = torch.einsum("gnd,gnkd->gnk", x.transpose(0, 1), codes).max(dim=-1, keepdim=True)  # (G, N, 1)
+        # products and a sum, not a matmul: TF32 (set_float32_matmul_precision("high")) cannot round them
+        best, j = (x.transpose(0, 1).unsqueeze(2) * codes).sum(-1).max(dim=-1, keepdim=True)  # (G, N, 1)
         return two.gather(-1, j), third + eps < best[..., 0]
     nb = triton.cdiv(C, block)
     m = min(k + 1, nb)  # blocks re-ranked: k hold the k best codes, one more settles near-ties exactly
