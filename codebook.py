@@ -113,11 +113,13 @@ class _Snap(torch.autograd.Function):
 
 
 class CodebookLayer(nn.Module):
-    """y, ids = layer(x, interventions=()): x (..., dim) -> y (..., dim), ids (..., groups, k).
+    """y, ids = layer(x, interventions=(), pos0=0): x (..., dim) -> y (..., dim), ids (..., groups, k).
 
     num_codes C per group, k codes per token; mse_weight scales the codes' reconstruction gradient;
     compile: torch.compile the search; max_elems: scores held at once by the search (None: its default);
-    fast: the tuned search and LayerNorm of codebook_fast.py (False: the plain ones of this file)."""
+    fast: the tuned search and LayerNorm of codebook_fast.py (False: the plain ones of this file).
+    pos0: the position of x's first token (dim -2), for interventions at absolute positions: a generation
+    step with a KV cache passes only the new tokens."""
 
     def __init__(self, dim, num_codes, k=1, groups=1, mse_weight=1.0, compile=False, max_elems=None, fast=True):
         super().__init__()
@@ -147,13 +149,13 @@ class CodebookLayer(nn.Module):
             return codebook_fast.group_layer_norm(a, self.ln_weight, self.ln_bias)
         return F.layer_norm(a, a.shape[-1:], eps=1e-5) * self.ln_weight + self.ln_bias
 
-    def forward(self, x, interventions=()):
+    def forward(self, x, interventions=(), pos0=0):
         if interventions and self.training:
             raise RuntimeError("interventions are for inference only: call model.eval() first")
         with torch.autocast(x.device.type, enabled=False):  # under bf16 autocast the layer stays fp32:
-            return self._forward(x, interventions)  # a bf16 search would pick other codes than fp32's
+            return self._forward(x, interventions, pos0)  # a bf16 search would pick other codes than fp32's
 
-    def _forward(self, x, interventions):
+    def _forward(self, x, interventions, pos0=0):
         xn = self.normalize(x.float())  # (N, G, d)
         N, G, d = xn.shape
         T = x.shape[-2] if x.dim() >= 3 else N
@@ -166,7 +168,7 @@ class CodebookLayer(nn.Module):
             ids = search(xn.detach(), self.codebook.detach(), k, self.max_elems or 1 << 22, self.compile)
             rows = None
         if interventions:
-            ids = apply_interventions(ids, interventions, self.k, T)
+            ids = apply_interventions(ids, interventions, self.k, T, pos0)
         out, mse = _Snap.apply(xn, self.codebook, ids, self.mse_weight, rows)
         with torch.no_grad():
             self.last_mse = mse
@@ -263,8 +265,9 @@ class Intervention:
 
     force: the code takes the lowest-similarity slot of its group's top-k (a second forced code in
     the same group takes the next slot up, and so on); ablate: the code is removed from the search,
-    so the next best is taken. positions index the time axis (dim -2 of the layer's input);
-    None means every position, negative values count from the end, values past the end are ignored.
+    so the next best is taken. positions index the time axis (dim -2 of the layer's input), absolute
+    (the input starts at position pos0, 0 unless a KV cache holds the tokens before it); None means every
+    position, negative values count from the end of the input, values outside the input are ignored.
     """
     site: str  # codebook site, e.g. "L2.attn"
     group: int  # head (0 for an ungrouped codebook)
@@ -273,17 +276,19 @@ class Intervention:
     positions: tuple = None
 
 
-def _position_mask(positions, T, device):
+def _position_mask(positions, T, device, pos0=0):
+    """(T,) bool: which of the input's T positions, pos0 .. pos0 + T - 1, are in positions."""
     if positions is None:
         return torch.ones(T, dtype=torch.bool, device=device)
     mask = torch.zeros(T, dtype=torch.bool, device=device)
-    idx = [p % T if p < 0 else p for p in positions if -T <= p < T]
-    mask[idx] = True
+    idx = [T + p if p < 0 else p - pos0 for p in positions]  # indices into the input
+    mask[[i for i in idx if 0 <= i < T]] = True
     return mask
 
 
-def apply_interventions(ids_ext, interventions, k, T):
-    """ids_ext (N, G, k + A) candidates -> (N, G, k) ids after ablations and forced codes."""
+def apply_interventions(ids_ext, interventions, k, T, pos0=0):
+    """ids_ext (N, G, k + A) candidates -> (N, G, k) ids after ablations and forced codes; the N rows are
+    (B, T) tokens at positions pos0 .. pos0 + T - 1."""
     N, G, _ = ids_ext.shape
     dev = ids_ext.device
     ablations = [iv for iv in interventions if iv.ablate]
@@ -291,7 +296,7 @@ def apply_interventions(ids_ext, interventions, k, T):
     if ablations:
         bad = torch.zeros_like(ids_ext, dtype=torch.bool)
         for iv in ablations:
-            at = _position_mask(iv.positions, T, dev).repeat(N // T)  # (N,)
+            at = _position_mask(iv.positions, T, dev, pos0).repeat(N // T)  # (N,)
             bad[:, iv.group] |= (ids_ext[:, iv.group] == iv.code) & at[:, None]
         order = torch.sort(bad.to(torch.int8), dim=-1, stable=True).indices  # ablated candidates last
         ids_ext = ids_ext.gather(-1, order)
@@ -300,7 +305,7 @@ def apply_interventions(ids_ext, interventions, k, T):
     for iv in forces:
         if slot[iv.group] < 0:
             raise ValueError(f"more than k={k} codes forced into group {iv.group} of {iv.site}")
-        at = _position_mask(iv.positions, T, dev).repeat(N // T)
+        at = _position_mask(iv.positions, T, dev, pos0).repeat(N // T)
         ids[at, iv.group, slot[iv.group]] = iv.code
         slot[iv.group] -= 1
     return ids

@@ -5,6 +5,7 @@ A nanoGPT-style transformer whose blocks carry codebook sites.
     model = GPT(GPTConfig(vocab_size=11, block_size=128, cb_at="attn+mlp", num_codes=1024, k=1))
     logits, loss, codes, mse = model(idx, targets)
     # codes["L2.attn"]: (B, T, n_head, k) ids; codes["L2.mlp"]: (B, T, 1, k)
+    out = model.generate(idx, max_new_tokens=32)   # with a KV cache; use_cache=False reruns the context
 
 Sites, per block:
   L{i}.attn: the per-head attention outputs (att @ v, merged head-major), before c_proj; one group per head.
@@ -68,16 +69,36 @@ def format_code(site, group, code):
 # the transformer
 
 
-def rotate(x, base=10000.0):
-    """Rotary position embedding of (B, nh, T, hs) queries or keys: the pairs (x_i, x_{i+hs/2}) turn by
-    an angle proportional to the position, so q . k depends on the relative offset. A previous-token
-    head, which TokFSM needs, is then easy to learn; with learned absolute positions alone it plateaus long."""
+def rotate(x, pos0=0, base=10000.0):
+    """Rotary position embedding of (B, nh, T, hs) queries or keys at positions pos0 .. pos0 + T - 1: the
+    pairs (x_i, x_{i+hs/2}) turn by an angle proportional to the position, so q . k depends on the relative
+    offset. A previous-token head, which TokFSM needs, is then easy to learn; with learned absolute
+    positions alone it plateaus long."""
     T, hs = x.shape[-2], x.shape[-1]
     freq = base ** (-torch.arange(0, hs // 2, device=x.device, dtype=torch.float32) / (hs // 2))
-    angle = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freq  # (T, hs/2)
+    angle = torch.arange(pos0, pos0 + T, device=x.device, dtype=torch.float32)[:, None] * freq  # (T, hs/2)
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     x1, x2 = x[..., :hs // 2], x[..., hs // 2:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """The keys and values of the tokens seen so far, for generation: kv["L2.attn"] = (k, v), each
+    (B, nh, T, hs), rotary already applied. T is the number of tokens cached, the position of the next one."""
+
+    def __init__(self):
+        self.kv = {}
+
+    @property
+    def T(self):
+        return next(iter(self.kv.values()))[0].size(2) if self.kv else 0
+
+    def update(self, name, k, v):
+        """Append the new tokens' k, v (B, nh, T_new, hs) -> the keys and values of all tokens so far."""
+        if name in self.kv:
+            k, v = (torch.cat((old, new), dim=2) for old, new in zip(self.kv[name], (k, v)))
+        self.kv[name] = (k, v)
+        return k, v
 
 
 class CausalSelfAttention(nn.Module):
@@ -90,19 +111,27 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.codebook = codebook  # groups = n_head: one codebook per head
 
-    def forward(self, x, interventions=(), cache=None, name=""):
+    def forward(self, x, interventions=(), cache=None, name="", pos0=0, kv_cache=None):
+        """x (B, T, C) at positions pos0 .. pos0 + T - 1; kv_cache: a KVCache holding the pos0 tokens before
+        them, which this call extends with theirs."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if self.rope:
-            q, k = rotate(q), rotate(k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            q, k = rotate(q, pos0), rotate(k, pos0)
+        if kv_cache is not None:
+            k, v = kv_cache.update(name, k, v)  # (B, nh, pos0 + T, hs)
+        if pos0 == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # the new tokens see all cached ones: the causal mask's diagonal shifts right by pos0
+            mask = torch.ones(T, pos0 + T, dtype=torch.bool, device=x.device).tril(pos0)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # head-major: head h is y[..., h*hs:(h+1)*hs]
         if cache is not None:
             cache[name + ".in"] = y
         ids = None
         if self.codebook is not None:
-            y, ids = self.codebook(y, interventions)
+            y, ids = self.codebook(y, interventions, pos0)
         return self.c_proj(y), ids
 
 
@@ -113,7 +142,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.codebook = codebook
 
-    def forward(self, x, interventions=(), cache=None, name=""):
+    def forward(self, x, interventions=(), cache=None, name="", pos0=0, kv_cache=None):
+        """As CausalSelfAttention's; kv_cache is unused: an MLP looks at one position only."""
         h = F.gelu(self.c_fc(x))
         y = self.c_proj(h)
         if cache is not None:
@@ -121,7 +151,7 @@ class MLP(nn.Module):
             cache[name + ".in"] = y
         ids = None
         if self.codebook is not None:
-            y, ids = self.codebook(y, interventions)
+            y, ids = self.codebook(y, interventions, pos0)
         return y, ids
 
 
@@ -139,11 +169,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config, codebook(config.mlp_groups) if on and "mlp" in config.cb_at else None)
 
-    def forward(self, x, interventions, codes, cache):
+    def forward(self, x, interventions, codes, cache, pos0=0, kv_cache=None):
         for kind, module, ln in (("attn", self.attn, self.ln_1), ("mlp", self.mlp, self.ln_2)):
             name = f"L{self.layer}.{kind}"
             here = [iv for iv in interventions if iv.site == name]
-            y, ids = module(ln(x), here, cache, name)
+            y, ids = module(ln(x), here, cache, name, pos0, kv_cache)
             if ids is not None:
                 codes[name] = ids
             x = x + y
@@ -222,21 +252,24 @@ class GPT(nn.Module):
         if not 0 <= iv.code < cb.num_codes:
             raise ValueError(f"code {iv.code} out of range for {iv.site}: valid 0..{cb.num_codes - 1}")
 
-    def forward(self, idx, targets=None, interventions=(), cache=None):
+    def forward(self, idx, targets=None, interventions=(), cache=None, kv_cache=None):
         """idx (B, T) -> logits (B, T, V), loss (CE, or None), codes {site: (B, T, G, k)}, mse (summed).
 
         interventions: a list of codebook.Intervention (inference only). cache: pass a dict to get the
         activations before each codebook ("L1.mlp.in"), the MLP hidden units ("L1.mlp.hidden") and the
-        residual stream after each block ("L1.resid").
+        residual stream after each block ("L1.resid"). kv_cache: a KVCache of the tokens before idx (which
+        then sit at positions kv_cache.T onwards: outputs and Intervention positions are absolute), extended
+        with idx's own; generate's way of running only the new token.
         """
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        pos0 = kv_cache.T if kv_cache is not None else 0  # the position of idx's first token
+        if pos0 + T > self.config.block_size:
+            raise ValueError(f"sequence of length {pos0 + T} is longer than block_size {self.config.block_size}")
+        pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # absolute positions: TokFSM needs parity
         codes = {}
         for block in self.transformer.h:
-            x = block(x, interventions, codes, cache)
+            x = block(x, interventions, codes, cache, pos0, kv_cache)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
         loss = None
@@ -247,15 +280,27 @@ class GPT(nn.Module):
         return logits, loss, codes, mse
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, interventions=(), generator=None):
-        """Sample max_new_tokens after idx (B, T). No KV cache: each step reruns the whole context,
-        so an intervention at position p means the same thing at every step. Positions are absolute
-        (0 = first prompt token), so "the generated tokens" is positions range(T, T + max_new_tokens)."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, interventions=(), generator=None,
+                 use_cache=True):
+        """Sample max_new_tokens after idx (B, T). Positions are absolute (0 = first prompt token), so "the
+        generated tokens" is positions range(T, T + max_new_tokens).
+
+        use_cache: keep every layer's keys and values (KVCache): the prompt runs in one forward, then each
+        step runs the new token only. Every codebook site is causal (a position's codes depend on its prefix
+        only), so this samples the same tokens as rerunning the whole context at each step (use_cache=False,
+        the reference), with the same draws from generator, interventions at every position (positions=None)
+        or at fixed ones included. A negative position counts from the end of the context, which moves on at
+        each step: a rerun puts it on another token each time, while a cached token's codes are fixed once
+        computed. With any negative position generate therefore falls back to the full rerun."""
         if idx.size(1) + max_new_tokens - 1 > self.config.block_size:
             raise ValueError(f"{idx.size(1)} prompt + {max_new_tokens} new tokens exceed block_size "
                              f"{self.config.block_size}")
+        if any(p < 0 for iv in interventions for p in (iv.positions or ())):
+            use_cache = False
+        kv_cache = KVCache() if use_cache else None
+        x = idx  # what the next forward runs: everything, or with the cache the tokens not yet seen
         for _ in range(max_new_tokens):
-            logits, _, _, _ = self(idx, interventions=interventions)
+            logits, _, _, _ = self(x, interventions=interventions, kv_cache=kv_cache)
             logits = logits[:, -1, :] / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
@@ -263,6 +308,7 @@ class GPT(nn.Module):
             probs = F.softmax(logits, dim=-1)
             idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat((idx, idx_next), dim=1)
+            x = idx_next if use_cache else idx
         return idx
 
 

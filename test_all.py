@@ -38,7 +38,7 @@ import train
 from codebook import CodebookLayer, Intervention, search
 from codebook_fast import plan
 from fsm_data import FSM
-from model import GPT, GPTConfig, format_code, make_interventions, parse_code
+from model import GPT, GPTConfig, KVCache, format_code, make_interventions, parse_code
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -659,6 +659,107 @@ def test_forcing_the_last_mlp_code_moves_the_residual_by_the_code_difference():
     assert out.shape == (1, 9) and torch.equal(out[:, :6], idx)
     with pytest.raises(ValueError, match="exceed block_size"):
         m.generate(idx, 12)
+
+
+def kv_model(**kw):
+    """tiny_model with its weights moved off init (std 0.3), so that next-token distributions are far from
+    flat and codes matter: a wrong KV cache then changes sampled tokens."""
+    m = tiny_model(**dict(dict(block_size=32, k=2), **kw)).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return m
+
+
+KV_CASES = {  # name -> interventions, given the prompt length T and the new tokens n
+    "none": lambda T, n: [],
+    "force_mlp_all": lambda T, n: [Intervention("L0.mlp", 0, 4)],
+    "force_attn_all": lambda T, n: [Intervention("L1.attn", 1, 4), Intervention("L0.attn", 0, 7)],
+    "ablate_all": lambda T, n: [Intervention("L0.attn", 0, c, ablate=True) for c in range(4)]
+                               + [Intervention("L1.mlp", 0, c, ablate=True) for c in range(4)],
+    "force_prompt": lambda T, n: [Intervention("L0.attn", 1, 3, positions=tuple(range(T))),
+                                  Intervention("L0.mlp", 0, 9, positions=tuple(range(T)))],
+    "force_new": lambda T, n: [Intervention("L0.attn", 1, 3, positions=tuple(range(T, T + n))),
+                               Intervention("L1.mlp", 0, 9, positions=tuple(range(T, T + n)))],
+    "negative_falls_back": lambda T, n: [Intervention("L0.attn", 1, 3, positions=(-1,)),
+                                         Intervention("L0.mlp", 0, 9, positions=(-2, -1))],
+}
+
+
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("case", list(KV_CASES))
+def test_kv_cache_samples_the_tokens_of_the_full_rerun(case, T):
+    """The same seed gives the same 8 x (33 - T) tokens, up to block_size, with the cache as by rerunning
+    the whole context at each step (temperature 1: every draw depends on the whole distribution)."""
+    m = kv_model()
+    idx = torch.randint(11, (8, T), generator=torch.Generator().manual_seed(T))
+    idx[:, 0] = 10  # a BOS of sorts
+    n = m.config.block_size - T + 1  # the last token sampled fills position block_size
+    ivs = KV_CASES[case](T, n)
+
+    def sample(ivs, use_cache):
+        return m.generate(idx, n, interventions=ivs, generator=torch.Generator().manual_seed(1), use_cache=use_cache)
+
+    full, cached = sample(ivs, False), sample(ivs, True)
+    assert full.shape == (8, 33) and torch.equal(full[:, :T], idx)
+    assert torch.equal(cached, full)
+    if ivs:  # the interventions matter, so the test above could fail
+        assert not torch.equal(full, sample([], False))
+
+
+def test_kv_cache_logits_and_codes_equal_a_full_forward():
+    """A prompt chunk, then a chunk of 3 (the shifted causal mask), then one token at a time, through a
+    KVCache: the logits and codes of every position equal one forward of the whole sequence."""
+    m = kv_model()
+    idx = torch.randint(11, (3, 32), generator=torch.Generator().manual_seed(0))
+    ivs = [Intervention("L0.attn", 1, 3, positions=(2, 9, 20)), Intervention("L1.mlp", 0, 5),
+           Intervention("L0.mlp", 0, 2, ablate=True, positions=tuple(range(8, 30)))]
+    logits, _, codes, _ = m(idx, interventions=ivs)
+    kv, steps = KVCache(), [(0, 7), (7, 10)] + [(t, t + 1) for t in range(10, 32)]
+    outs = []
+    for a, b in steps:
+        assert kv.T == a
+        outs.append(m(idx[:, a:b], interventions=ivs, kv_cache=kv))
+    assert kv.T == 32 and kv.kv["L1.attn"][0].shape == (3, 2, 32, 8)
+    torch.testing.assert_close(torch.cat([o[0] for o in outs], 1), logits, rtol=0, atol=1e-5)
+    for site in codes:
+        assert torch.equal(torch.cat([o[2][site] for o in outs], 1), codes[site]), site
+    assert not torch.allclose(m(idx)[0], logits, atol=1e-3)  # the interventions change the logits
+    with pytest.raises(ValueError, match="longer than block_size"):
+        m(idx[:, :1], kv_cache=kv)
+
+
+def test_fsm_state_accuracy_samples_the_same_with_the_cache(monkeypatch):
+    """train.py's fsm_state_accuracy gets the cache through generate's default; its walks are unchanged."""
+    fsm = FSM(num_states=12, num_edges=3)
+    m = kv_model(vocab_size=fsm.vocab_size)
+    walks, generate = {}, m.generate
+
+    def spy(*args, **kw):
+        walks[kw.get("use_cache", True)] = out = generate(*args, **kw)
+        return out
+
+    monkeypatch.setattr(m, "generate", spy)
+    acc = train.fsm_state_accuracy(m, fsm, 16, 32, "cpu", seed=3)
+    monkeypatch.setattr(m, "generate", lambda *args, **kw: spy(*args, use_cache=False, **kw))
+    assert train.fsm_state_accuracy(m, fsm, 16, 32, "cpu", seed=3) == acc
+    assert torch.equal(walks[True], walks[False]) and walks[True].shape == (16, 32)
+
+
+@pytest.mark.slow
+def test_bench_generate_quick_writes_json(tmp_path):
+    path = tmp_path / "bench_generate.json"
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench_generate.py"), "--quick", f"--out={path}"],
+                          capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "speed-up" in proc.stdout
+    result = json.loads(path.read_text())
+    assert set(result["workloads"]) == {"topics", "steer", "fsm"}
+    for row in result["workloads"].values():
+        assert row["same_samples"] is True and row["full_s"] > 0 and row["cached_s"] > 0 and row["tokens"] > 0
+        assert row["speedup"] == pytest.approx(row["full_s"] / row["cached_s"])
+    assert result["settings"]["samples"] == 2 and len(result["topics_codes"]) == 14  # the quick preset
 
 
 # -----------------------------------------------------------------------------
@@ -1680,7 +1781,7 @@ def test_gpu_report_small_runs_every_step(tmp_path):
 # how the files stand
 
 
-SCRIPTS = {"train", "steer", "topics", "bench", "gpu_report"}  # run by users; stand on the libraries only
+SCRIPTS = {"train", "steer", "topics", "bench", "bench_generate", "gpu_report"}  # run by users; on the libraries only
 
 
 LIBRARIES = {"model", "codebook", "codebook_fast", "triton_search", "common", "readout", "distributed", "fsm_data",
