@@ -50,6 +50,8 @@ time slice (~7 ms here) at every parallel op when another process holds a core, 
 noisy: compare rows of one run, not runs.
 """
 
+import cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torch loads it)
+
 import ctypes
 import dataclasses
 import gc

@@ -29,6 +29,8 @@ failing step is recorded and the next one runs; the JSON is rewritten (atomicall
 the exit status is 1 if any step failed. The trainings' ckpt.pt are removed afterwards (--keep_ckpt=True).
 """
 
+import cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torch loads it)
+
 import datetime
 import json
 import os

@@ -36,6 +36,8 @@ Definitions (SPEC section 2). A pattern is a set M of positions of the sampled s
   digit (the patch stays at its position) is a successor of t; *_baseline: the same with no patch.
 """
 
+import cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torch loads it)
+
 import math
 import re
 import sys

@@ -1781,11 +1781,25 @@ def test_gpu_report_small_runs_every_step(tmp_path):
 # how the files stand
 
 
-SCRIPTS = {"train", "steer", "topics", "bench", "bench_generate", "gpu_report"}  # run by users; on the libraries only
+SCRIPTS = {"train", "steer", "topics", "bench", "bench_generate", "bench_jobs", "gpu_report"}  # run by users
+LIBRARIES = {"cpu_threads", "model", "codebook", "codebook_fast", "triton_search", "common", "readout",
+             "distributed", "fsm_data", "tinystories_data"}  # scripts stand on these only; data files run too
 
 
-LIBRARIES = {"model", "codebook", "codebook_fast", "triton_search", "common", "readout", "distributed", "fsm_data",
-             "tinystories_data"}  # data files run too
+def test_every_script_sets_how_openmp_waits_before_torch_loads():
+    """cpu_threads must come first: GNU OpenMP reads GOMP_SPINCOUNT once, when torch loads it."""
+    import ast
+    for name in SCRIPTS:
+        tree = ast.parse(open(os.path.join(HERE, name + ".py")).read())
+        first = next(n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)))
+        assert isinstance(first, ast.Import) and first.names[0].name == "cpu_threads", name
+    code = "import cpu_threads, os; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    for extra, want in (({}, "10000 None"), ({"GOMP_SPINCOUNT": "5"}, "5 None"),
+                        ({"OMP_WAIT_POLICY": "passive"}, "None passive")):  # a user's own setting is kept
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                             env={**env, **extra}, check=True).stdout.strip()
+        assert out == want, (extra, out)
 
 
 def test_no_script_imports_another_script():

@@ -38,6 +38,8 @@ mean steered rate, steered_ce, ce_ratio and steered_rep (sweep_samples per promp
 samples first, whose "steered" is the mean baseline rate).
 """
 
+import cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torch loads it)
+
 import os
 import re
 import sys

@@ -25,6 +25,8 @@ Overrides are --key=value (no exec); unknown keys and bad values stop with a one
 Writes out_dir/ckpt.pt (loadable with torch.load(weights_only=True)) and out_dir/metrics.json, both atomically.
 """
 
+import cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torch loads it)
+
 import dataclasses
 import json
 import math
