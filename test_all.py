@@ -749,12 +749,8 @@ def test_fsm_state_accuracy_samples_the_same_with_the_cache(monkeypatch):
 
 @pytest.mark.slow
 def test_bench_generate_quick_writes_json(tmp_path):
-    path = tmp_path / "bench_generate.json"
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench_generate.py"), "--quick", f"--out={path}"],
-                          capture_output=True, text=True, cwd=HERE, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "speed-up" in proc.stdout
-    result = json.loads(path.read_text())
+    out, result = run_quick("bench_generate.py", tmp_path)
+    assert "speed-up" in out
     assert set(result["workloads"]) == {"topics", "steer", "fsm"}
     for row in result["workloads"].values():
         assert row["same_samples"] is True and row["full_s"] > 0 and row["cached_s"] > 0 and row["tokens"] > 0
@@ -1715,14 +1711,20 @@ def test_reference_matches_layer():
     torch.testing.assert_close(layer.ln_bias.grad, torch.stack([ln.bias.grad for ln in ref.lns]))
     assert layer.codebook.grad.abs().sum() > 0
 
-@pytest.mark.slow
-def test_bench_quick_writes_json(tmp_path):
-    path = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--quick", f"--out={path}"],
+
+def run_quick(script, tmp_path):
+    """A bench script's --quick run into tmp_path -> (its stdout, the JSON it wrote)."""
+    path = tmp_path / (script[:-3] + ".json")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, script), "--quick", f"--out={path}"],
                           capture_output=True, text=True, cwd=HERE, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "train_overhead" in proc.stdout
-    result = json.loads(path.read_text())
+    return proc.stdout, json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_json(tmp_path):
+    out, result = run_quick("bench.py", tmp_path)
+    assert "train_overhead" in out
     shape = result["shapes"]["tiny"]
     assert set(shape["rows"]) == {"reference", "layer", "plain", "matmul"}  # --quick skips the compiled row
     for row in ("reference", "layer", "plain"):
