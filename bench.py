@@ -57,7 +57,6 @@ import dataclasses
 import gc
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -68,7 +67,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import parse_value, save_json
+from common import cpu_name, parse_value, save_json
 import codebook_fast
 import triton_search
 from codebook import CodebookLayer
@@ -404,11 +403,7 @@ def fmt(v, spec, unit=""):
 def main(cfg):
     device = pick_device(cfg.device)
     threads = cfg.threads or torch.get_num_threads()
-    cpu = platform.processor() or platform.machine()
-    if device == "cpu" and os.path.exists("/proc/cpuinfo"):
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    dev_name = torch.cuda.get_device_name() if device == "cuda" else cpu
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     wait = os.environ.get("OMP_WAIT_POLICY", cfg.omp_wait) or "default"
     print(f"device {device} ({dev_name}), {threads} threads (OMP_WAIT_POLICY {wait}), torch {torch.__version__}")
     result = dict(device=device, device_name=dev_name, threads=threads, omp_wait_policy=wait, torch=torch.__version__,

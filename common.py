@@ -11,6 +11,7 @@ errors, picking a device, progress that shows in a terminal and in a log, checkp
 import dataclasses
 import json
 import os
+import platform
 import sys
 import time
 
@@ -77,6 +78,15 @@ def pick_device(name):
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def cpu_name():
+    """The CPU's model name (/proc/cpuinfo on Linux), for results files."""
+    if os.path.exists("/proc/cpuinfo"):
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        if names:
+            return names[0]
+    return platform.processor() or platform.machine()
 
 
 # -----------------------------------------------------------------------------

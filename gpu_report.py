@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import fail, parse_args, save_json
+from common import cpu_name, fail, parse_args, save_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -215,10 +215,7 @@ def run_step(name, argv, work, cfg):
 
 def machine():
     cuda = torch.cuda.is_available()
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+    cpu = cpu_name()
     try:
         import triton
         triton_version = triton.__version__
