@@ -1,7 +1,8 @@
 """
 The test suite: offline, CPU, tiny shapes, fixed seeds. One section per file, in the order a reader meets
 them: codebook.py, codebook_fast.py and triton_search.py, model.py, fsm_data.py, common.py, train.py,
-distributed.py, readout.py and steer.py, tinystories_data.py and topics.py, bench.py and gpu_report.py.
+distributed.py, readout.py and steer.py, tinystories_data.py and topics.py, bench.py and gpu_report.py,
+hub.py.
 
     python -m pytest -q test_all.py                  # everything (what CI runs)
     python -m pytest -q test_all.py -m "not slow"    # the fast loop: no subprocess runs, compiles or gloo
@@ -9,6 +10,8 @@ distributed.py, readout.py and steer.py, tinystories_data.py and topics.py, benc
 
 import copy
 import dataclasses
+import hashlib
+import http.server
 import importlib.metadata
 import importlib.util
 import json
@@ -20,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 
 import numpy as np
 import pytest
@@ -30,6 +34,7 @@ import bench
 import codebook_fast
 import common
 import distributed
+import hub
 import readout
 import steer
 import tinystories_data as td
@@ -1780,12 +1785,202 @@ def test_gpu_report_small_runs_every_step(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# hub.py: downloads from the Hugging Face hub (a local http.server stands in for it)
+
+
+def git_sha1(data):
+    """The hub's ETag of a file stored in git: its git blob id."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """The hub's resolve URLs for `files` ({"/{repo}/resolve/{rev}/{file}": bytes}): an LFS file (in `lfs`)
+    as the hub serves it, a redirect carrying X-Linked-Etag (sha256) and X-Linked-Size to /cdn/..., whose
+    own ETag is no hash; any other file with its git-sha1 ETag. Range is honoured; a missing file of a
+    known repository is a 404 EntryNotFound, an unknown repository a 401 RepoNotFound (as on the hub).
+    `cut`: path -> bytes after which the next answer stops (a dropped connection, once); `bad`: paths
+    served with one byte flipped. Each request is logged as (path, Range header)."""
+
+    def do_GET(self):
+        hub_ = type(self)
+        hub_.log.append((self.path, self.headers.get("Range")))
+        path = self.path.removeprefix("/cdn")
+        if path not in hub_.files:
+            known = any(p.startswith(path.split("/resolve/")[0] + "/resolve/") for p in hub_.files)
+            self.send_response(404 if known else 401)
+            self.send_header("X-Error-Code", "EntryNotFound" if known else "RepoNotFound")
+            self.end_headers()
+            return
+        data = hub_.files[path]
+        if path in hub_.lfs and not self.path.startswith("/cdn/"):
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/cdn{path}")
+            self.send_header("X-Linked-Etag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("X-Linked-Size", str(len(data)))
+            self.end_headers()
+            return
+        etag = "0123abcd-cdn" if path in hub_.lfs else git_sha1(data)
+        if path in hub_.bad:
+            data = data[:-1] + bytes([data[-1] ^ 1])
+        start = int(re.match(r"bytes=(\d+)-", self.headers["Range"])[1]) if self.headers.get("Range") else 0
+        if start >= len(data) > 0:
+            self.send_response(416)
+            self.end_headers()
+            return
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.send_header("ETag", f'"{etag}"')
+        self.end_headers()
+        self.wfile.write(data[start:start + hub_.cut.pop(path, len(data))])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A FakeHub on 127.0.0.1 as HF_ENDPOINT, the cache in tmp_path/cache."""
+    handler = type("Hub", (FakeHub,), dict(files={}, lfs=set(), cut={}, bad=set(), log=[]))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.01), daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    for proxy in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    yield handler
+    server.shutdown()
+    server.server_close()
+
+
+WEIGHT_BYTES = bytes(range(256)) * 64  # 16 KiB
+
+
+def add_model(fake, repo="owner/tiny", rev="main", weights=("model.safetensors",)):
+    """config.json (in git) and weights (LFS) of a repository on the fake hub."""
+    fake.files[f"/{repo}/resolve/{rev}/config.json"] = b'{"model_type": "gpt_neo"}\n'
+    for w in weights:
+        fake.files[f"/{repo}/resolve/{rev}/{w}"] = WEIGHT_BYTES + w.encode()
+        fake.lfs.add(f"/{repo}/resolve/{rev}/{w}")
+
+
+def cached_files(tmp_path):
+    root = tmp_path / "cache"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def test_hub_download_full_then_cached(fake_hub, tmp_path):
+    add_model(fake_hub)
+    path = hub.model_dir("owner/tiny")
+    assert path == str(tmp_path / "cache" / "models--owner--tiny" / "main")  # the documented layout
+    assert open(os.path.join(path, "model.safetensors"), "rb").read() == WEIGHT_BYTES + b"model.safetensors"
+    assert [p for p, _ in fake_hub.log] == ["/owner/tiny/resolve/main/config.json",
+                                            "/owner/tiny/resolve/main/model.safetensors",
+                                            "/cdn/owner/tiny/resolve/main/model.safetensors"]
+    assert cached_files(tmp_path) == ["models--owner--tiny/main/config.json",
+                                      "models--owner--tiny/main/model.safetensors"]  # nothing .incomplete
+    n = len(fake_hub.log)
+    assert hub.model_dir("owner/tiny") == path and len(fake_hub.log) == n  # cached: no request at all
+    add_model(fake_hub, rev="v1")
+    assert hub.model_dir("owner/tiny@v1").endswith(os.path.join("models--owner--tiny", "v1"))
+    assert hub.model_dir("owner/tiny", revision="v1") == hub.model_dir("owner/tiny@v1")
+    assert hub.parse_name("gpt2-xl") == ("openai-community/gpt2-xl", "main")
+
+
+def test_hub_download_resumes_a_dropped_connection(fake_hub, tmp_path):
+    add_model(fake_hub)
+    url = "/owner/tiny/resolve/main/model.safetensors"
+    fake_hub.cut[url] = 5000  # the first answer stops after 5000 bytes; the retry asks for the rest
+    path = hub.model_dir("owner/tiny")
+    assert open(os.path.join(path, "model.safetensors"), "rb").read() == fake_hub.files[url]
+    assert [r for p, r in fake_hub.log if p == "/cdn" + url] == [None, "bytes=5000-"]
+    # with one attempt per call the partial file stays .incomplete, and the next call resumes it
+    fake_hub.cut[url] = 3000
+    target = str(tmp_path / "one" / "w.bin")
+    with pytest.raises(hub.HubError) as e:
+        hub.download(fake_hub_url(url), target, attempts=1)
+    assert "\n" not in str(e.value) and "run again to resume" in str(e.value)
+    assert not os.path.exists(target) and os.path.getsize(target + ".incomplete") == 3000
+    hub.download(fake_hub_url(url), target, attempts=1)
+    assert fake_hub.log[-1] == ("/cdn" + url, "bytes=3000-")
+    assert open(target, "rb").read() == fake_hub.files[url] and not os.path.exists(target + ".incomplete")
+
+
+def fake_hub_url(path):
+    return os.environ["HF_ENDPOINT"] + path
+
+
+def test_hub_falls_back_to_the_bin_on_a_404(fake_hub, tmp_path):
+    add_model(fake_hub, weights=("pytorch_model.bin",))  # as the TinyStories repositories have it on main
+    path = hub.model_dir("owner/tiny")
+    assert sorted(os.listdir(path)) == ["config.json", "pytorch_model.bin"]
+    assert ("/owner/tiny/resolve/main/model.safetensors", None) in fake_hub.log
+    n = len(fake_hub.log)
+    assert hub.model_dir("owner/tiny") == path and len(fake_hub.log) == n
+    fake_hub.files.pop("/owner/tiny/resolve/main/config.json")  # a repository with neither weights file
+    fake_hub.files["/owner/other/resolve/main/config.json"] = b"{}"
+    with pytest.raises(hub.HubError, match="neither model.safetensors nor pytorch_model.bin"):
+        hub.model_dir("owner/other")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])  # sha256 (LFS), git sha1 (in git)
+def test_hub_corrupt_download_is_caught_and_removed(fake_hub, tmp_path, name):
+    add_model(fake_hub)
+    fake_hub.bad.add(f"/owner/tiny/resolve/main/{name}")
+    with pytest.raises(hub.HubError) as e:
+        hub.model_dir("owner/tiny")
+    assert "\n" not in str(e.value) and "corrupt" in str(e.value) and name in str(e.value)
+    assert f"models--owner--tiny/main/{name}" not in cached_files(tmp_path)
+    assert not [f for f in cached_files(tmp_path) if f.endswith(".incomplete")]  # nothing to resume from
+    fake_hub.bad.clear()
+    path = hub.model_dir("owner/tiny")  # the next run fetches it whole
+    assert open(os.path.join(path, "model.safetensors"), "rb").read() == WEIGHT_BYTES + b"model.safetensors"
+
+
+def test_hub_bad_names_unknown_repos_and_no_network_are_one_line(fake_hub, tmp_path, monkeypatch):
+    add_model(fake_hub)
+    for name, want in (("nobody/nothing", "no such repository"), ("owner/tiny@v9", "config.json: no such file"),
+                       ("not a name", "expected a hub id owner/name")):
+        with pytest.raises(hub.HubError) as e:
+            hub.model_dir(name)
+        assert "\n" not in str(e.value) and want in str(e.value), str(e.value)
+    assert cached_files(tmp_path) == []
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    with pytest.raises(hub.HubError, match="needs config.json and one of"):
+        hub.model_dir(str(local))
+    (local / "pytorch_model.bin").write_bytes(b"")
+    assert hub.model_dir(str(local)) == str(local)  # a local directory: no network needed
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(hub.HubUnreachable) as e:
+        hub.model_dir("owner/tiny")
+    assert "\n" not in str(e.value) and "cannot reach" in str(e.value) and "local directory" in str(e.value)
+
+
+def test_hub_cache_dir_follows_the_hub_conventions(monkeypatch):
+    for var in ("HF_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    assert hub.cache_dir() == os.path.expanduser("~/.cache/huggingface/hub")
+    monkeypatch.setenv("HF_HOME", "/x/hf")
+    assert hub.cache_dir() == os.path.join("/x/hf", "hub")
+    monkeypatch.setenv("HF_HUB_CACHE", "/y/cache")
+    assert hub.cache_dir() == "/y/cache"
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    assert hub.endpoint() == "https://huggingface.co"
+
+
+# -----------------------------------------------------------------------------
 # how the files stand
 
 
 SCRIPTS = {"train", "steer", "topics", "bench", "bench_generate", "bench_jobs", "gpu_report"}  # run by users
 LIBRARIES = {"cpu_threads", "model", "codebook", "codebook_fast", "triton_search", "common", "readout",
-             "distributed", "fsm_data", "tinystories_data"}  # scripts stand on these only; data files run too
+             "distributed", "fsm_data", "tinystories_data", "hub"}  # scripts stand on these only; data files run too
 
 
 def test_every_script_sets_how_openmp_waits_before_torch_loads():
