@@ -1575,6 +1575,7 @@ def test_gpt2_offline_is_a_one_line_error(tmp_path, monkeypatch):
         raise OSError("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net', port=443): Max retries "
                       "exceeded with url: /gpt-2/encodings/main/vocab.bpe (Caused by NameResolutionError(...))")
     monkeypatch.setattr(td.tiktoken, "get_encoding", offline)
+    monkeypatch.delenv(td.GPT2_TIKTOKEN, raising=False)  # a local ranks file would spare the download
     with pytest.raises(OSError) as e:
         td.prepare(str(tmp_path / "d"), input=str(write_docs(tmp_path, "\n\n")))
     msg = str(e.value)
@@ -1785,7 +1786,7 @@ def test_gpu_report_small_runs_every_step(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# hub.py: downloads from the Hugging Face hub (a local http.server stands in for it)
+# hub.py: downloads from the Hugging Face hub (a local http.server stands in for it); gpt2 tokens offline
 
 
 def git_sha1(data):
@@ -1972,6 +1973,78 @@ def test_hub_cache_dir_follows_the_hub_conventions(monkeypatch):
     assert hub.cache_dir() == "/y/cache"
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     assert hub.endpoint() == "https://huggingface.co"
+
+
+def test_tinystories_sources_download_through_the_hub(fake_hub, tmp_path, monkeypatch):
+    """--source=paper fetches the original TinyStories files of the hub dataset, --source=v2 the GPT-4 ones."""
+    for source, (train_file, valid_file) in td.SOURCES.items():
+        for f, docs in ((train_file, DOCS[:3]), (valid_file, DOCS[3:])):
+            path = f"/datasets/{td.DATASET}/resolve/{td.DATASET_REVISION}/{f}"
+            fake_hub.files[path] = ("\n<|endoftext|>\n".join(docs) + "\n").encode()
+            fake_hub.lfs.add(path)
+        meta = td.prepare(str(tmp_path / source), source=source, encoding="bytes")
+        train_data, val_data, _ = td.load_tokens(str(tmp_path / source))
+        enc = td.make_encoding(meta["encoding"])
+        assert enc.decode(train_data.tolist()) == "".join("<|endoftext|>" + d for d in DOCS[:3])
+        assert enc.decode(val_data.tolist()) == "".join("<|endoftext|>" + d for d in DOCS[3:])
+        assert train_file in meta["source"] and td.DATASET_REVISION in meta["source"]
+        assert f"datasets--roneneldan--TinyStories/{td.DATASET_REVISION}/{train_file}" in cached_files(tmp_path)
+    assert td.SOURCES["paper"] == ("TinyStories-train.txt", "TinyStories-valid.txt")
+    with pytest.raises(ValueError, match="valid: v2, paper"):
+        td.prepare(str(tmp_path / "x"), source="v3")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")  # nothing listens there
+    with pytest.raises(hub.HubUnreachable) as e:
+        td.prepare(str(tmp_path / "x"), source="paper")
+    assert "\n" not in str(e.value) and "--input=FILE" in str(e.value)
+
+
+def gpt2_ranks():
+    """The local gpt2.tiktoken that .ci/run fetches (openai-whisper's source archive on PyPI), else skip."""
+    path = os.environ.get(td.GPT2_TIKTOKEN, "")
+    if not os.path.isfile(path):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{td.GPT2_TIKTOKEN} is not a file in CI: .ci/run should have fetched gpt2.tiktoken")
+        pytest.skip(f"{td.GPT2_TIKTOKEN} names no file (.ci/run fetches gpt2.tiktoken from openai-whisper's sdist)")
+    return path
+
+
+def test_r50k_hash_is_tiktokens_own():
+    import inspect
+    import tiktoken_ext.openai_public
+    assert f'expected_hash="{td.R50K_SHA256}"' in inspect.getsource(tiktoken_ext.openai_public.r50k_base)
+
+
+def test_gpt2_tokens_from_a_local_ranks_file(tmp_path, monkeypatch):
+    """tiktoken's own gpt2 vectors (tests/test_encoding.py), from the file, with no download."""
+    path = gpt2_ranks()
+    monkeypatch.setattr(td.tiktoken, "get_encoding", None)  # a download would fail loudly
+    enc = td.make_encoding({"kind": "gpt2"}, path)
+    assert enc.n_vocab == 50257 and enc.eot_token == 50256
+    assert enc.encode("hello world") == [31373, 995] and enc.decode([31373, 995]) == "hello world"
+    assert enc.encode("hello <|endoftext|>", allowed_special="all") == [31373, 220, 50256]
+    zeros = {1: [15], 2: [405], 3: [830], 4: [2388], 5: [20483], 6: [10535], 7: [24598], 8: [8269],
+             9: [10535, 830], 16: [25645], 17: [8269, 10535, 830]}
+    assert {n: enc.encode("0" * n) for n in zeros} == zeros
+    meta = td.prepare(str(tmp_path / "d"), input=str(write_docs(tmp_path, "\n\n")), encoding=path, val_every=2)
+    assert meta["encoding"] == {"kind": "gpt2"} and meta["vocab_size"] == 50257 and meta["eot"] == 50256
+    monkeypatch.setenv(td.GPT2_TIKTOKEN, path)  # how train.py, readout.py and topics.py find it later
+    train_data, _, meta = td.load_tokens(str(tmp_path / "d"))
+    text = td.make_encoding(meta["encoding"]).decode(train_data.tolist())
+    assert text == "".join("<|endoftext|>" + d for d in DOCS[0::2])
+
+
+def test_a_wrong_ranks_file_is_one_line(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_bytes(b"IQ== 0\n")
+    monkeypatch.setenv(td.GPT2_TIKTOKEN, str(bad))
+    with pytest.raises(ValueError) as e:
+        td.make_encoding({"kind": "gpt2"})
+    assert "\n" not in str(e.value) and "r50k_base" in str(e.value) and str(bad) in str(e.value)
+    with pytest.raises(OSError) as e:
+        td.prepare(str(tmp_path / "d"), input=str(write_docs(tmp_path, "\n\n")),
+                   encoding=str(tmp_path / "missing.tiktoken"))
+    assert "\n" not in str(e.value) and "missing.tiktoken" in str(e.value)
 
 
 # -----------------------------------------------------------------------------

@@ -6,32 +6,48 @@ vocab_size, eot id, topics and their regexes) and, for the synthetic corpus, lab
 split: its topic id, -1 for none, and the offset of its first token).
 
     python tinystories_data.py                                    # TinyStoriesV2-GPT4 (internet), gpt2 tokens
+    python tinystories_data.py --source=paper --data_dir=data/tinystories_paper   # the paper's stories
     python tinystories_data.py --synthetic --data_dir=data/stories    # offline: 7 topics + none, 20k stories
     python tinystories_data.py --input=FILE --data_dir=data/file --encoding=words
+    python tinystories_data.py --input=FILE --encoding=PATH/gpt2.tiktoken   # gpt2 tokens, offline
 
-The download is plain HTTP (urllib) and resumes a partial file with a Range request; --input documents
-are separated by <|endoftext|> if the file has any, else by blank lines, and every --val_every-th goes to
-val.bin. Encodings (all tiktoken): gpt2 (tiktoken downloads its BPE once); bytes (256 byte tokens + EOT,
-offline); words (bytes + the --words most frequent GPT-2 pre-tokenizer pieces of the training text as
-whole tokens, offline: a piece in the vocabulary is one token, any other text falls back to bytes; the
-synthetic corpus uses it with all its pieces). meta.json holds what make_encoding() needs to rebuild it.
+--source picks the stories files of the hub dataset roneneldan/TinyStories (at a pinned commit): v2 =
+TinyStoriesV2-GPT4-{train,valid}.txt (GPT-4 stories only, 2.2 GB); paper = TinyStories-{train,valid}.txt
+(the original GPT-3.5 and GPT-4 stories, 1.9 GB), the data the codebook paper finetuned on. They are
+fetched by hub.py (plain HTTP, resumed, sha256-checked) into the hub cache (HF_HUB_CACHE / HF_HOME) and
+streamed from there. --input documents are separated by <|endoftext|> if the file has any, else by
+blank lines, and every --val_every-th goes to val.bin. Encodings (all tiktoken): gpt2 (tiktoken
+downloads its BPE once; offline, a local copy of the r50k/gpt2 ranks, given as --encoding=PATH.tiktoken
+or in the environment variable GPT2_TIKTOKEN, e.g. whisper/assets/gpt2.tiktoken from openai-whisper's
+source archive; meta.json says gpt2 either way); bytes (256 byte tokens + EOT, offline); words (bytes +
+the --words most frequent GPT-2 pre-tokenizer pieces of the training text as whole tokens, offline: a
+piece in the vocabulary is one token, any other text falls back to bytes; the synthetic corpus uses it
+with all its pieces). meta.json holds what make_encoding() needs to rebuild it. Unlike the official code,
+which concatenates the stories without separators, every document here follows an <|endoftext|> token.
 """
 
 import collections
+import hashlib
 import itertools
 import json
 import os
 import random
 import re
 import sys
-import urllib.request
 
 import numpy as np
 import tiktoken
 import torch
 from tqdm import tqdm
 
-URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
+import hub
+
+DATASET = "roneneldan/TinyStories"  # on the Hugging Face hub
+DATASET_REVISION = "f54c09fd23315a6f9c86f9dc80f725de7d8f9c64"  # main since Aug 2024; it holds both sources
+SOURCES = dict(v2=("TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt"),  # GPT-4 stories only
+               paper=("TinyStories-train.txt", "TinyStories-valid.txt"))  # the original stories: the paper's
+GPT2_TIKTOKEN = "GPT2_TIKTOKEN"  # environment variable: a local gpt2.tiktoken, used for the gpt2 encoding
+R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken's, for r50k_base
 EOT = "<|endoftext|>"
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # the paper's topic patterns for TinyStories (lowercased text, substring match)
@@ -42,20 +58,41 @@ TOPICS = dict(dragon="dragon", slide="slide", friend="friend", flower="flower", 
 # encodings and token files
 
 
-def make_encoding(spec):
-    """{'kind': 'gpt2' | 'bytes' | 'words', 'words': [...]} (meta.json's 'encoding') -> tiktoken.Encoding."""
+def make_encoding(spec, ranks_file=""):
+    """{'kind': 'gpt2' | 'bytes' | 'words', 'words': [...]} (meta.json's 'encoding') -> tiktoken.Encoding.
+    gpt2 comes from ranks_file, else from the file named by $GPT2_TIKTOKEN, else from tiktoken's download."""
     if spec["kind"] == "gpt2":
+        if ranks_file or os.environ.get(GPT2_TIKTOKEN):
+            return gpt2_from_file(ranks_file or os.environ[GPT2_TIKTOKEN])
         try:  # the first use downloads GPT-2's BPE files; offline that is a long HTTPSConnectionPool(...) error
             return tiktoken.get_encoding("gpt2")
         except Exception as e:  # requests' ConnectionError, a proxy's HTTP error, a bad cache: one line
             raise OSError(f"the gpt2 encoding could not be loaded: tiktoken downloads its BPE files on first use "
-                          f"and that failed ({type(e).__name__}; no internet?); offline, use --encoding=words or "
+                          f"and that failed ({type(e).__name__}; no internet?); offline, set {GPT2_TIKTOKEN} to a "
+                          f"local gpt2.tiktoken (or pass --encoding=PATH.tiktoken), or use --encoding=words or "
                           f"--encoding=bytes") from None
     ranks = {bytes([i]): i for i in range(256)}
     for w in spec.get("words", []):
         ranks.setdefault(w.encode("utf-8"), len(ranks))
     return tiktoken.Encoding(name=f"codebook-{spec['kind']}", pat_str=GPT2_PAT, mergeable_ranks=ranks,
                              special_tokens={EOT: len(ranks)})
+
+
+def gpt2_from_file(path):
+    """The gpt2 encoding from a local ranks file: gpt2 and r50k_base are one encoding (the same ranks,
+    pattern and <|endoftext|> = 50256), so the r50k_base file, checked against tiktoken's hash, serves."""
+    from tiktoken.load import load_tiktoken_bpe
+    from tiktoken_ext.openai_public import r50k_pat_str
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    except OSError as e:
+        raise OSError(f"{GPT2_TIKTOKEN} / --encoding: cannot read {path} ({e.strerror})") from None
+    if digest != R50K_SHA256:
+        raise ValueError(f"{path}: not the gpt2 (r50k_base) ranks: sha256 {digest[:12]}..., tiktoken expects "
+                         f"{R50K_SHA256[:12]}... (e.g. whisper/assets/gpt2.tiktoken of openai-whisper's sdist)")
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, special_tokens={EOT: 50256}, explicit_n_vocab=50257,
+                             mergeable_ranks=load_tiktoken_bpe(path, expected_hash=R50K_SHA256))
 
 
 # GPT2_PAT in the standard library's re: \p{L} becomes [^\W\d_], \p{N} becomes \d. It only picks which
@@ -131,27 +168,7 @@ def fixed_windows(data, n, length):
 
 
 # -----------------------------------------------------------------------------
-# documents: the download, a local file
-
-
-def download(url, path):
-    """Plain HTTP with resume: a partial file is continued with a Range request."""
-    have = os.path.getsize(path) if os.path.exists(path) else 0
-    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        resp = urllib.request.urlopen(req)
-    except urllib.error.HTTPError as e:
-        if e.code == 416:  # range not satisfiable: already complete
-            return path
-        raise
-    mode = "ab" if resp.status == 206 else "wb"  # 200: the server ignored the range, start over
-    total = int(resp.headers.get("Content-Length", 0)) + (have if mode == "ab" else 0)
-    with open(path, mode) as f, tqdm(total=total or None, initial=have if mode == "ab" else 0, unit="B",
-                                     unit_scale=True, desc=os.path.basename(path), disable=None) as bar:
-        while chunk := resp.read(1 << 20):
-            f.write(chunk)
-            bar.update(len(chunk))
-    return path
+# documents: a local file, a big file streamed
 
 
 def read_docs(path):
@@ -265,8 +282,14 @@ def synthetic_corpus(n, seed=0, p_none=0.3):
 
 
 def prepare(data_dir, input="", synthetic=False, encoding="gpt2", words=4096, val_every=20,
-            num_stories=20000, seed=0):
-    """Write train.bin, val.bin, meta.json (and labels.npz for the synthetic corpus) into data_dir."""
+            num_stories=20000, seed=0, source="v2"):
+    """Write train.bin, val.bin, meta.json (and labels.npz for the synthetic corpus) into data_dir.
+    encoding: gpt2, bytes, words, or a path to a gpt2.tiktoken (then the gpt2 encoding, from that file)."""
+    ranks_file = ""
+    if encoding not in ("gpt2", "bytes", "words") and (encoding.endswith(".tiktoken") or os.path.isfile(encoding)):
+        ranks_file, encoding = encoding, "gpt2"
+    if source not in SOURCES:
+        raise ValueError(f"--source={source}: valid: {', '.join(SOURCES)}")
     os.makedirs(data_dir, exist_ok=True)
     extra, labels = {}, None
     if synthetic:
@@ -284,10 +307,14 @@ def prepare(data_dir, input="", synthetic=False, encoding="gpt2", words=4096, va
                       val=[d for i, d in enumerate(docs) if i % val_every == val_every - 1])
         extra = dict(source=os.path.abspath(input), patterns=TOPICS)
     else:  # TinyStories: one story per <|endoftext|>, the files are big, so documents stream from disk
-        paths = {s: download(URL.format(f), os.path.join(data_dir, f"TinyStoriesV2-GPT4-{f}.txt"))
-                 for s, f in (("train", "train"), ("val", "valid"))}
+        try:
+            paths = {s: hub.hub_file(DATASET, f, DATASET_REVISION, repo_type="dataset")
+                     for s, f in zip(("train", "val"), SOURCES[source])}
+        except hub.HubUnreachable as e:
+            raise hub.HubUnreachable(f"{e}; offline, use --input=FILE (a local copy of the stories) or --synthetic")
         splits = {s: iter_docs(p) for s, p in paths.items()}
-        extra = dict(source=URL.format("{train,valid}"), topics=list(TOPICS), patterns=TOPICS)
+        extra = dict(source=f"{DATASET}@{DATASET_REVISION}: {', '.join(SOURCES[source])}", topics=list(TOPICS),
+                     patterns=TOPICS)
     spec = dict(kind=encoding)
     if encoding == "words":  # fitted on (the first 100k documents of) the training split
         sample = splits["train"]
@@ -295,8 +322,8 @@ def prepare(data_dir, input="", synthetic=False, encoding="gpt2", words=4096, va
             sample = itertools.islice(iter_docs(paths["train"]), 100000)
         spec["words"] = fit_words(sample, words)
     elif encoding not in ("gpt2", "bytes"):
-        raise ValueError(f"--encoding={encoding}: valid: gpt2, bytes, words")
-    enc = make_encoding(spec)
+        raise ValueError(f"--encoding={encoding}: valid: gpt2, bytes, words, or a path to a gpt2.tiktoken")
+    enc = make_encoding(spec, ranks_file)
     offsets = {s: write_split(os.path.join(data_dir, f"{s}.bin"), enc, docs) for s, docs in splits.items()}
     if labels is not None:
         np.savez(os.path.join(data_dir, "labels.npz"), train_offsets=offsets["train"], val_offsets=offsets["val"],
@@ -320,7 +347,7 @@ def iter_docs(path, chunk=1 << 22):
 
 
 if __name__ == "__main__":
-    args = dict(data_dir="data/tinystories", input="", synthetic=False, encoding="gpt2", words=4096,
+    args = dict(data_dir="data/tinystories", source="v2", input="", synthetic=False, encoding="gpt2", words=4096,
                 val_every=20, num_stories=20000, seed=0)
     if "--help" in sys.argv or "-h" in sys.argv:
         print(__doc__.strip() + "\n\nflags and defaults: " + " ".join(f"--{k}={v!r}" for k, v in args.items()))
