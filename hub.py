@@ -16,14 +16,14 @@ Where things go:
   {revision}/{file}. A file there is complete and checked: it is written as {file}.incomplete and moved
   into place (os.replace) only then. A cached file is used without asking the hub again, even at a
   branch name such as main: pass a commit hash as the revision to pin one, or delete the folder to
-  fetch anew.
+  fetch anew. HF_HUB_OFFLINE=1 (huggingface_hub's switch): the cache only, no request at all.
 - the check: for a file stored with git LFS (weights, big data files) the hub's own response carries
   X-Linked-Etag = the file's sha256 (its ETag, the CDN's, is not); a small file stored in git carries
   ETag = its git blob sha1 (sha1 of b"blob {size}\\0" + bytes), which is checked too. Any other ETag
   (weak, or from a server that sends none) cannot be checked: then only the size is, where it is known.
 
-Errors are HubError (an OSError) with a one-line message; HubUnreachable (a HubError) when the hub
-cannot be reached at all. Not handled: private or gated repositories (no token is sent), two processes
+Errors are HubError (an OSError) with a one-line message, for a script to pass to common.fail;
+HubUnreachable (a HubError) when the hub cannot be reached at all. Not handled: private or gated repositories (no token is sent), two processes
 downloading the same file at once.
 """
 
@@ -85,6 +85,8 @@ def download(url, path, what="", attempts=3):
     if os.path.exists(path):
         return path
     what = what or url
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):  # the hub's switch: cache only
+        raise HubUnreachable(f"{what}: not in the cache {cache_dir()} and HF_HUB_OFFLINE is set")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     part = path + ".incomplete"
     for attempt in range(attempts):

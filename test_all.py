@@ -1961,6 +1961,11 @@ def test_hub_bad_names_unknown_repos_and_no_network_are_one_line(fake_hub, tmp_p
     with pytest.raises(hub.HubUnreachable) as e:
         hub.model_dir("owner/tiny")
     assert "\n" not in str(e.value) and "cannot reach" in str(e.value) and "local directory" in str(e.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub's switch: the cache only, not even an attempt
+    n = len(fake_hub.log)
+    with pytest.raises(hub.HubUnreachable, match="HF_HUB_OFFLINE is set.*local directory"):
+        hub.model_dir("owner/tiny")
+    assert len(fake_hub.log) == n
 
 
 def test_hub_cache_dir_follows_the_hub_conventions(monkeypatch):
