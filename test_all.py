@@ -1848,8 +1848,8 @@ def fake_hub(tmp_path, monkeypatch):
     threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.01), daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    for proxy in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
-        monkeypatch.delenv(proxy, raising=False)
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
     yield handler
     server.shutdown()
     server.server_close()
