@@ -201,10 +201,10 @@ def _http_error(e, what):
     code = e.headers.get("X-Error-Code", "") if e.headers else ""
     if code == "RepoNotFound" or (e.code in (401, 403) and not code):
         why = "no such repository (or it is private or gated: no token is sent)"
-    elif code == "EntryNotFound" or e.code == 404:
-        why = "no such file (404)"
     elif code == "RevisionNotFound":
         why = "no such revision"
+    elif code == "EntryNotFound" or e.code == 404:
+        why = "no such file (404)"
     else:
         why = f"HTTP {e.code} {e.reason}"
     err = HubError(f"{what}: {why}")
