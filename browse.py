@@ -28,6 +28,7 @@ import cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torc
 
 import base64
 import hashlib
+import html
 import json
 import os
 import sys
@@ -211,7 +212,7 @@ def render_page(data):
            "connect-src 'none'; form-action 'none'; base-uri 'none'")
     return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<meta http-equiv=\"Content-Security-Policy\" content=\"{csp}\">\n"
-            f"<title>codes of {data['meta']['ckpt']}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+            f"<title>codes of {html.escape(data['meta']['ckpt'])}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
             f"<nav id=\"nav\"></nav>\n<main id=\"main\"><p>This page needs JavaScript.</p></main>\n"
             f"<pre id=\"errors\"></pre>\n"
             f"<script type=\"application/json\" id=\"data\">{json_block(data)}</script>\n"
