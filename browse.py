@@ -19,7 +19,7 @@ What the page holds (the same numbers as `steer.py usage / show / search` with t
              regex dialect: the same as Python's for ordinary patterns), with a precision threshold
   TokFSM     the state table and Figures 6a / 4 from states.json and patch.json, where they exist
   LM         topics.json's topics; every sequence with each token's codes
-Scores of single firings in the page are quantised to 256 levels per site (the histogram and the samples);
+Scores of single firings in the page are quantised to 65536 levels per site (the histogram and the samples);
 the top contexts carry show's exact scores. The bytes depend only on the checkpoint, the flags and the
 JSON files beside it.
 """
@@ -29,6 +29,7 @@ import cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torc
 import base64
 import hashlib
 import html
+import itertools
 import json
 import os
 import sys
@@ -41,8 +42,8 @@ import torch.nn.functional as F
 import tinystories_data
 from codebook import Intervention
 from common import fail, parse_value
-from readout import (code_counts, code_name, code_scores, flat_ids, load_codebook_model, need_fsm, run, tokenizer,
-                     usage_stats)
+from model import format_code, parse_code
+from readout import code_counts, code_scores, flat_ids, load_codebook_model, need_fsm, run, tokenizer, usage_stats
 
 FLAGS = dict(  # every flag and its default; the default's type is the flag's type
     ckpt="",  # a checkpoint written by train.py (required)
@@ -52,8 +53,8 @@ FLAGS = dict(  # every flag and its default; the default's type is the flag's ty
     batch_size=100,  # sequences per forward pass
     top=8,  # top contexts kept per code
     context=24,  # tokens of context before the firing token
-    effect_codes=64,  # codes whose forcing effect is precomputed (the most frequent, spread over the sites)
-    effect_seqs=4,  # sequences the forcing effect is measured on
+    effect_codes=128,  # codes whose forcing effect is precomputed: those in states.json / topics.json, the most frequent
+    effect_seqs=2,  # sequences the forcing effect is measured on
     data_dir="",  # language models: the token data ("": the one the checkpoint was trained on)
     out="",  # the page ("": browse.html beside the checkpoint)
 )
@@ -124,42 +125,47 @@ def top_firings(flat, scores, num, top):
 
 def site_data(site, cb, codes, acts, top):
     """One codebook site: usage (as steer.py usage), firings per code, the top contexts (as steer.py show),
-    the selected codes at every position and their scores quantised to a byte."""
+    the selected codes at every position and their scores quantised to 16 bits."""
     n = code_counts(codes, cb)  # (G, C)
     scores = code_scores(cb, acts, codes)  # (P, G, k)
     flat = flat_ids(codes, cb.num_codes)  # (P, G*k)
     lo, hi = scores.min().item(), scores.max().item()
-    q = ((scores - lo) / max(hi - lo, 1e-12) * 255).round().clamp(0, 255)
+    q = ((scores - lo) / max(hi - lo, 1e-12) * 65535).round().clamp(0, 65535)
     wide = cb.groups * cb.num_codes > 65535
     return dict(name=site, groups=cb.groups, num_codes=cb.num_codes, k=cb.k, usage=usage_stats(n),
                 firings=n.reshape(-1).long().tolist(), top=top_firings(flat, scores.reshape(flat.shape), n.numel(), top),
                 score_lo=round(lo, 4), score_hi=round(hi, 4), width=4 if wide else 2,
-                codes=b64(codes.reshape(-1).numpy(), "<u4" if wide else "<u2"), scores=b64(q.reshape(-1).numpy(), "u1"))
+                codes=b64(codes.reshape(-1).numpy(), "<u4" if wide else "<u2"), scores=b64(q.reshape(-1).numpy(), "<u2"))
 
 
 @torch.no_grad()
-def forcing_effects(model, tokens, sites, cfg, decode):
-    """The most frequent codes, spread over the sites: forced at every position of a few sequences, the mean
-    change of each next token's probability -> {address: {"up": [[token, dp], ...], "down": [...]}}."""
-    if not cfg["effect_codes"]:
+def effect_picks(sites, named, cap):
+    """Which codes get a precomputed forcing effect: those named in states.json / topics.json first, then the
+    most frequent of each site in turn -> [(site, group, code)], at most cap."""
+    picks = [parse_code(a) for a in named]
+    ranked = [[(s["name"], c // s["num_codes"], c % s["num_codes"]) for c in
+               torch.tensor(s["firings"]).argsort(descending=True, stable=True).tolist() if s["firings"][c] > 0]
+              for s in sites]
+    picks += [r for row in itertools.zip_longest(*ranked) for r in row if r is not None]
+    return list(dict.fromkeys(picks))[:cap]
+
+
+def forcing_effects(model, tokens, picks, cfg, decode):
+    """Each picked code forced at every position of a few sequences: the mean change of each next token's
+    probability -> {address: {"up": [[token, dp], ...], "down": [...]}}, the 5 most promoted and suppressed."""
+    if not picks:
         return {}
     x = tokens[:cfg["effect_seqs"]].to(next(model.parameters()).device)
     base = F.softmax(model(x)[0].float(), -1)
-    per_site, out = -(-cfg["effect_codes"] // len(sites)), {}
-    picks = []
-    for s in sites:
-        f = torch.tensor(s["firings"])
-        picks += [(s["name"], c, s["num_codes"]) for c in f.argsort(descending=True, stable=True)[:per_site].tolist()
-                  if f[c] > 0]
-    names = decode(list(range(model.config.vocab_size)))
-    for i, (site, c, C) in enumerate(picks[:cfg["effect_codes"]]):
-        dp = (F.softmax(model(x, interventions=[Intervention(site, c // C, c % C)])[0].float(), -1) - base)
+    names, out = decode(list(range(model.config.vocab_size))), {}
+    for i, (site, g, c) in enumerate(picks):
+        dp = (F.softmax(model(x, interventions=[Intervention(site, g, c)])[0].float(), -1) - base)
         dp = dp.reshape(-1, dp.shape[-1]).mean(0).cpu()  # (V,)
         order = dp.argsort(descending=True, stable=True).tolist()
-        out[code_name(site, c, C)] = dict(up=[[names[t], round(dp[t].item(), 5)] for t in order[:5]],
+        out[format_code(site, g, c)] = dict(up=[[names[t], round(dp[t].item(), 5)] for t in order[:5]],
                                           down=[[names[t], round(dp[t].item(), 5)] for t in order[::-1][:5]])
         if i % 32 == 31:
-            print(f"forcing effects: {i + 1}/{min(len(picks), cfg['effect_codes'])}", flush=True)
+            print(f"forcing effects: {i + 1}/{len(picks)}", flush=True)
     return out
 
 
@@ -187,11 +193,24 @@ def page_data(cfg, ckpt, model):
                                                                                   "cb_at", "num_codes", "k")},
                 digits=need_fsm(ckpt, "browse").digits if kind == "fsm" else 0,
                 effect_seqs=min(cfg["effect_seqs"], len(tokens)))
+    states = read_beside(cfg["ckpt"], "states.json") if kind == "fsm" else None
+    topics = read_beside(cfg["ckpt"], "topics.json") if kind == "lm" else None
+    named = [r["code"] for r in (states or {}).get("per_state", [])]
+    named += [c for t in (topics or {}).values() if isinstance(t, dict) for c in t.get("codes", [])]
+    named = [a for a in named if valid_code(model, a)]  # a results file of another model names other codes
+    picks = effect_picks(sites, named, cfg["effect_codes"])
     return dict(meta=meta, vocab={str(i): s for i, s in zip(used, decode(used))}, seqs=tokens.tolist(), sites=sites,
-                effects=forcing_effects(model, tokens, sites, cfg, decode),
-                states=read_beside(cfg["ckpt"], "states.json") if kind == "fsm" else None,
-                patch=read_beside(cfg["ckpt"], "patch.json") if kind == "fsm" else None,
-                topics=read_beside(cfg["ckpt"], "topics.json") if kind == "lm" else None)
+                effects=forcing_effects(model, tokens, picks, cfg, decode), states=states,
+                patch=read_beside(cfg["ckpt"], "patch.json") if kind == "fsm" else None, topics=topics)
+
+
+def valid_code(model, address):
+    """Whether an address names a code of this model."""
+    try:
+        model.check_intervention(Intervention(*parse_code(address)))
+        return True
+    except (ValueError, TypeError):
+        return False
 
 
 # -----------------------------------------------------------------------------
@@ -249,10 +268,10 @@ function bytes(b64) {
   for (let i = 0; i < s.length; i++) a[i] = s.charCodeAt(i);
   return a;
 }
-for (const s of D.sites) {  // codes (P, G, k) as typed arrays; scores quantised to a byte over [lo, hi]
+for (const s of D.sites) {  // codes (P, G, k) as typed arrays; scores quantised to 16 bits over [lo, hi]
   const b = bytes(s.codes);
   s.ids = s.width === 4 ? new Uint32Array(b.buffer) : new Uint16Array(b.buffer);
-  s.q = bytes(s.scores);
+  s.q = new Uint16Array(bytes(s.scores).buffer);
   s.n = s.groups * s.k;
 }
 const SITE = Object.fromEntries(D.sites.map(s => [s.name, s]));
@@ -319,10 +338,11 @@ const num = (x, d) => el("td", {class: "n"}, d === undefined ? String(x) : fmt(x
 function bars(labels, series, colors, opts = {}) {
   const W = opts.width || 640, H = opts.height || 180, pad = 30, n = labels.length, m = series.length;
   const max = opts.max || Math.max(1e-12, ...series.flat()), bw = (W - pad) / n;
+  const counts = !opts.max && series.flat().every(Number.isInteger);
   const g = svg("svg", {width: W, height: H + 40, viewBox: `0 0 ${W} ${H + 40}`, role: "img"});
   g.append(svg("line", {x1: pad, y1: H, x2: W, y2: H, stroke: "#888"}));
   for (const f of [0, 0.5, 1]) g.append(svg("text", {x: 0, y: H - f * (H - 10) + 4, "font-size": 10},
-                                            max >= 10 ? String(Math.round(f * max)) : fmt(f * max, 2)));
+                                            counts ? String(Math.round(f * max)) : fmt(f * max, 2)));
   labels.forEach((lab, i) => {
     series.forEach((vals, j) => {
       const h = (H - 10) * vals[i] / max, x = pad + i * bw + 2 + j * (bw - 4) / m;
@@ -380,7 +400,7 @@ function topCounts(map, n) {
 }
 function viewCode(code) {
   const {s, g, c, addr} = code, f = s.firings[g * s.num_codes + c], F = firingsOf(s, g, c), main = [];
-  const qs = v => s.score_lo + (s.score_hi - s.score_lo) * v / 255;
+  const qs = v => s.score_lo + (s.score_hi - s.score_lo) * v / 65535;
   main.push(el("h2", {id: "code"}, addr),
     el("p", {}, `fires at `, el("b", {id: "firings"}, String(f)), ` of ${P} positions (density ${fmt(f / P, 4)})`));
   if (!f) return main.concat(el("p", {}, "This code never fires on these sequences (a dead code)."));
@@ -396,10 +416,10 @@ function viewCode(code) {
   main.push(el("h3", {}, "A random sample of firings"),
     table(["score \u2248", "context"], idx.slice(0, 8).sort((a, b) => a - b).map(i => [num(qs(F.q[i]), 2), context(F.pos[i])])));
   const grid = el("div", {class: "grid"});
-  const hist = new Array(16).fill(0);
-  F.q.forEach(v => hist[v >> 4]++);
-  grid.append(el("div", {}, el("h3", {}, "Scores"), bars(hist.map((_, i) => fmt(qs(i * 16 + 8), 1)), [hist], ["#47a"],
-                                                          {width: 320, height: 100})));
+  const hist = new Array(16).fill(0), qlo = Math.min(...F.q), w = (Math.max(...F.q) - qlo + 1) / 16;
+  F.q.forEach(v => hist[Math.floor((v - qlo) / w)]++);  // 16 bins over this code's own range
+  grid.append(el("div", {}, el("h3", {}, "Scores"), bars(hist.map((_, i) => fmt(qs(qlo + (i + 0.5) * w), 2)), [hist],
+                                                          ["#47a"], {width: 320, height: 100})));
   const slots = new Array(s.k).fill(0);
   F.slot.forEach(j => slots[j]++);
   grid.append(el("div", {}, el("h3", {}, "Slots of the top-k (0: the best)"), table(["slot", "firings"], slots.map((v, j) => [num(j), num(v)]))));
@@ -429,7 +449,8 @@ function viewCode(code) {
   grid.append(el("div", {id: "effect"}, el("h3", {}, "Forced at every position: next-token probability"),
     eff ? table(["promoted", "\u0394p", "suppressed", "\u0394p"], eff.up.map((u, i) =>
       [el("td", {class: "ctx"}, JSON.stringify(u[0])), num(u[1], 4), el("td", {class: "ctx"}, JSON.stringify(eff.down[i][0])), num(eff.down[i][1], 4)]))
-        : el("p", {class: "dim"}, `not precomputed: the page holds the effects of the ${Object.keys(D.effects).length} most frequent codes`),
+        : el("p", {class: "dim"}, `not precomputed: the page holds the effects of ${Object.keys(D.effects).length} codes, those named in ` +
+                                    `states.json or topics.json, then the most frequent (browse.py --effect_codes)`),
     eff ? el("p", {class: "dim"}, `mean over ${M.effect_seqs} sequences' positions`) : null));
   main.push(grid);
   return main;
@@ -499,7 +520,7 @@ function viewSeq(params) {
     info.replaceChildren(el("h3", {}, `position ${p}: `, el("span", {class: "ctx"}, JSON.stringify(tokText(seq[p])))),
       table(["site", "codes (score \u2248)"], D.sites.map(s => [s.name, [...s_range(s.n)].map(j => {
         const i = (b * L + p) * s.n + j, g = Math.floor(j / s.k);
-        return [link(name(s.name, g, s.ids[i])), ` (${fmt(s.score_lo + (s.score_hi - s.score_lo) * s.q[i] / 255, 1)}) `];
+        return [link(name(s.name, g, s.ids[i])), ` (${fmt(s.score_lo + (s.score_hi - s.score_lo) * s.q[i] / 65535, 2)}) `];
       })])));
   };
   seq.forEach((id, p) => {
