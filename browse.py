@@ -416,7 +416,8 @@ function viewCode(code) {
   main.push(el("h3", {}, "A random sample of firings"),
     table(["score \u2248", "context"], idx.slice(0, 8).sort((a, b) => a - b).map(i => [num(qs(F.q[i]), 2), context(F.pos[i])])));
   const grid = el("div", {class: "grid"});
-  const hist = new Array(16).fill(0), qlo = Math.min(...F.q), w = (Math.max(...F.q) - qlo + 1) / 16;
+  const qlo = F.q.reduce((a, v) => Math.min(a, v)), qhi = F.q.reduce((a, v) => Math.max(a, v));
+  const hist = new Array(16).fill(0), w = (qhi - qlo + 1) / 16;
   F.q.forEach(v => hist[Math.floor((v - qlo) / w)]++);  // 16 bins over this code's own range
   grid.append(el("div", {}, el("h3", {}, "Scores"), bars(hist.map((_, i) => fmt(qs(qlo + (i + 0.5) * w), 2)), [hist],
                                                           ["#47a"], {width: 320, height: 100})));
@@ -458,7 +459,7 @@ function viewCode(code) {
 
 // --- regex search: the same numbers as steer.py search ---
 function search(source) {
-  const re = new RegExp(source, "gu"), labels = new Uint8Array(P);
+  const re = new RegExp(source, "g"), labels = new Uint8Array(P);
   let matches = 0;
   D.seqs.forEach((seq, b) => {
     const pieces = seq.map(tokText), ends = [];
