@@ -339,9 +339,9 @@ function bars(labels, series, colors, opts = {}) {
   const W = opts.width || 640, H = opts.height || 180, pad = 30, n = labels.length, m = series.length;
   const max = opts.max || Math.max(1e-12, ...series.flat()), bw = (W - pad) / n;
   const counts = !opts.max && series.flat().every(Number.isInteger);
-  const g = svg("svg", {width: W, height: H + 40, viewBox: `0 0 ${W} ${H + 40}`, role: "img"});
+  const B = opts.labels === false ? 4 : 40, g = svg("svg", {width: W, height: H + B, viewBox: `0 0 ${W} ${H + B}`, role: "img"});
   g.append(svg("line", {x1: pad, y1: H, x2: W, y2: H, stroke: "#888"}));
-  for (const f of [0, 0.5, 1]) g.append(svg("text", {x: 0, y: H - f * (H - 10) + 4, "font-size": 10},
+  for (const f of opts.labels === false ? [1] : [0, 0.5, 1]) g.append(svg("text", {x: 0, y: H - f * (H - 10) + 4, "font-size": 10},
                                             counts ? String(Math.round(f * max)) : fmt(f * max, 2)));
   labels.forEach((lab, i) => {
     series.forEach((vals, j) => {
@@ -349,7 +349,7 @@ function bars(labels, series, colors, opts = {}) {
       g.append(svg("rect", {x, y: H - h, width: Math.max(1, (bw - 4) / m - 1), height: h, fill: colors[j]},
                    svg("title", {}, `${lab}: ${fmt(vals[i], 4)}`)));
     });
-    if (n <= 40) g.append(svg("text", {x: pad + i * bw + bw / 2, y: H + 12, "font-size": 10, "text-anchor": "end",
+    if (n <= 40 && opts.labels !== false) g.append(svg("text", {x: pad + i * bw + bw / 2, y: H + 12, "font-size": 10, "text-anchor": "end",
                                        transform: `rotate(-35 ${pad + i * bw + bw / 2} ${H + 12})`}, lab));
   });
   return g;
@@ -364,13 +364,11 @@ function viewIndex(params) {
   main.push(el("h2", {}, "Codebook sites"),
     el("p", {class: "dim"}, `${M.ckpt}: ${M.kind}, ${M.model.n_layer} layers, codebooks at ${M.model.cb_at}, ` +
        `C=${M.model.num_codes}, k=${M.model.k}; ${M.n_seqs} sequences of ${L} tokens (${P} positions), seed ${M.seed}.`));
-  main.push(el("div", {class: "cards"}, D.sites.map(s => {
+  main.push(table(["site", "alive", "usage entropy", "codes by firings (0, 1-9, 10-99, ...)"], D.sites.map(s => {
     const u = s.usage, keys = Object.keys(u.histogram);
-    return el("div", {class: "card"}, el("h3", {}, el("a", {href: `#site=${s.name}`}, s.name)),
-      `alive ${fmt(u.alive)}, entropy ${fmt(u.entropy_bits, 2)} of ${fmt(u.max_bits, 2)} bits`,
-      el("div", {}, bars(keys, [keys.map(k => u.histogram[k])], ["#47a"], {width: 260, height: 80})),
-      el("div", {class: "dim"}, "codes by firings"));
-  })));
+    return [el("a", {href: `#site=${s.name}`}, s.name), num(u.alive, 3), `${fmt(u.entropy_bits, 2)} of ${fmt(u.max_bits, 2)} bits`,
+            bars(keys, [keys.map(k => u.histogram[k])], ["#47a"], {width: 200, height: 36, labels: false})];
+  }), {id: "sites"}));
   const order = params.sort === "asc" ? 1 : -1, limit = Number(params.limit || 100);
   const ids = [...s_range(site.firings.length)].sort((a, b) => order * (site.firings[a] - site.firings[b]) || a - b);
   const head = ["code", el("th", {class: "sort"}, el("a", {href: `#site=${site.name}&sort=${order < 0 ? "asc" : "desc"}`},
