@@ -1847,6 +1847,8 @@ def page(tmp_path_factory):
     """A page of a tiny k=2 FSM model (every code of the tiny model forced), and its flags."""
     path = save_tiny(tmp_path_factory.mktemp("browse") / "ckpt.pt", k=2)
     flags = [f"--ckpt={path}", "--device=cpu", "--n_seqs=12", "--batch_size=5", "--seed=3"]
+    steer.main(["states", "--min_count=1"] + flags)  # the TokFSM view draws these two
+    steer.main(["patch", "--pairs=20", "--ctx_states=3"] + flags[:2])
     out = browse.main(flags + ["--top=4", "--effect_codes=6", "--effect_seqs=2"])
     return path, flags, out
 
@@ -1875,6 +1877,8 @@ def test_browse_page_holds_what_steer_computes(page, capsys):
     firings = {readout.code_name(s["name"], c, s["num_codes"]): n for s in data["sites"] for c, n in enumerate(s["firings"])}
     assert all(r["fired"] == firings[r["code"]] for r in found)
     assert len(data["effects"]) == 6 and all(len(e["up"]) == len(e["down"]) == 5 for e in data["effects"].values())
+    states = json.load(open(os.path.join(os.path.dirname(path), "states.json")))
+    assert data["states"] == states and list(data["effects"])[0] == states["per_state"][0]["code"]  # named first
     capsys.readouterr()
 
 
@@ -1986,6 +1990,15 @@ def test_browse_in_headless_chromium(page, tmp_path, capsys):
     p = DomRows()
     p.feed(dom)
     assert p.body.get("data-view") == "code" and int(p.text["firings"]) == steer.main(["show", code] + flags)["firings"]
+    states = json.load(open(os.path.join(os.path.dirname(path), "states.json")))
+    for where, view, element in (("", "index", "codes"), ("#fsm", "fsm", "states"), ("#seq=2&pos=5", "seq", "tokcodes"),
+                                 ("#search=(", "search", "bad")):  # every view renders, a bad regex says so
+        dom, log = chromium(f"file://{out}{where}", tmp_path)
+        p = DomRows()
+        p.feed(dom)
+        assert p.body.get("data-view") == view and "data-errors" not in p.body and p.text.get(element), (where, log[-2000:])
+        if view == "fsm":  # the state table: every state's best code, from states.json
+            assert all(f"{r['state']}{r['count']}{r['code']}" in p.text["states"] for r in states["per_state"])
     capsys.readouterr()
 
 
