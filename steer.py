@@ -12,7 +12,8 @@ neurons), what patching them does, and sampling with codes forced or ablated. On
 Flags are --key=value; `python steer.py COMMAND --help` lists a command's flags and defaults. Each
 command writes COMMAND.json next to the checkpoint; errors are one line on stderr, exit status 2.
 FSM tokens read as digits, BOS as '|': `search` matches its regex against text like "|371245...".
-(Steering language models by topic is topics.py.)
+(Steering language models by topic is topics.py; usage, show and search for every code at once, as one
+HTML page, is browse.py.)
 
 Definitions (SPEC section 2). A pattern is a set M of positions of the sampled sequences:
   state s           the last digit of state s (where "the current state is s");
