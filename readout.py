@@ -1,8 +1,9 @@
 """
 A trained codebook model seen from outside: load a checkpoint that has codebooks, turn text into its
 tokens and back, run it over many sequences to collect the codes it selects, name and parse codes, and
-write results next to the checkpoint. What steer.py
-(the FSM) and topics.py (language models) share; neither imports the other.
+write results next to the checkpoint, and the statistics of codes behind `steer.py usage / show / search`.
+What steer.py (the FSM), topics.py (language models) and browse.py (the HTML code browser) share; no
+script imports another.
 
     from readout import load_codebook_model, tokenizer, run, parse_codes, flat_ids, code_name, write_json
     ckpt, model = load_codebook_model("out-fsm/ckpt.pt", "cpu")   # a one-line error if it is not one
@@ -10,10 +11,14 @@ write results next to the checkpoint. What steer.py
     codes, acts, logits = run(model, tokens, batch_size=100)      # codes {"L1.mlp": (B, T, G, k)}, in batches
     ivs = parse_codes(model, "L3.mlp:5,L1.attn.h2:40")            # Interventions, checked against the model
     code_name("L1.attn", flat, num_codes)                         # a flat id -> "L1.attn.h2:40"
+    usage_stats(code_counts(codes["L1.mlp"], cb))                 # alive, entropy, histogram (steer.py usage)
+    code_scores(cb, acts["L1.mlp.in"], codes["L1.mlp"])           # each firing's score (steer.py show)
+    search_codes(codes, model.codebooks(), regex_labels(tokens, decode, pattern))  # steer.py search
 
 This is the only place that knows what data a checkpoint was trained on (its "kind": "fsm" or "lm").
 """
 
+import math
 import os
 import string
 
@@ -144,3 +149,84 @@ def write_json(ckpt_path, name, obj):
     save_json(path, obj)
     print(f"wrote {path}")
     return path
+
+
+# -----------------------------------------------------------------------------
+# statistics of codes: what `steer.py usage`, `show` and `search` compute (and browse.py shows)
+
+
+def pair_counts(ids, labels, num_labels, num_codes):
+    """ids (P, n) codes firing at P positions (distinct within a row), labels (P,) pattern id or -1 ->
+    for each (pattern, code) pair that co-occurs: lab (U,), code (U,), tp (U,) = |M and fired|;
+    fired (num_codes,) firings per code; size (num_labels,) = |M| per pattern. No loop over codes."""
+    fired = torch.bincount(ids.reshape(-1), minlength=num_codes)
+    m = labels >= 0
+    size = torch.bincount(labels[m], minlength=num_labels)
+    uniq, tp = torch.unique((labels[m, None] * num_codes + ids[m]).reshape(-1), return_counts=True)
+    return uniq // num_codes, uniq % num_codes, tp, fired, size
+
+
+def code_counts(codes, cb):
+    """codes (B, T, G, k) of one site -> (G, C) firings of each code, as doubles."""
+    G, C = cb.groups, cb.num_codes
+    return torch.bincount(flat_ids(codes, C).reshape(-1), minlength=G * C).view(G, C).double()
+
+
+def usage_stats(n):
+    """(G, C) firings -> alive fraction, usage entropy (bits, mean over groups), and codes by firings in decades."""
+    p = n / n.sum(1, keepdim=True)
+    entropy = -(torch.xlogy(p, p) / math.log(2)).sum(1).mean().item()
+    hist = {"0": int((n == 0).sum())}
+    for e in range(int(math.log10(max(n.max().item(), 1))) + 1):
+        hist[f"{10 ** e}-{10 ** (e + 1) - 1}"] = int(((n >= 10 ** e) & (n < 10 ** (e + 1))).sum())
+    return dict(alive=(n > 0).double().mean().item(), entropy_bits=entropy, max_bits=math.log2(n.shape[1]),
+                histogram=hist)
+
+
+@torch.no_grad()
+def code_scores(cb, acts, codes):
+    """How strongly each firing selects its code: the score of the codebook search, the input in the layer's
+    LayerNorm space dotted with the code's unit vector. acts (B*T, D) the codebook's input, codes (B, T, G, k)
+    -> (B*T, G, k) float scores, one per selected code."""
+    dev = cb.codebook.device
+    x = cb.normalize(acts.to(dev))  # (P, G, d)
+    unit = cb.codebook / cb.codebook.norm(dim=-1, keepdim=True)  # (G, C, d)
+    ids = codes.reshape(x.shape[0], cb.groups, -1).to(dev)  # (P, G, k)
+    picked = unit[torch.arange(cb.groups, device=dev)[None, :, None], ids]  # (P, G, k, d)
+    return (picked * x[:, :, None]).sum(-1).cpu()
+
+
+def firings_by_score(codes, scores, group, code):
+    """The positions (of B*T) where a code fires, best score first (ties: the earlier position), and their scores."""
+    hit = codes.reshape(scores.shape)[:, group] == code  # (P, k): a code sits in one slot at most
+    where = hit.any(-1).nonzero().squeeze(1)
+    score = scores[:, group][hit]
+    order = score.argsort(descending=True, stable=True)
+    return where[order], score[order]
+
+
+def regex_labels(tokens, decode, pattern):
+    """tokens (B, T), a compiled regex -> labels (B*T,): 0 at the token where a non-empty match of the regex on
+    the decoded text ends, else -1."""
+    labels = torch.full(tokens.shape, -1)
+    for b, row in enumerate(tokens.tolist()):
+        pieces = decode(row)
+        ends = torch.tensor([len(s) for s in pieces]).cumsum(0)  # one past each token's last character
+        for m in pattern.finditer("".join(pieces)):
+            if m.end() > m.start():
+                labels[b, torch.searchsorted(ends, m.end() - 1, right=True)] = 0
+    return labels.reshape(-1)
+
+
+def search_codes(codes, cbs, labels):
+    """Every code that fires on a pattern (labels (B*T,) 0 on it, -1 off) with its precision, recall, F1 and
+    firings, over all sites, best F1 first (ties: site order, then code id)."""
+    rows = []
+    for site, cb in cbs.items():
+        _, code, tp, fired, size = pair_counts(flat_ids(codes[site], cb.num_codes), labels, 1, cb.groups * cb.num_codes)
+        for c, k, f in zip(code.tolist(), tp.tolist(), fired[code].tolist()):
+            p, r = k / f, k / size[0].item()
+            rows.append(dict(code=code_name(site, c, cb.num_codes), precision=p, recall=r,
+                             f1=2 * p * r / (p + r), fired=f))
+    rows.sort(key=lambda r: -r["f1"])
+    return rows

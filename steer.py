@@ -12,7 +12,8 @@ neurons), what patching them does, and sampling with codes forced or ablated. On
 Flags are --key=value; `python steer.py COMMAND --help` lists a command's flags and defaults. Each
 command writes COMMAND.json next to the checkpoint; errors are one line on stderr, exit status 2.
 FSM tokens read as digits, BOS as '|': `search` matches its regex against text like "|371245...".
-(Steering language models by topic is topics.py.)
+(Steering language models by topic is topics.py; usage, show and search for every code at once, as one
+HTML page, is browse.py.)
 
 Definitions (SPEC section 2). A pattern is a set M of positions of the sampled sequences:
   state s           the last digit of state s (where "the current state is s");
@@ -48,7 +49,8 @@ import torch.nn.functional as F
 
 from common import Progress, fail, parse_value
 from codebook import Intervention
-from readout import code_name, flat_ids, load_codebook_model, need_fsm, parse_codes, run, tokenizer, write_json
+from readout import (code_counts, code_name, code_scores, firings_by_score, flat_ids, load_codebook_model, need_fsm,
+                     pair_counts, parse_codes, regex_labels, run, search_codes, tokenizer, usage_stats, write_json)
 
 FLAGS = dict(  # every flag and its default; the default's type is the flag's type
     ckpt="",  # a checkpoint written by train.py (required)
@@ -117,17 +119,6 @@ def parse_args(argv):
 
 # -----------------------------------------------------------------------------
 # the math: pure functions of tensors
-
-
-def pair_counts(ids, labels, num_labels, num_codes):
-    """ids (P, n) codes firing at P positions (distinct within a row), labels (P,) pattern id or -1 ->
-    for each (pattern, code) pair that co-occurs: lab (U,), code (U,), tp (U,) = |M and fired|;
-    fired (num_codes,) firings per code; size (num_labels,) = |M| per pattern. No loop over codes."""
-    fired = torch.bincount(ids.reshape(-1), minlength=num_codes)
-    m = labels >= 0
-    size = torch.bincount(labels[m], minlength=num_labels)
-    uniq, tp = torch.unique((labels[m, None] * num_codes + ids[m]).reshape(-1), return_counts=True)
-    return uniq // num_codes, uniq % num_codes, tp, fired, size
 
 
 def best_codes(ids, labels, num_labels, num_codes):
@@ -341,18 +332,10 @@ def cmd_usage(cfg, ckpt, model):
     codes, _, _ = run(model, sample_fsm(need_fsm(ckpt, "usage"), cfg, model), cfg["batch_size"])
     out = {}
     for site, cb in model.codebooks().items():
-        G, C = cb.groups, cb.num_codes
-        n = torch.bincount(flat_ids(codes[site], C).reshape(-1), minlength=G * C).view(G, C).double()
-        p = n / n.sum(1, keepdim=True)
-        entropy = -(torch.xlogy(p, p) / math.log(2)).sum(1).mean().item()  # bits, mean over groups
-        hist = {"0": int((n == 0).sum())}  # codes by firings, in decades
-        for e in range(int(math.log10(max(n.max().item(), 1))) + 1):
-            hist[f"{10 ** e}-{10 ** (e + 1) - 1}"] = int(((n >= 10 ** e) & (n < 10 ** (e + 1))).sum())
-        out[site] = dict(alive=(n > 0).double().mean().item(), entropy_bits=entropy, max_bits=math.log2(C),
-                         histogram=hist)
-        print(f"{site:10s} alive {out[site]['alive']:.3f}, entropy {entropy:.2f} of {math.log2(C):.2f} bits")
-        for k, v in hist.items():
-            print(f"    {v:6d} codes fired {k:>11s} times {'#' * math.ceil(40 * v / (G * C))}")
+        out[site] = u = usage_stats(code_counts(codes[site], cb))
+        print(f"{site:10s} alive {u['alive']:.3f}, entropy {u['entropy_bits']:.2f} of {u['max_bits']:.2f} bits")
+        for k, v in u["histogram"].items():
+            print(f"    {v:6d} codes fired {k:>11s} times {'#' * math.ceil(40 * v / (cb.groups * cb.num_codes))}")
     write_json(cfg["ckpt"], "usage.json", out)
     return out
 
@@ -362,26 +345,24 @@ def cmd_show(cfg, ckpt, model, address):
     (iv,) = parse_codes(model, address)
     cb, tokens = model.codebooks()[iv.site], sample_fsm(fsm, cfg, model)
     codes, acts, _ = run(model, tokens, cfg["batch_size"], keep=(f"{iv.site}.in",))
-    fired = (codes[iv.site][:, :, iv.group] == iv.code).any(-1).reshape(-1)  # (B*T,)
-    where = fired.nonzero().squeeze(1)
-    with torch.no_grad():  # how strongly each firing selects the code: its cosine score in the layer's LN space
-        x = cb.normalize(acts[f"{iv.site}.in"][where].to(cb.codebook.device))[:, iv.group]  # (n, d)
-        score = (x @ cb.codebook[iv.group, iv.code] / cb.codebook[iv.group, iv.code].norm()).cpu()
+    scores = code_scores(cb, acts[f"{iv.site}.in"], codes[iv.site])  # (B*T, G, k): its cosine score in LN space
+    where, score = firings_by_score(codes[iv.site], scores, iv.group, iv.code)  # best first
+    positions = tokens.numel()
     state, digit = (t.reshape(-1)[where] for t in fsm.state_labels(tokens))
-    print(f"{address} fires at {len(where)} of {fired.numel()} positions ({len(where) / fired.numel():.4f})")
+    print(f"{address} fires at {len(where)} of {positions} positions ({len(where) / positions:.4f})")
     what, cnt = torch.unique(torch.where(state >= 0, state * fsm.digits + digit, -1), return_counts=True)
     for i in cnt.argsort(descending=True)[:5].tolist():
         w = int(what[i])
         print(f"  {cnt[i] / len(where):6.1%} at " + (f"state {w // fsm.digits} digit {w % fsm.digits}" if w >= 0
                                                      else "BOS or an unfinished state"))
     render, L, rows = tokenizer(ckpt)[2], tokens.shape[1], []
-    for i in score.argsort(descending=True)[:cfg["top"]].tolist():
+    for i in range(min(cfg["top"], len(where))):
         b, p = divmod(int(where[i]), L)
         lo = max(0, p - cfg["context"])
         text = render(tokens[b, lo:p + 3].tolist(), lo, p)
         rows.append(dict(seq=b, pos=p, score=round(score[i].item(), 4), text=text))
         print(f"  {score[i]:7.3f}  seq {b:4d} pos {p:3d}  {text}")
-    out = dict(code=address, firings=len(where), positions=fired.numel(), top=rows)
+    out = dict(code=address, firings=len(where), positions=positions, top=rows)
     write_json(cfg["ckpt"], "show.json", out)
     return out
 
@@ -392,25 +373,11 @@ def cmd_search(cfg, ckpt, model, regex):
         pattern = re.compile(regex)
     except re.error as e:
         fail(f"bad regex {regex!r}: {e}")
-    labels = torch.full(tokens.shape, -1)  # 0 where a match ends at the token
-    for b, row in enumerate(tokens.tolist()):
-        pieces = decode(row)
-        ends = torch.tensor([len(s) for s in pieces]).cumsum(0)  # one past each token's last character
-        for m in pattern.finditer("".join(pieces)):
-            if m.end() > m.start():
-                labels[b, torch.searchsorted(ends, m.end() - 1, right=True)] = 0
-    labels = labels.reshape(-1)
+    labels = regex_labels(tokens, decode, pattern)  # 0 where a match ends at the token
     if not (labels == 0).any():
         fail(f"regex {regex!r} matches nowhere in {len(tokens)} sampled sequences")
     codes, _, _ = run(model, tokens, cfg["batch_size"])
-    rows = []
-    for site, cb in model.codebooks().items():
-        _, code, tp, fired, size = pair_counts(flat_ids(codes[site], cb.num_codes), labels, 1, cb.groups * cb.num_codes)
-        for c, k, f in zip(code.tolist(), tp.tolist(), fired[code].tolist()):
-            p, r = k / f, k / size[0].item()
-            rows.append(dict(code=code_name(site, c, cb.num_codes), precision=p, recall=r,
-                             f1=2 * p * r / (p + r), fired=f))
-    rows.sort(key=lambda r: -r["f1"])
+    rows = search_codes(codes, model.codebooks(), labels)
     print(f"/{regex}/ matches at {int((labels == 0).sum())} of {labels.numel()} positions; the best codes by F1:")
     for r in rows[:cfg["top"]]:
         print(f"  {r['code']:16s} precision {r['precision']:.3f} recall {r['recall']:.3f} F1 {r['f1']:.3f} "

@@ -2,15 +2,17 @@
 The test suite: offline, CPU, tiny shapes, fixed seeds. One section per file, in the order a reader meets
 them: codebook.py, codebook_fast.py and triton_search.py, model.py, fsm_data.py, common.py, train.py,
 distributed.py, readout.py and steer.py, tinystories_data.py and topics.py, bench.py and gpu_report.py,
-hub.py.
+hub.py, browse.py.
 
     python -m pytest -q test_all.py                  # everything (what CI runs)
     python -m pytest -q test_all.py -m "not slow"    # the fast loop: no subprocess runs, compiles or gloo
 """
 
+import base64
 import copy
 import dataclasses
 import hashlib
+import html.parser
 import http.server
 import importlib.metadata
 import importlib.util
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -31,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import browse
 import codebook_fast
 import common
 import distributed
@@ -2053,10 +2057,248 @@ def test_a_wrong_ranks_file_is_one_line(tmp_path, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
+# browse.py: the HTML code browser
+
+
+class PageParser(html.parser.HTMLParser):
+    """Tags, scripts and links of a page: what the structure checks need."""
+    VOID = {"meta", "input", "br", "img", "link", "hr", "area", "base", "col", "embed", "source", "track", "wbr"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.bad, self.data_blocks, self.scripts, self.links, self.csp = [], [], [], 0, [], None
+        self.in_data = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.links += [v for k, v in attrs if k in ("src", "href") and v]
+        if tag == "meta" and a.get("http-equiv") == "Content-Security-Policy":
+            self.csp = a["content"]
+        if tag == "script":
+            self.scripts += 1
+            self.in_data = a.get("type") == "application/json"
+            if self.in_data:
+                self.data_blocks.append("")
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack.pop() != tag:
+            self.bad.append(tag)
+        self.in_data = False
+
+    def handle_data(self, data):
+        if self.in_data:
+            self.data_blocks[-1] += data
+
+
+def parse_page(path):
+    p = PageParser()
+    p.feed(open(path, encoding="utf-8").read())
+    p.close()
+    return p
+
+
+def page_of(path):
+    """The structure checks every page must pass -> its embedded data."""
+    p = parse_page(path)
+    assert not p.bad and not p.stack, (p.bad, p.stack)  # every tag closed, in order
+    assert len(p.data_blocks) == 1 and p.scripts == 2  # one data block, one script
+    assert p.csp and "default-src 'none'" in p.csp and "script-src 'sha256-" in p.csp
+    assert not [u for u in p.links if re.match(r"\s*(https?:)?//", u)], p.links  # nothing loads from outside
+    return json.loads(p.data_blocks[0])
+
+
+def decoded_codes(site):
+    """A site's codes as the page holds them: (P, G, k)."""
+    a = np.frombuffer(base64.b64decode(site["codes"]), dtype="<u4" if site["width"] == 4 else "<u2")
+    return torch.from_numpy(a.astype(np.int64)).view(-1, site["groups"], site["k"])
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """A page of a tiny k=2 FSM model (every code of the tiny model forced), and its flags."""
+    path = save_tiny(tmp_path_factory.mktemp("browse") / "ckpt.pt", k=2)
+    flags = [f"--ckpt={path}", "--device=cpu", "--n_seqs=12", "--batch_size=5", "--seed=3"]
+    steer.main(["states", "--min_count=1"] + flags)  # the TokFSM view draws these two
+    steer.main(["patch", "--pairs=20", "--ctx_states=3"] + flags[:2])
+    out = browse.main(flags + ["--top=4", "--effect_codes=6", "--effect_seqs=2"])
+    return path, flags, out
+
+
+def test_browse_page_holds_what_steer_computes(page, capsys):
+    path, flags, out = page
+    data = page_of(out)
+    assert out == os.path.join(os.path.dirname(path), "browse.html")  # beside the checkpoint
+    usage = steer.main(["usage"] + flags)
+    assert {s["name"]: s["usage"] for s in data["sites"]} == usage
+    ckpt, model = readout.load_codebook_model(path)
+    tokens = torch.tensor(data["seqs"])
+    assert torch.equal(tokens, steer.sample_fsm(readout.need_fsm(ckpt, "x"), dict(n_seqs=12, seed=3), model))
+    codes = readout.run(model, tokens, 5)[0]
+    L = tokens.shape[1]
+    for site in data["sites"]:
+        assert torch.equal(decoded_codes(site), codes[site["name"]].reshape(-1, site["groups"], site["k"]))
+        f = torch.tensor(site["firings"])
+        for flat in (int(f.argmax()), int(f.argmin()), 7):  # the busiest code, a quiet or dead one, another
+            name = readout.code_name(site["name"], flat, site["num_codes"])
+            shown = steer.main(["show", name, "--top=4"] + flags)
+            assert shown["firings"] == site["firings"][flat]
+            want = [v for r in shown["top"] for v in (r["seq"] * L + r["pos"], r["score"])]
+            assert site["top"].get(str(flat), []) == want, name
+    found = steer.main(["search", r"\|0", "--top=100"] + flags)["codes"]
+    firings = {readout.code_name(s["name"], c, s["num_codes"]): n for s in data["sites"] for c, n in enumerate(s["firings"])}
+    assert all(r["fired"] == firings[r["code"]] for r in found)
+    assert len(data["effects"]) == 6 and all(len(e["up"]) == len(e["down"]) == 5 for e in data["effects"].values())
+    states = json.load(open(os.path.join(os.path.dirname(path), "states.json")))
+    assert data["states"] == states and list(data["effects"])[0] == states["per_state"][0]["code"]  # named first
+    capsys.readouterr()
+
+
+def test_browse_builds_the_same_bytes_twice(page, tmp_path, capsys):
+    path, flags, out = page
+    again = browse.main(flags + ["--top=4", "--effect_codes=6", "--effect_seqs=2", f"--out={tmp_path / 'b.html'}"])
+    assert open(out, "rb").read() == open(again, "rb").read()
+    assert f"({os.path.getsize(again)} bytes)" in capsys.readouterr().out  # the page's size, printed
+
+
+def test_browse_tokens_are_text_not_markup():
+    tricky = ["</script>", "<b>", "&amp;", "</SCRIPT >", "\u2028"]
+    block = browse.json_block(dict(vocab=tricky))
+    assert "<" not in block and ">" not in block and "&" not in block and json.loads(block) == dict(vocab=tricky)
+    page = browse.render_page(dict(meta=dict(ckpt="x</title><b>y"), vocab=tricky))
+    p = PageParser()
+    p.feed(page)
+    assert len(p.data_blocks) == 1 and json.loads(p.data_blocks[0])["vocab"] == tricky and p.scripts == 2
+    assert "<b>" not in page.split("<script")[0].split("<title>")[1]  # the title escaped as well
+    assert "</" not in browse.SCRIPT  # the page's own script cannot end its element early
+
+
+def test_browse_bad_input_is_one_line_error(page, tmp_path, capsys):
+    path = page[0]
+    for argv, msg in (([], "--ckpt=PATH is required"), ([f"--ckpt={path}", "--nope=1"], "unknown flag --nope"),
+                      ([f"--ckpt={path}", "--n_seqs=0"], "must be >= 1"),
+                      ([f"--ckpt={tmp_path}/none.pt"], "no checkpoint")):
+        with pytest.raises(SystemExit) as e:
+            browse.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err and msg in err, (argv, err)
+
+
+@pytest.mark.slow
+def test_browse_language_model_page(lm, tmp_path, capsys):
+    d, _ = lm
+    out = browse.main([f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--device=cpu", "--n_seqs=6", f"--out={tmp_path / 'lm.html'}"])
+    data = page_of(out)
+    assert data["meta"]["kind"] == "lm" and data["states"] is None and len(data["seqs"]) == 6
+    val = td.load_tokens(str(d / "data"))[1]
+    assert data["seqs"] == td.fixed_windows(val, 6, 48).tolist()  # windows of val.bin
+    topics_json = d / "cb" / "topics.json"
+    assert data["topics"] == (json.load(open(topics_json)) if topics_json.exists() else None)
+    with pytest.raises(SystemExit):
+        browse.main([f"--ckpt={d / 'cb' / 'ckpt.pt'}", f"--data_dir={tmp_path}/none"])
+    assert "--data_dir" in capsys.readouterr().err
+
+
+def chromium(url, tmp_path):
+    """Headless Chromium with the network off: -> (the DOM after the page's script ran, the browser's log)."""
+    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+           f"--user-data-dir={tmp_path / 'profile'}", "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
+           "--virtual-time-budget=10000", "--dump-dom", url]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout, r.stderr
+
+
+class DomRows(html.parser.HTMLParser):
+    """From a dumped DOM: the body's markers, the search results' data attributes, the text of each element with
+    an id, and the tags inside the story."""
+    def __init__(self):
+        super().__init__()
+        self.body, self.hits, self.text, self.story_tags, self.stack = {}, [], {}, [], []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "body":
+            self.body = a
+        if "data-f1" in a:
+            self.hits.append(a)
+        if "story" in self.stack:
+            self.story_tags.append(tag)
+        if tag not in PageParser.VOID:
+            self.stack.append(a.get("id"))
+            self.text.setdefault(a.get("id"), "")
+
+    def handle_endtag(self, tag):
+        if tag not in PageParser.VOID:
+            self.stack.pop()
+
+    def handle_data(self, data):
+        for i in set(self.stack) - {None}:
+            self.text[i] += data
+
+
+@pytest.mark.slow
+def test_browse_in_headless_chromium(page, tmp_path, capsys):
+    if shutil.which("chromium") is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium package)")
+    path, flags, out = page
+    for regex in (r"\|0", r"2[01]"):
+        dom, log = chromium(f"file://{out}#search={urllib.parse.quote(regex)}&min=0", tmp_path)
+        p = DomRows()
+        p.feed(dom)
+        assert p.body.get("data-ready") == "1" and p.body.get("data-view") == "search" and "data-errors" not in p.body
+        assert "Content Security Policy" not in log and "Uncaught" not in log, log[-2000:]
+        found = steer.main(["search", regex, "--top=100"] + flags)
+        assert int(p.text["matches"]) == found["matches"]
+        got = [dict(code=h["data-code"], precision=float(h["data-precision"]), recall=float(h["data-recall"]),
+                    f1=float(h["data-f1"]), fired=int(h["data-fired"])) for h in p.hits]
+        assert got == found["codes"]  # the same codes, the same order, the same floats
+    dom, log = chromium(f"file://{out}#search={urllib.parse.quote('2')}&min=0.5", tmp_path)
+    p = DomRows()
+    p.feed(dom)
+    assert p.hits and all(float(h["data-precision"]) >= 0.5 for h in p.hits)
+    code = steer.main(["search", r"\|0"] + flags)["codes"][0]["code"]
+    dom, log = chromium(f"file://{out}#{code}", tmp_path)
+    p = DomRows()
+    p.feed(dom)
+    assert p.body.get("data-view") == "code" and int(p.text["firings"]) == steer.main(["show", code] + flags)["firings"]
+    states = json.load(open(os.path.join(os.path.dirname(path), "states.json")))
+    for where, view, element in (("", "index", "codes"), ("#fsm", "fsm", "states"), ("#seq=2&pos=5", "seq", "tokcodes"),
+                                 ("#search=(", "search", "bad")):  # every view renders, a bad regex says so
+        dom, log = chromium(f"file://{out}{where}", tmp_path)
+        p = DomRows()
+        p.feed(dom)
+        assert p.body.get("data-view") == view and "data-errors" not in p.body and p.text.get(element), (where, log[-2000:])
+        if view == "fsm":  # the state table: every state's best code, from states.json
+            assert all(f"{r['state']}{r['count']}{r['code']}" in p.text["states"] for r in states["per_state"])
+    capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_browse_shows_markup_tokens_as_text_in_chromium(tmp_path, capsys):
+    if shutil.which("chromium") is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium package)")
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(f"story {i}: a </script> b <b>bold</b> c & d &amp; e" for i in range(60)))
+    td.prepare(str(tmp_path / "data"), input=str(text), encoding="words", words=64)
+    train.train(tiny_lm(tmp_path / "m", tmp_path / "data", max_iters=1, eval_interval=1))
+    out = browse.main([f"--ckpt={tmp_path / 'm' / 'ckpt.pt'}", "--device=cpu", "--n_seqs=3", "--effect_codes=0"])
+    page_of(out)
+    dom, log = chromium(f"file://{out}#seq=0", tmp_path)
+    p = DomRows()
+    p.feed(dom)
+    assert p.body.get("data-ready") == "1" and "data-errors" not in p.body, log[-2000:]
+    assert set(p.story_tags) == {"span"}  # tokens are spans of text: no <b> and no script came out of them
+    assert "</script>" in p.text["story"] and "<b>" in p.text["story"] and " & " in p.text["story"]
+    capsys.readouterr()
+
+
+# -----------------------------------------------------------------------------
 # how the files stand
 
 
-SCRIPTS = {"train", "steer", "topics", "bench", "bench_generate", "bench_jobs", "gpu_report"}  # run by users
+SCRIPTS = {"train", "steer", "topics", "browse", "bench", "bench_generate", "bench_jobs", "gpu_report"}  # run by users
 LIBRARIES = {"cpu_threads", "model", "codebook", "codebook_fast", "triton_search", "common", "readout",
              "distributed", "fsm_data", "tinystories_data", "hub"}  # scripts stand on these only; data files run too
 
