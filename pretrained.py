@@ -41,10 +41,17 @@ def load(name_or_dir, block_size=None):
         if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") > 1:
             raise ValueError(f"{name_or_dir}: not a directory holding config.json and model.safetensors or "
                              f"pytorch_model.bin, nor a hub id (owner/name[@revision], gpt2..gpt2-xl)")
-        import hub  # the network only for a name that is not a local directory
+        try:
+            import hub  # the network only for a name that is not a local directory
+        except ImportError:
+            raise ValueError(f"{name_or_dir}: fetching from the hub needs hub.py; offline, give a directory "
+                             f"holding config.json and model.safetensors or pytorch_model.bin") from None
         path = hub.model_dir(name_or_dir)
     config = read_config(path)
-    args = map_config(config, name_or_dir, block_size)
+    try:
+        args = map_config(config, name_or_dir, block_size)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}/config.json: lacks or garbles {e}") from None
     state = read_weights(path)
     try:
         return args, (map_gpt2 if config["model_type"] == "gpt2" else map_gpt_neo)(state, args)
@@ -140,7 +147,8 @@ def map_config(c, name, block_size=None):
                 cb_at="none", gelu="exact" if act == "gelu" else "tanh",
                 ln_eps=c.get("layer_norm_epsilon", 1e-5))
     if not gpt2:
-        kinds = c.get("attention_layers") or [k for kinds, n in c["attention_types"] for _ in range(n) for k in kinds]
+        types = c.get("attention_types")  # what transformers builds attention_layers from, as here
+        kinds = [k for ks, n in types for _ in range(n) for k in ks] if types else c.get("attention_layers", [])
         if len(kinds) != n_layer or set(kinds) - {"global", "local"}:
             raise ValueError(f"{name}: attention_layers {kinds} (expected global/local for {n_layer} layers)")
         args.update(qkv_bias=False, scale_attn=False, attn_fp32=True, local_window=c.get("window_size", 256),

@@ -210,7 +210,7 @@ def resolve_config(cfg, given):
 def load_base(cfg, given):
     """The checkpoint that --init_from names, checked: no codebooks yet, the same kind of data.
     With --cb_at=none it is finetuned as it is: the baseline to compare a finetune with codebooks with."""
-    if not os.path.isfile(cfg.init_from):
+    if not os.path.isfile(cfg.init_from) and not cfg.init_from.endswith(".pt"):  # a hub id or directory
         base = load_pretrained(cfg, given)
     else:
         try:
@@ -255,7 +255,7 @@ def check_encoding(base, data, name):
         same = want is None or got.get("kind") in GPT2_KINDS
     else:
         want = base.get("data", {}).get("meta", {}).get("encoding")
-        same = want is None or got == want
+        same = want is None or (got.get("kind"), got.get("words")) == (want.get("kind"), want.get("words"))
     if base["model_args"]["vocab_size"] != data.vocab_size or not same:
         fail(f"--init_from={name} reads {want['kind'] if want else 'its own'} tokens, vocab "
              f"{base['model_args']['vocab_size']}; --data_dir={data.stored['data']['data_dir']} has encoding="
