@@ -1917,6 +1917,21 @@ def test_safetensors_reader_by_hand(tmp_path):
         pretrained.read_safetensors(str(tmp_path / "x.safetensors"))
 
 
+@pytest.mark.slow
+def test_bench_finetune_quick_writes_json(tmp_path):
+    path = tmp_path / "finetune.json"
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--finetune", "--quick",
+                           f"--out={path}"], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(path.read_text())
+    rows = result["rows"]
+    assert set(rows) == {"finetune_none", "finetune_attn", "scratch_attn"}
+    assert all(r["s_per_step"] > 0 and r["step_peak_mb"] is not None for r in rows.values())
+    assert rows["finetune_attn"]["params_m"] > rows["finetune_none"]["params_m"]  # the codes
+    p = result["projection"]["finetune_attn"]
+    assert p["h200_hours_100k"] == pytest.approx(10 * p["h200_hours_10k"]) and "Not measured on a GPU" in proc.stdout
+
+
 def test_init_from_checks_the_datas_tokens(capsys):
     """A hub GPT-2 / GPT-Neo reads gpt2 tokens: data of another encoding stop, as does another vocab."""
     meta = dict(encoding=dict(kind="bytes"), vocab_size=50257)
