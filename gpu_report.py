@@ -14,7 +14,7 @@ processes under torchrun):
     bench        python bench.py --compile=False --reps=3 --budget=4 --out=W/bench.json
     bench_fused  python bench.py --compile=False --reps=3 --budget=4 --fused=tf32x3 --out=W/bench_fused.json
     fsm_paper    python train.py --config=fsm_paper --max_iters=300 --eval_interval=300 --out_dir=W/fsm_paper
-    tinystories  python train.py --config=tinystories --data_dir=W/random_tokens --cb_warmup=10 --max_iters=110
+    tinystories  python train.py --config=tinystories_scratch --data_dir=W/random_tokens --cb_warmup=10 --max_iters=110
                      --eval_seqs=128 --out_dir=W/tinystories   # 4M uniform ids below 50,257 as train.bin
     torchrun     python -m torch.distributed.run --standalone --nproc_per_node=1 train.py --max_iters=100
                      --cb_warmup=50 --replace_every=25 --eval_interval=100 --log_interval=25 --out_dir=W/torchrun
@@ -101,7 +101,7 @@ def commands(cfg, work):
         bench=[py, "bench.py", *size["bench"], f"--out={work}/bench.json"],
         bench_fused=[py, "bench.py", *size["bench"], "--fused=tf32x3", f"--out={work}/bench_fused.json"],
         fsm_paper=[*train, "--config=fsm_paper", *size["fsm_paper"], f"--out_dir={work}/fsm_paper"],
-        tinystories=[*train, "--config=tinystories", f"--data_dir={work}/random_tokens", *size["tinystories"],
+        tinystories=[*train, "--config=tinystories_scratch", f"--data_dir={work}/random_tokens", *size["tinystories"],
                      f"--out_dir={work}/tinystories"],
         torchrun=[py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
                   *size["torchrun"], f"--out_dir={work}/torchrun"])

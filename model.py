@@ -42,6 +42,14 @@ class GPTConfig:
     cb_layers: tuple = None  # layers that carry codebooks; None = all
     mlp_groups: int = 1  # groups of the MLP codebook
     compile: bool = False  # torch.compile the codebook search
+    # what pretrained GPT-2 / GPT-Neo models need (GPT.from_pretrained); the defaults are this project's models
+    qkv_bias: bool = True  # bias in c_attn (when bias): GPT-Neo's q, k, v projections have none
+    scale_attn: bool = True  # q . k / sqrt(head size); GPT-Neo does not scale
+    attn_fp32: bool = False  # attention scores in fp32 under autocast, as GPT-Neo
+    local_window: int = 0  # the layers in local_layers attend to the last local_window positions only
+    local_layers: tuple = ()  # (GPT-Neo alternates global and local layers, window 256, the token included)
+    gelu: str = "exact"  # the MLP's GELU: exact (erf) or tanh (GPT-2's and GPT-Neo's gelu_new)
+    ln_eps: float = 1e-5  # LayerNorm epsilon
 
 
 # -----------------------------------------------------------------------------
@@ -101,13 +109,26 @@ class KVCache:
         return k, v
 
 
+def attn_mask(T, pos0, window, device):
+    """(T, pos0 + T) bool: query i (at position pos0 + i) sees key j if j <= pos0 + i and, with a window,
+    pos0 + i - j < window (the last `window` positions, its own included). None: plain causal, pos0 = 0."""
+    if pos0 == 0 and not window:
+        return None
+    q = torch.arange(pos0, pos0 + T, device=device)[:, None]
+    j = torch.arange(pos0 + T, device=device)[None, :]
+    return (j <= q) & (q - j < window) if window else j <= q
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, codebook):
+    def __init__(self, config, codebook, layer=0):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         self.n_head = config.n_head
         self.rope = config.rope
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.scale = None if config.scale_attn else 1.0  # None: SDPA's 1 / sqrt(head size)
+        self.fp32 = config.attn_fp32
+        self.window = config.local_window if layer in config.local_layers else 0  # 0: global
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias and config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.codebook = codebook  # groups = n_head: one codebook per head
 
@@ -121,11 +142,14 @@ class CausalSelfAttention(nn.Module):
             q, k = rotate(q, pos0), rotate(k, pos0)
         if kv_cache is not None:
             k, v = kv_cache.update(name, k, v)  # (B, nh, pos0 + T, hs)
-        if pos0 == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # the new tokens see all cached ones: the causal mask's diagonal shifts right by pos0
-            mask = torch.ones(T, pos0 + T, dtype=torch.bool, device=x.device).tril(pos0)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # with a cache, the new tokens see the cached ones: the causal mask's diagonal shifts right by pos0
+        mask = attn_mask(T, pos0, self.window, x.device)
+        if self.fp32:  # GPT-Neo's unscaled scores, kept in fp32 (its weights were trained so)
+            with torch.autocast(x.device.type, enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                   is_causal=mask is None, scale=self.scale).to(v.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # head-major: head h is y[..., h*hs:(h+1)*hs]
         if cache is not None:
             cache[name + ".in"] = y
@@ -140,11 +164,12 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.approximate = "tanh" if config.gelu == "tanh" else "none"
         self.codebook = codebook
 
     def forward(self, x, interventions=(), cache=None, name="", pos0=0, kv_cache=None):
         """As CausalSelfAttention's; kv_cache is unused: an MLP looks at one position only."""
-        h = F.gelu(self.c_fc(x))
+        h = F.gelu(self.c_fc(x), approximate=self.approximate)
         y = self.c_proj(h)
         if cache is not None:
             cache[name + ".hidden"] = h
@@ -164,9 +189,10 @@ class Block(nn.Module):
             return CodebookLayer(config.n_embd, config.num_codes, config.k, groups, compile=config.compile)
 
         self.layer = layer
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config, codebook(config.n_head) if on and "attn" in config.cb_at else None)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config, codebook(config.n_head) if on and "attn" in config.cb_at else None,
+                                        layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias)
         self.mlp = MLP(config, codebook(config.mlp_groups) if on and "mlp" in config.cb_at else None)
 
     def forward(self, x, interventions, codes, cache, pos0=0, kv_cache=None):
@@ -187,12 +213,14 @@ class GPT(nn.Module):
         super().__init__()
         if config.cb_at not in CB_AT:
             raise ValueError(f"cb_at={config.cb_at!r} is not one of {', '.join(CB_AT)}")
+        if config.gelu not in ("exact", "tanh"):
+            raise ValueError(f"gelu={config.gelu!r} is not one of exact, tanh")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
@@ -200,6 +228,26 @@ class GPT(nn.Module):
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):  # scaled init of the residual projections, as GPT-2
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, block_size=None, **overrides):
+        """A pretrained GPT-2 or GPT-Neo as this GPT, without codebooks (insert them with init_codebooks on a
+        copy built with cb_at set, as train.py --init_from does). name_or_dir: a local directory holding the
+        hub's config.json and model.safetensors or pytorch_model.bin (used as it is, offline), a hub id
+        "owner/name[@revision]", or gpt2, gpt2-medium, gpt2-large, gpt2-xl (fetched by hub.py).
+        block_size: at most the model's positions (default: all of them; the TinyStories models: 512, the
+        length they were trained at, though their config says 2048). overrides: more GPTConfig fields."""
+        import pretrained  # reading and renaming the hub's files lives there
+        args, state = pretrained.load(name_or_dir, block_size)
+        model = cls(GPTConfig(**{**args, **overrides}))
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # a tensor of another shape than config.json says
+            raise ValueError(f"{name_or_dir}: weights do not fit its config.json ({' '.join(str(e).split())[:200]})")
+        missing = [k for k in missing if ".codebook." not in k and k != "lm_head.weight"]  # lm_head: tied
+        if missing or unexpected:
+            raise ValueError(f"{name_or_dir}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return model
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):

@@ -2,7 +2,7 @@
 The test suite: offline, CPU, tiny shapes, fixed seeds. One section per file, in the order a reader meets
 them: codebook.py, codebook_fast.py and triton_search.py, model.py, fsm_data.py, common.py, train.py,
 distributed.py, readout.py and steer.py, tinystories_data.py and topics.py, bench.py and gpu_report.py,
-hub.py, browse.py.
+hub.py, browse.py, pretrained.py.
 
     python -m pytest -q test_all.py                  # everything (what CI runs)
     python -m pytest -q test_all.py -m "not slow"    # the fast loop: no subprocess runs, compiles or gloo
@@ -2295,12 +2295,228 @@ def test_browse_shows_markup_tokens_as_text_in_chromium(tmp_path, capsys):
 
 
 # -----------------------------------------------------------------------------
+# pretrained models in the Hugging Face hub's format (GPT-Neo, GPT-2): GPT.from_pretrained against
+# transformers (a test-only package), bad files, and a finetune whose checkpoint the scripts load
+
+
+def hub_dir(path, arch, vocab=61, fmt="safetensors", seed=0):
+    """A tiny random GPTNeoForCausalLM (a global and a local layer, window 5) or GPT2LMHeadModel, weights
+    perturbed from their init (LayerNorms and biases too), saved as the hub stores it: model.safetensors,
+    or a torch.save'd pytorch_model.bin with the attention-mask buffers old hub files carry."""
+    if os.environ.get("CI") == "true":  # .ci/run installs it: a skip there would hide a broken install
+        import transformers as tf
+    else:
+        tf = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    if arch == "gpt_neo":
+        config = tf.GPTNeoConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=32, num_layers=2,
+                                 num_heads=4, attention_types=[[["global", "local"], 1]], window_size=5)
+        hf = tf.GPTNeoForCausalLM(config)
+    else:
+        config = tf.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+        hf = tf.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hf.eval().save_pretrained(str(path), safe_serialization=True)
+    if fmt == "bin":
+        os.remove(path / "model.safetensors")
+        state = dict(hf.state_dict())
+        for i in range(2):  # what transformers' old versions saved with the weights
+            at = f"transformer.h.{i}.attn.attention." if arch == "gpt_neo" else f"transformer.h.{i}.attn."
+            state[at + "bias"] = torch.tril(torch.ones(64, 64, dtype=torch.bool)).view(1, 1, 64, 64)
+            state[at + "masked_bias"] = torch.tensor(-1e9)
+        torch.save(state, path / "pytorch_model.bin")
+    return hf
+
+
+@pytest.mark.slow  # transformers takes seconds to import
+@pytest.mark.parametrize("arch", ["gpt_neo", "gpt2"])
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_pretrained_logits_and_loss_equal_transformers(tmp_path, arch, fmt):
+    hf = hub_dir(tmp_path, arch, fmt=fmt)
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    c = model.config
+    assert c.cb_at == "none" and not c.rope and c.gelu == "tanh" and c.block_size == 64
+    if arch == "gpt_neo":
+        assert (c.scale_attn, c.qkv_bias, c.local_layers, c.local_window) == (False, False, (1,), 5)
+    idx = torch.randint(0, 61, (3, 40), generator=torch.Generator().manual_seed(1))  # 40 > the window of 5
+    with torch.no_grad():
+        theirs = hf(idx, labels=idx)
+        logits, loss, _, _ = model(idx[:, :-1], idx[:, 1:])
+        full = model(idx)[0]
+    assert (logits - theirs.logits[:, :-1]).abs().max().item() < 1e-5
+    assert abs(loss.item() - theirs.loss.item()) < 1e-5
+    assert (full - theirs.logits).abs().max().item() < 1e-5
+    if arch == "gpt_neo":  # the local window does change these logits: a global-only model misses them
+        glob = GPT(dataclasses.replace(c, local_layers=())).eval()
+        glob.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert (glob(idx)[0] - theirs.logits).abs().max().item() > 1e-3
+
+
+@pytest.mark.slow  # transformers takes seconds to import
+def test_local_attention_kv_cache_samples_the_full_reruns_tokens(tmp_path):
+    """The KV cache keeps every key; the window lives in the mask, so cached generation past the window
+    equals rerunning the context, with per-head codebooks in place too."""
+    hub_dir(tmp_path, "gpt_neo")
+    base = GPT.from_pretrained(str(tmp_path))
+    cb = GPT(dataclasses.replace(base.config, cb_at="attn", num_codes=16, k=2))
+    cb.load_state_dict(base.state_dict(), strict=False)
+    for model in (base.eval(), cb.eval()):
+        runs = [model.generate(torch.tensor([[1, 2, 3]] * 2), 20, generator=torch.Generator().manual_seed(0),
+                               use_cache=use) for use in (True, False)]
+        assert torch.equal(*runs)
+    assert set(cb.codebooks()) == {"L0.attn", "L1.attn"} and cb.codebooks()["L0.attn"].groups == 4
+
+
+@pytest.mark.slow  # transformers takes seconds to import
+def test_pretrained_block_size_and_tinystories_cap(tmp_path):
+    import pretrained
+    d = tmp_path / "TinyStories-tiny"
+    hub_dir(d, "gpt_neo")
+    assert GPT.from_pretrained(str(d)).config.block_size == 64  # below the 512 cap: all positions
+    assert GPT.from_pretrained(str(d), block_size=20).transformer.wpe.weight.shape == (20, 32)
+    with pytest.raises(ValueError, match="has 64 positions"):
+        GPT.from_pretrained(str(d), block_size=65)
+    config = dict(json.load(open(d / "config.json")), max_position_embeddings=2048)
+    assert pretrained.map_config(config, str(d))["block_size"] == 512
+    assert pretrained.map_config(config, "other")["block_size"] == 2048
+
+
+@pytest.mark.slow  # transformers takes seconds to import
+def test_pretrained_bad_files_are_one_line_errors(tmp_path):
+    import pretrained
+    hub_dir(tmp_path / "ok", "gpt2")
+    cases = []
+    for edit in ("config", "safetensors", "bin", "none"):
+        d = tmp_path / edit
+        shutil.copytree(tmp_path / "ok", d)
+        cases.append(d)
+        if edit == "config":
+            json.dump(dict(json.load(open(d / "config.json")), model_type="llama"), open(d / "config.json", "w"))
+        elif edit == "safetensors":
+            data = open(d / "model.safetensors", "rb").read()
+            open(d / "model.safetensors", "wb").write(data[:len(data) // 2])
+        elif edit == "bin":
+            state = pretrained.read_safetensors(str(d / "model.safetensors"))
+            os.remove(d / "model.safetensors")
+            torch.save(state, d / "pytorch_model.bin")
+            data = open(d / "pytorch_model.bin", "rb").read()
+            open(d / "pytorch_model.bin", "wb").write(data[:len(data) // 2])
+        else:
+            os.remove(d / "model.safetensors")
+    wants = ["'llama' is not supported; supported: GPT-2 (gpt2) and GPT-Neo", "truncated or corrupt",
+             "unreadable, truncated or corrupt", "neither model.safetensors nor pytorch_model.bin"]
+    for d, want in zip(cases, wants):
+        with pytest.raises(ValueError) as e:
+            GPT.from_pretrained(str(d))
+        assert want in str(e.value) and "\n" not in str(e.value), (d, str(e.value))
+    with pytest.raises(ValueError, match="not a directory holding config.json"):
+        GPT.from_pretrained(str(tmp_path / "nowhere"))  # a path, not a hub id: hub is never asked
+
+
+def test_safetensors_reader_by_hand(tmp_path):
+    """8 bytes of header length, a JSON header, raw little-endian bytes: F32, F16 and BF16 come back."""
+    import pretrained
+    tensors = {"a": torch.randn(2, 3), "b": torch.randn(4).half(), "c": torch.randn(3, 1).bfloat16()}
+    header, body = {"__metadata__": {"format": "pt"}}, b""
+    for name, t in tensors.items():
+        raw = t.contiguous().view(torch.uint8).numpy().tobytes()
+        header[name] = dict(dtype={torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[t.dtype],
+                            shape=list(t.shape), data_offsets=[len(body), len(body) + len(raw)])
+        body += raw
+    head = json.dumps(header).encode()
+    (tmp_path / "x.safetensors").write_bytes(len(head).to_bytes(8, "little") + head + body)
+    back = pretrained.read_safetensors(str(tmp_path / "x.safetensors"))
+    assert set(back) == set(tensors) and all(torch.equal(back[n], t) for n, t in tensors.items())
+    (tmp_path / "x.safetensors").write_bytes(len(head).to_bytes(8, "little") + head + body[:-2])
+    with pytest.raises(ValueError, match="truncated or corrupt .*c's bytes"):
+        pretrained.read_safetensors(str(tmp_path / "x.safetensors"))
+
+
+@pytest.mark.slow
+def test_bench_finetune_quick_writes_json(tmp_path):
+    path = tmp_path / "finetune.json"
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--finetune", "--quick",
+                           f"--out={path}"], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(path.read_text())
+    rows = result["rows"]
+    assert set(rows) == {"finetune_none", "finetune_attn", "scratch_attn"}
+    assert all(r["s_per_step"] > 0 and r["step_peak_mb"] is not None for r in rows.values())
+    assert rows["finetune_attn"]["params_m"] > rows["finetune_none"]["params_m"]  # the codes
+    p = result["projection"]["finetune_attn"]
+    assert p["h200_hours_100k"] == pytest.approx(10 * p["h200_hours_10k"]) and "Not measured on a GPU" in proc.stdout
+
+
+def test_init_from_checks_the_datas_tokens(capsys):
+    """A hub GPT-2 / GPT-Neo reads gpt2 tokens: data of another encoding stop, as does another vocab."""
+    meta = dict(encoding=dict(kind="bytes"), vocab_size=50257)
+    data = train.Data(None, None, None, 50257, "", dict(kind="lm", data=dict(data_dir="D", meta=meta)))
+    base = dict(pretrained="gpt2", model_args=dict(vocab_size=50257))
+    for vocab, kind in ((50257, "bytes"), (50000, "gpt2")):
+        meta.update(encoding=dict(kind=kind), vocab_size=vocab)
+        data.vocab_size = vocab
+        with pytest.raises(SystemExit):
+            train.check_encoding(base, data, "gpt2")
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "reads gpt2 tokens, vocab 50257" in err and f"vocab {vocab}" in err
+    meta.update(encoding=dict(kind="gpt2"), vocab_size=50257)
+    data.vocab_size = 50257
+    train.check_encoding(base, data, "gpt2")  # passes
+
+
+def test_linear_lr_schedule():
+    cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.0, warmup_iters=10, max_iters=110, lr_decay="linear")
+    assert [train.lr_at(i, cfg) for i in (10, 60, 110)] == [1.0, 0.5, 0.0]
+    assert train.lr_at(35, cfg) == pytest.approx(0.75)
+    cosine = dataclasses.replace(cfg, lr_decay="cosine")
+    assert train.lr_at(35, cosine) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+@pytest.mark.slow
+def test_finetune_a_hub_model_and_its_checkpoint_loads_in_the_scripts(tmp_path, capsys):
+    """A tiny hub-format GPT-Neo of the data's vocabulary: finetuned with per-head codebooks (k-means from
+    its own activations), then steer.py usage, topics.py and --resume read the checkpoint unchanged."""
+    td.prepare(str(tmp_path / "data"), synthetic=True, num_stories=300, seed=0, val_every=10)
+    vocab = json.load(open(tmp_path / "data" / "meta.json"))["vocab_size"]
+    hub_dir(tmp_path / "neo", "gpt_neo", vocab=vocab)
+    none = train.train(tiny_lm(tmp_path / "none", tmp_path / "data", init_from=str(tmp_path / "neo"), cb_at="none",
+                               max_iters=0))  # the pretrained model's own loss
+    m = train.train(tiny_lm(tmp_path / "cb", tmp_path / "data", init_from=str(tmp_path / "neo"), max_iters=4,
+                            eval_interval=4))
+    assert set(m["alive"]) == {"L0.attn", "L1.attn", "all"} and m["val_loss"] < none["val_loss"] + 1.0
+    path = str(tmp_path / "cb" / "ckpt.pt")
+    ckpt, model = readout.load_codebook_model(path)
+    c = model.config
+    assert (c.local_layers, c.local_window, c.scale_attn, c.qkv_bias, c.rope, c.block_size) == \
+        ((1,), 5, False, False, False, 64)
+    assert ckpt["kind"] == "lm" and ckpt["config"]["init_from"] == str(tmp_path / "neo")
+    capsys.readouterr()  # steer.py loads it (its commands read FSM data: usage says so in one line)
+    with pytest.raises(SystemExit):
+        steer.main(["usage", f"--ckpt={path}", "--n_seqs=4", "--batch_size=4", "--device=cpu"])
+    assert capsys.readouterr().err == "error: usage needs an FSM checkpoint; this one has kind='lm'\n"
+    out = topics.main([f"--ckpt={path}", "--device=cpu", "--samples=1", "--max_new_tokens=8", "--prompts=|Once",
+                       "--n_stories=20", "--min_in=0", "--max_out=1", "--max_codes=2"])
+    assert all(out[t]["n_codes"] <= 2 for t in td.TOPIC_STORY)
+    cfg, given = common.parse_args([f"--out_dir={tmp_path / 'cb'}", "--resume=True", "--max_iters=6"],
+                                   train.TrainConfig, train.PRESETS)
+    assert train.train(cfg, given)["iters"] == 6
+    hub_dir(tmp_path / "neo61", "gpt_neo")  # a model of another vocabulary than the data's
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train.train(tiny_lm(tmp_path / "x", tmp_path / "data", init_from=str(tmp_path / "neo61")))
+    assert "vocab 61" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
 # how the files stand
 
 
 SCRIPTS = {"train", "steer", "topics", "browse", "bench", "bench_generate", "bench_jobs", "gpu_report"}  # run by users
 LIBRARIES = {"cpu_threads", "model", "codebook", "codebook_fast", "triton_search", "common", "readout",
-             "distributed", "fsm_data", "tinystories_data", "hub"}  # scripts stand on these only; data files run too
+             "distributed", "fsm_data", "tinystories_data", "hub", "pretrained"}  # scripts stand on these only; data files run too
 
 
 def test_every_script_sets_how_openmp_waits_before_torch_loads():

@@ -19,7 +19,13 @@ synthetic stories on a CPU: a baseline, then the paper's finetuning with and wit
     python train.py --config=stories_ft --init_from=out-stories-none/ckpt.pt       # k-means-initialised codes
     python train.py --config=stories_ft --init_from=out-stories-none/ckpt.pt --cb_at=none --out_dir=out-stories-ft-none
     python train.py --config=stories                # or: codebooks inserted half-way through one run
-    python train.py --config=tinystories --data_dir=data/tinystories              # the real data: a GPU
+
+A pretrained model from the Hugging Face hub (GPT-Neo, GPT-2), finetuned with codebooks inserted or without
+them; the tinystories preset is the paper's (TinyStories-1Layer-21M, attention codebooks k=8, C=10k), a GPU job:
+
+    python train.py --config=tinystories                                           # data_dir=data/tinystories
+    python train.py --config=tinystories --cb_at=none --out_dir=out-tinystories-none   # the baseline
+    python train.py --init_from=gpt2 --data_dir=D --cb_at=attn --k=8                  # or owner/name[@rev], a dir
 
 Overrides are --key=value (no exec); unknown keys and bad values stop with a one-line error.
 Writes out_dir/ckpt.pt (loadable with torch.load(weights_only=True)) and out_dir/metrics.json, both atomically.
@@ -51,7 +57,8 @@ from model import CB_AT, GPT, GPTConfig
 class TrainConfig:
     out_dir: str = "out-fsm"  # where ckpt.pt and metrics.json go
     data_dir: str = ""  # token data from tinystories_data.py ("": the finite state machine below)
-    init_from: str = ""  # a checkpoint without codebooks to finetune with codebooks inserted (token data)
+    init_from: str = ""  # finetune (token data): a checkpoint without codebooks, or a pretrained model (a hub
+    #   id owner/name[@revision], gpt2..gpt2-xl, or a directory holding config.json and its weights)
     # data: the finite state machine
     fsm_seed: int = 42  # seed of the FSM's construction (42: the paper's FSM)
     num_states: int = 100
@@ -79,7 +86,8 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     warmup_iters: int = 20
-    decay_lr: bool = True  # cosine decay to min_lr at max_iters (False: constant, as the paper)
+    decay_lr: bool = True  # decay to min_lr at max_iters (False: constant, as the paper's TokFSM runs)
+    lr_decay: str = "cosine"  # the decay's shape: cosine, or linear (TinyStories' model card)
     min_lr: float = 5e-4
     # evaluation and logging
     eval_interval: int = 250
@@ -109,14 +117,23 @@ PRESETS = {
                        block_size=256, cb_at="attn", num_codes=512, k=8, batch_size=16, max_iters=200,
                        learning_rate=1e-3, min_lr=1e-4, warmup_iters=0, eval_interval=50, eval_seqs=128,
                        log_interval=10),
-    # the real TinyStories on a GPU (gpt2 tokens): the paper's width, k=8 attention codebooks inserted
-    # half-way (standing in for its finetuning), C=10k, lr 5e-4, block 512
-    "tinystories": dict(out_dir="out-tinystories", data_dir="data/tinystories", n_layer=2, n_head=16, n_embd=1024,
+    # the paper's Table 2a on one GPU: TinyStories-1Layer-21M (GPT-Neo, d 1024, 16 heads, gpt2 tokens)
+    # finetuned with per-head attention codebooks, k=8, C=10k, lr 5e-4, batch 96 x 512 (--cb_at=none: the
+    # baseline). The model card's 100k steps, linear, 5% warm-up, shortened to 10k (README: what each costs)
+    "tinystories": dict(out_dir="out-tinystories", data_dir="data/tinystories",
+                        init_from="roneneldan/TinyStories-1Layer-21M", block_size=512, cb_at="attn",
+                        num_codes=10000, k=8, cb_warmup=0, replace_every=0, batch_size=96, max_iters=10000,
+                        learning_rate=5e-4, lr_decay="linear", min_lr=0.0, warmup_iters=500, eval_interval=1000,
+                        eval_seqs=512, compile=True, dtype="bfloat16"),
+    # from scratch: 2 layers at the paper's width, k=8 attention codebooks inserted half-way, C=10k
+    "tinystories_scratch": dict(out_dir="out-tinystories-scratch", data_dir="data/tinystories", n_layer=2, n_head=16, n_embd=1024,
                         block_size=512, cb_at="attn", num_codes=10000, k=8, cb_warmup=10000, replace_every=0,
                         batch_size=32, max_iters=20000, learning_rate=5e-4, min_lr=5e-5, warmup_iters=200,
                         eval_interval=1000, eval_seqs=512, compile=True, dtype="bfloat16"),
 }
 
+GPT2_VOCAB = 50257  # the gpt2 BPE's tokens, which the hub's GPT-2 and GPT-Neo models read
+GPT2_KINDS = ("gpt2", "r50k_base")  # meta.json encoding kinds of those tokens
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "cb_at", "num_codes", "k", "cb_layers")
 
 
@@ -143,6 +160,8 @@ def check(cfg):
         fail(f"--num_edges={cfg.num_edges}: must be <= num_states={cfg.num_states}")
     if cfg.learning_rate <= 0 or cfg.cb_lr < 0:
         fail("--learning_rate must be > 0 and --cb_lr >= 0")
+    if cfg.lr_decay not in ("cosine", "linear"):
+        fail(f"--lr_decay={cfg.lr_decay}: valid: cosine, linear")
     if cfg.device not in ("auto", "cpu", "cuda", "mps"):
         fail(f"--device={cfg.device}: valid: auto, cpu, cuda, mps")
     if cfg.dtype not in ("float32", "bfloat16"):
@@ -191,10 +210,13 @@ def resolve_config(cfg, given):
 def load_base(cfg, given):
     """The checkpoint that --init_from names, checked: no codebooks yet, the same kind of data.
     With --cb_at=none it is finetuned as it is: the baseline to compare a finetune with codebooks with."""
-    try:
-        base = load_checkpoint(cfg.init_from)
-    except (FileNotFoundError, ValueError) as e:
-        fail(f"--init_from: {e}")
+    if not os.path.isfile(cfg.init_from) and not cfg.init_from.endswith(".pt"):  # a hub id or directory
+        base = load_pretrained(cfg, given)
+    else:
+        try:
+            base = load_checkpoint(cfg.init_from)
+        except (FileNotFoundError, ValueError) as e:
+            fail(f"--init_from: {e}")
     if base["model_args"]["cb_at"] != "none":
         fail(f"--init_from inserts codebooks into a model without them: {cfg.init_from} has cb_at="
              f"{base['model_args']['cb_at']}")
@@ -205,6 +227,39 @@ def load_base(cfg, given):
     if changed:
         fail(f"--init_from: {', '.join(changed)} differ from the checkpoint's (its shape is kept)")
     return base
+
+
+def load_pretrained(cfg, given):
+    """A hub model (GPT.from_pretrained) in the shape of a checkpoint without codebooks. Its block_size: the
+    model's (TinyStories: 512), or --block_size given on the command line, up to the model's positions."""
+    if not cfg.data_dir:
+        fail(f"--init_from={cfg.init_from}: a pretrained language model needs token data (--data_dir)")
+    try:
+        model = GPT.from_pretrained(cfg.init_from, cfg.block_size if "block_size" in given else None)
+    except (ValueError, OSError) as e:
+        fail(f"--init_from={cfg.init_from}: {' '.join(str(e).split())}")
+    c = model.config
+    shape = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size)
+    print(f"{cfg.init_from}: a pretrained {'GPT-Neo' if c.local_layers or not c.scale_attn else 'GPT-2'}, "
+          f"{shape}, vocab {c.vocab_size}")
+    return dict(model=model.state_dict(), model_args=dataclasses.asdict(c), config=shape, kind="lm",
+                pretrained=cfg.init_from)
+
+
+def check_encoding(base, data, name):
+    """Stop if the data's tokens are not the base model's: another vocabulary size or another encoding.
+    A hub GPT-2 / GPT-Neo of vocab 50257 reads gpt2 tokens; our own checkpoints store their data's encoding."""
+    got = data.stored["data"]["meta"].get("encoding", {})
+    if base.get("pretrained"):
+        want = dict(kind="gpt2") if base["model_args"]["vocab_size"] == GPT2_VOCAB else None  # None: vocab only
+        same = want is None or got.get("kind") in GPT2_KINDS
+    else:
+        want = base.get("data", {}).get("meta", {}).get("encoding")
+        same = want is None or (got.get("kind"), got.get("words")) == (want.get("kind"), want.get("words"))
+    if base["model_args"]["vocab_size"] != data.vocab_size or not same:
+        fail(f"--init_from={name} reads {want['kind'] if want else 'its own'} tokens, vocab "
+             f"{base['model_args']['vocab_size']}; --data_dir={data.stored['data']['data_dir']} has encoding="
+             f"{got.get('kind')}, vocab {data.vocab_size} (hub models: tinystories_data.py --encoding=gpt2)")
 
 
 # -----------------------------------------------------------------------------
@@ -268,23 +323,31 @@ def build_model(cfg, vocab_size, cb_at=None):
                          num_codes=cfg.num_codes, k=cfg.k, cb_layers=layers(cfg), compile=cfg.compile))
 
 
+def with_codebooks(model, cfg):
+    """A new model of model's architecture (a pretrained one's attention and GELU included) with cfg's
+    codebooks."""
+    return GPT(dataclasses.replace(model.config, cb_at=cfg.cb_at, num_codes=cfg.num_codes, k=cfg.k,
+                                   cb_layers=layers(cfg), compile=cfg.compile))
+
+
 def insert_codebooks(model, cfg, vocab_size, idx):
     """A copy of a trained model with codebooks added, k-means-initialised from its activations on idx."""
-    new = build_model(cfg, vocab_size).to(idx.device)
+    assert vocab_size == model.config.vocab_size, (vocab_size, model.config.vocab_size)
+    new = with_codebooks(model, cfg).to(idx.device)
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all(".codebook." in k for k in missing), (missing, unexpected)
     new.init_codebooks(idx)
     return new
 
 
-def insert_once(model, cfg, vocab_size, draw, world):
+def insert_once(model, cfg, draw, world):
     """insert_codebooks with the k-means run once: on rank 0, from a global batch of its data (draw() gives
     one micro-batch). The other ranks build the same model; wrapping it in DDP copies rank 0's weights and
     codes to them."""
     if not world.master:
-        return build_model(cfg, vocab_size).to(world.device)
+        return with_codebooks(model, cfg).to(world.device)
     idx = torch.cat([draw() for _ in range(world.size * cfg.gradient_accumulation_steps)])
-    return insert_codebooks(model, cfg, vocab_size, idx[:, :-1].to(world.device))
+    return insert_codebooks(model, cfg, model.config.vocab_size, idx[:, :-1].to(world.device))
 
 
 def make_optimizer(model, cfg, device):
@@ -310,12 +373,14 @@ def init_model(cfg, ckpt, base, data, world, log):
     if ckpt is not None:
         model = GPT(GPTConfig(**ckpt["model_args"])).to(world.device)
     elif base is not None:
-        if base["model_args"]["vocab_size"] != data.vocab_size:
+        if data.fsm is None:
+            check_encoding(base, data, cfg.init_from)
+        elif base["model_args"]["vocab_size"] != data.vocab_size:
             fail(f"--init_from={cfg.init_from}: its vocab {base['model_args']['vocab_size']} is not the data's "
                  f"{data.vocab_size}")
         model = model_from_checkpoint(base, world.device)
         if cfg.cb_at != "none":
-            model = insert_once(model, cfg, data.vocab_size, data.sample, world)
+            model = insert_once(model, cfg, data.sample, world)
             log(f"inserted codebooks ({', '.join(model.codebooks())}) into {cfg.init_from}, k-means initialised")
     else:
         model = build_model(cfg, data.vocab_size, "none" if cfg.cb_warmup else None).to(world.device)
@@ -344,7 +409,7 @@ def load_optimizer_state(optimizer, model, saved):
 def add_codebooks(model, optimizer, cfg, data, world):
     """Codebooks inserted into the running model at cb_warmup -> (model, its DDP wrapper, optimizer). The
     k-means runs on rank 0; wrapping the new model in DDP copies its weights and codes to the other ranks."""
-    new = insert_once(model, cfg, data.vocab_size, data.sample, world)
+    new = insert_once(model, cfg, data.sample, world)
     ddp_model, new_optimizer = distributed.wrap(new, world), make_optimizer(new, cfg, world.device)
     # the weights keep their Adam moments and step (a fresh Adam at near-peak lr takes sign-sized steps);
     # equal on every rank, as the old optimizer was; the codes start without state
@@ -465,7 +530,8 @@ def lr_at(it, cfg):
     if not cfg.decay_lr:
         return cfg.learning_rate
     ratio = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+    shape = 1.0 - ratio if cfg.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * ratio))
+    return cfg.min_lr + shape * (cfg.learning_rate - cfg.min_lr)
 
 
 @contextmanager

@@ -1,0 +1,203 @@
+"""
+Pretrained GPT-2 and GPT-Neo checkpoints, in the Hugging Face hub's format, as model.py's GPT: read
+config.json and the weights (model.safetensors or pytorch_model.bin), map them to GPTConfig fields and to
+this project's parameter names. GPT.from_pretrained is the way in:
+
+    from model import GPT
+    model = GPT.from_pretrained("roneneldan/TinyStories-1Layer-21M")   # hub.py fetches it
+    model = GPT.from_pretrained("gpt2")                                  # gpt2, gpt2-medium, -large, -xl
+    model = GPT.from_pretrained("path/to/dir")                           # config.json + weights: offline
+
+What differs from this project's own models, and where it goes:
+  GPT-2:   q . k / sqrt(head size), biases everywhere, the tanh GELU; its Linears are stored transposed
+           (Conv1D), as nanoGPT's from_pretrained handles.
+  GPT-Neo: q . k unscaled and in fp32, no q/k/v bias (out_proj has one), the tanh GELU, layers alternating
+           global and local attention (a window of window_size positions, the token itself included).
+  Both:    learned positions only (rope=False), the output head tied to the token embedding.
+The TinyStories models (a GPT-Neo) were trained on 512 tokens though their config says 2048: their
+block_size is capped at 512. Errors (no such directory, an unsupported architecture, a truncated or corrupt
+weights file) are a ValueError with one line, which the scripts print through common.fail.
+"""
+
+import json
+import math
+import os
+import struct
+
+import torch
+
+ARCHS = ("gpt2", "gpt_neo")  # config.json's model_type
+TINYSTORIES_BLOCK = 512  # the TinyStories models' training length (their config says 2048)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def load(name_or_dir, block_size=None):
+    """-> (GPTConfig keyword arguments, state dict in this project's names, fp32). A local directory is
+    read as it is; anything else is a hub name, fetched (or found in the cache) by hub.py."""
+    path = name_or_dir
+    if not os.path.isdir(path):
+        if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") > 1:
+            raise ValueError(f"{name_or_dir}: not a directory holding config.json and model.safetensors or "
+                             f"pytorch_model.bin, nor a hub id (owner/name[@revision], gpt2..gpt2-xl)")
+        try:
+            import hub  # the network only for a name that is not a local directory
+        except ImportError:
+            raise ValueError(f"{name_or_dir}: fetching from the hub needs hub.py; offline, give a directory "
+                             f"holding config.json and model.safetensors or pytorch_model.bin") from None
+        path = hub.model_dir(name_or_dir)
+    config = read_config(path)
+    try:
+        args = map_config(config, name_or_dir, block_size)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}/config.json: lacks or garbles {e}") from None
+    state = read_weights(path)
+    try:
+        return args, (map_gpt2 if config["model_type"] == "gpt2" else map_gpt_neo)(state, args)
+    except KeyError as e:
+        raise ValueError(f"{path}: the weights lack {e.args[0]}") from None
+
+
+def read_config(path):
+    """config.json of a hub-format directory, checked to be one of ARCHS."""
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    arch = config.get("model_type")
+    if arch not in ARCHS:
+        raise ValueError(f"{file}: model_type {arch!r} is not supported; supported: GPT-2 (gpt2) and GPT-Neo "
+                         f"(gpt_neo, the TinyStories models)")
+    return config
+
+
+def read_weights(path):
+    """The tensors of model.safetensors, or else pytorch_model.bin, on the CPU."""
+    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(st):
+        return read_safetensors(st)
+    if os.path.exists(pt):
+        try:
+            return torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{pt}: unreadable, truncated or corrupt ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:120]})") from None
+    raise ValueError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+
+
+def read_safetensors(file):
+    """A .safetensors file: 8 bytes little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}}, then the raw little-endian tensor bytes, offsets counted from the header's end."""
+    with open(file, "rb") as f:
+        data = bytearray(f.read())  # writable: the tensors are views of it
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        if 8 + n > len(data):
+            raise ValueError(f"header of {n} bytes, file of {len(data)}")
+        header = json.loads(data[8:8 + n])
+        body = memoryview(data)[8 + n:]
+        out = {}
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            if t["dtype"] not in _DTYPES:
+                raise ValueError(f"dtype {t['dtype']} of {name} (known: {', '.join(_DTYPES)})")
+            begin, end = t["data_offsets"]
+            dtype = _DTYPES[t["dtype"]]
+            if end > len(body) or end - begin != math.prod(t["shape"]) * dtype.itemsize:
+                raise ValueError(f"{name}'s bytes {begin}..{end} do not fit (the body has {len(body)})")
+            flat = torch.frombuffer(body[begin:end], dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
+            out[name] = flat.reshape(t["shape"])
+        return out
+    except (ValueError, KeyError, TypeError, struct.error) as e:  # json's decode error is a ValueError
+        raise ValueError(f"{file}: truncated or corrupt ({str(e).splitlines()[0][:160]})") from None
+
+
+def map_config(c, name, block_size=None):
+    """A hub config.json -> GPTConfig keyword arguments (no codebooks). Stops on settings this GPT does not
+    compute the way the checkpoint was trained."""
+    gpt2 = c["model_type"] == "gpt2"
+    n_embd = c["n_embd"] if gpt2 else c["hidden_size"]
+    n_layer = c["n_layer"] if gpt2 else c["num_layers"]
+    positions = c["n_positions"] if gpt2 else c["max_position_embeddings"]
+    inner = c.get("n_inner" if gpt2 else "intermediate_size")
+    act = c.get("activation_function", "gelu_new")
+    unsupported = [f"{k}={c[k]}" for k, ok in (("scale_attn_by_inverse_layer_idx", False),
+                                               ("reorder_and_upcast_attn", False), ("scale_attn_weights", True))
+                   if k in c and c[k] != ok]
+    if inner is not None and inner != 4 * n_embd:
+        unsupported.append(f"an MLP of {inner} (this GPT's is 4 x {n_embd})")
+    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+        unsupported.append(f"activation_function={act}")
+    if unsupported:
+        raise ValueError(f"{name}: unsupported {', '.join(unsupported)}")
+    cap = TINYSTORIES_BLOCK if not gpt2 and "tinystories" in str(name).lower() else positions
+    if block_size is None:
+        block_size = min(cap, positions)
+        if block_size < positions:
+            print(f"{name}: block_size {block_size}, the length the TinyStories models were trained at "
+                  f"(config.json says {positions})")
+    elif not 2 <= block_size <= positions:
+        raise ValueError(f"block_size={block_size}: {name} has {positions} positions")
+    args = dict(block_size=block_size, vocab_size=c["vocab_size"], n_layer=n_layer,
+                n_head=c["n_head"] if gpt2 else c["num_heads"], n_embd=n_embd, bias=True, rope=False,
+                cb_at="none", gelu="exact" if act == "gelu" else "tanh",
+                ln_eps=c.get("layer_norm_epsilon", 1e-5))
+    if not gpt2:
+        types = c.get("attention_types")  # what transformers builds attention_layers from, as here
+        kinds = [k for ks, n in types for _ in range(n) for k in ks] if types else c.get("attention_layers", [])
+        if len(kinds) != n_layer or set(kinds) - {"global", "local"}:
+            raise ValueError(f"{name}: attention_layers {kinds} (expected global/local for {n_layer} layers)")
+        args.update(qkv_bias=False, scale_attn=False, attn_fp32=True, local_window=c.get("window_size", 256),
+                    local_layers=tuple(i for i, k in enumerate(kinds) if k == "local"))
+    return args
+
+
+def _strip(state):
+    """The hub's names without the model class's prefix (GPT2Model's files have none, *LMHeadModel's
+    'transformer.'), without the attention-mask buffers old files carry, as fp32 tensors."""
+    out = {}
+    for k, v in state.items():
+        k = k[len("transformer."):] if k.startswith("transformer.") else k
+        if k.endswith((".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias")):
+            continue
+        out[k] = v.float()
+    return out
+
+
+def _common(s, block):
+    """The embeddings and final LayerNorm, the same in both architectures."""
+    return {"transformer.wte.weight": s["wte.weight"], "transformer.wpe.weight": s["wpe.weight"][:block],
+            "transformer.ln_f.weight": s["ln_f.weight"], "transformer.ln_f.bias": s["ln_f.bias"]}
+
+
+def map_gpt2(state, args):
+    """GPT-2's tensors -> ours: the same names as nanoGPT's, the Conv1D weights (in, out) transposed."""
+    s = _strip(state)
+    out = _common(s, args["block_size"])
+    for i in range(args["n_layer"]):
+        for name in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.c_attn.bias", "attn.c_proj.bias",
+                     "mlp.c_fc.bias", "mlp.c_proj.bias"):
+            out[f"transformer.h.{i}.{name}"] = s[f"h.{i}.{name}"]
+        for name in ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"):
+            out[f"transformer.h.{i}.{name}"] = s[f"h.{i}.{name}"].t().contiguous()
+    return out
+
+
+def map_gpt_neo(state, args):
+    """GPT-Neo's tensors -> ours: q, k, v stacked into c_attn (q first, as our split reads it), out_proj
+    as attn.c_proj; its MLP is nn.Linear already."""
+    s = _strip(state)
+    out = _common(s, args["block_size"])
+    for i in range(args["n_layer"]):
+        a = f"h.{i}.attn.attention."
+        out[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat([s[a + f"{p}_proj.weight"] for p in "qkv"])
+        out[f"transformer.h.{i}.attn.c_proj.weight"] = s[a + "out_proj.weight"]
+        out[f"transformer.h.{i}.attn.c_proj.bias"] = s[a + "out_proj.bias"]
+        for name in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                     "mlp.c_proj.weight", "mlp.c_proj.bias"):
+            out[f"transformer.h.{i}.{name}"] = s[f"h.{i}.{name}"]
+    return out
