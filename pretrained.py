@@ -41,12 +41,8 @@ def load(name_or_dir, block_size=None):
         if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") > 1:
             raise ValueError(f"{name_or_dir}: not a directory holding config.json and model.safetensors or "
                              f"pytorch_model.bin, nor a hub id (owner/name[@revision], gpt2..gpt2-xl)")
-        try:
-            import hub  # the network only for a name that is not a local directory
-        except ImportError:
-            raise ValueError(f"{name_or_dir}: fetching from the hub needs hub.py; offline, give a directory "
-                             f"holding config.json and model.safetensors or pytorch_model.bin") from None
-        path = hub.model_dir(name_or_dir)
+        import hub  # the network only for a name that is not a local directory
+        path = hub.model_dir(name_or_dir)  # hub.HubError (an OSError) with one line where that fails
     config = read_config(path)
     try:
         args = map_config(config, name_or_dir, block_size)

@@ -2356,6 +2356,25 @@ def test_pretrained_logits_and_loss_equal_transformers(tmp_path, arch, fmt):
 
 
 @pytest.mark.slow  # transformers takes seconds to import
+def test_from_pretrained_by_hub_id_downloads_then_equals_the_local_directory(fake_hub, tmp_path):
+    """The two halves joined: GPT.from_pretrained("owner/name") fetches the files through hub.py (the fake
+    hub), only the .bin where the repository has no safetensors, and gives the local directory's logits."""
+    hub_dir(tmp_path / "src", "gpt_neo", fmt="bin")
+    for name in os.listdir(tmp_path / "src"):
+        fake_hub.files[f"/owner/tiny-neo/resolve/main/{name}"] = (tmp_path / "src" / name).read_bytes()
+    fake_hub.lfs.add("/owner/tiny-neo/resolve/main/pytorch_model.bin")
+    idx = torch.randint(0, 61, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = GPT.from_pretrained(str(tmp_path / "src")).eval()(idx)[0]
+        got = GPT.from_pretrained("owner/tiny-neo").eval()(idx)[0]
+    assert torch.equal(got, want)
+    assert sorted(os.listdir(tmp_path / "cache" / "models--owner--tiny-neo" / "main")) == ["config.json",
+                                                                                            "pytorch_model.bin"]
+    with pytest.raises(OSError, match="owner/missing"):  # hub.HubError: one line, for common.fail
+        GPT.from_pretrained("owner/missing")
+
+
+@pytest.mark.slow  # transformers takes seconds to import
 def test_local_attention_kv_cache_samples_the_full_reruns_tokens(tmp_path):
     """The KV cache keeps every key; the window lives in the mask, so cached generation past the window
     equals rerunning the context, with per-head codebooks in place too."""
