@@ -4,6 +4,8 @@ spinning as cpu_threads.py sets them (GOMP_SPINCOUNT=10000), as OpenMP's default
 
     python bench_jobs.py                          # each setting: one run alone, then two side by side
     python bench_jobs.py --settings=ours,default --steps=30
+    python bench_jobs.py --settings=ours,20000,default --train_args=--cb_warmup=0   # steps with codebooks;
+                                                  # a number is a GOMP_SPINCOUNT to try
 
 A run is `python train.py --max_iters=STEPS` on the default preset (plain steps: its codebooks come at
 step 600) with a small evaluation, start-up included; wall clock of the whole command. "pair / alone" is
@@ -34,14 +36,21 @@ SETTINGS = {  # what each setting puts in a run's environment (None: removed)
 class JobsConfig:
     settings: str = "ours,default,passive"  # comma-separated names from SETTINGS
     steps: int = 60  # training steps of each run
+    train_args: str = ""  # more train.py flags for every run, space-separated (--cb_warmup=0: codebook steps)
     out: str = ""  # also write the figures as JSON here
 
 
-def run(env, steps, out_dirs):
+def setting(name):
+    """A SETTINGS entry, or for a number that GOMP_SPINCOUNT."""
+    return SETTINGS[name] if name in SETTINGS else dict(OMP_WAIT_POLICY=None, GOMP_SPINCOUNT=name)
+
+
+def run(env, steps, out_dirs, train_args=()):
     """Wall seconds of len(out_dirs) identical training runs started together."""
     t0 = time.time()
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), f"--max_iters={steps}",
-                               "--eval_interval=1000", "--eval_seqs=64", "--state_seqs=8", f"--out_dir={d}"],
+                               "--eval_interval=1000", "--eval_seqs=64", "--state_seqs=8", f"--out_dir={d}",
+                               *train_args],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for d in out_dirs]
     for p in procs:
@@ -53,20 +62,23 @@ def run(env, steps, out_dirs):
 
 def main(cfg):
     names = cfg.settings.split(",")
-    unknown = [n for n in names if n not in SETTINGS]
+    unknown = [n for n in names if n not in SETTINGS and not n.isdigit()]
     if unknown or cfg.steps < 1:
-        fail(f"--settings={cfg.settings} --steps={cfg.steps}: valid settings {', '.join(SETTINGS)}; steps >= 1")
-    out = dict(steps=cfg.steps, cpus=os.cpu_count(), load_before=os.getloadavg(), settings={})
+        fail(f"--settings={cfg.settings} --steps={cfg.steps}: valid settings {', '.join(SETTINGS)} or a spin "
+             f"count (a number); steps >= 1")
+    train_args = cfg.train_args.split()
+    out = dict(steps=cfg.steps, train_args=train_args, cpus=os.cpu_count(), load_before=os.getloadavg(),
+               settings={})
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             env = dict(os.environ)
-            for key, value in SETTINGS[name].items():
+            for key, value in setting(name).items():
                 if value is None:
                     env.pop(key, None)
                 else:
                     env[key] = value
-            alone = run(env, cfg.steps, [os.path.join(tmp, f"{name}-a")])
-            pair = run(env, cfg.steps, [os.path.join(tmp, f"{name}-b"), os.path.join(tmp, f"{name}-c")])
+            alone = run(env, cfg.steps, [os.path.join(tmp, f"{name}-a")], train_args)
+            pair = run(env, cfg.steps, [os.path.join(tmp, f"{name}-b"), os.path.join(tmp, f"{name}-c")], train_args)
             out["settings"][name] = dict(alone_s=alone, pair_s=pair, pair_over_alone=pair / alone)
             print(f"{name:8s} one alone {alone:6.1f} s, two side by side {pair:6.1f} s: pair / alone {pair / alone:.2f}",
                   flush=True)

@@ -767,6 +767,22 @@ def test_bench_generate_quick_writes_json(tmp_path):
     assert result["settings"]["samples"] == 2 and len(result["topics_codes"]) == 14  # the quick preset
 
 
+@pytest.mark.slow
+def test_bench_jobs_runs_a_spin_count_with_codebook_steps(tmp_path):
+    """One codebook step (--cb_warmup=0) alone and in a pair, under a spin count given as a number."""
+    path = tmp_path / "jobs.json"
+    cmd = [sys.executable, os.path.join(HERE, "bench_jobs.py"), "--steps=1", "--settings=20000",
+           "--train_args=--cb_warmup=0 --num_codes=32", f"--out={path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(path.read_text())
+    assert result["train_args"] == ["--cb_warmup=0", "--num_codes=32"] and list(result["settings"]) == ["20000"]
+    row = result["settings"]["20000"]
+    assert row["alone_s"] > 0 and row["pair_over_alone"] == pytest.approx(row["pair_s"] / row["alone_s"])
+    bad = subprocess.run(cmd[:2] + ["--settings=fast"], capture_output=True, text=True, cwd=HERE, timeout=60)
+    assert bad.returncode != 0 and "a spin count" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
 # -----------------------------------------------------------------------------
 # fsm_data.py: TokFSM
 
