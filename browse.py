@@ -39,11 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import tinystories_data
 from codebook import Intervention
 from common import fail, parse_value
 from model import format_code, parse_code
-from readout import code_counts, code_scores, flat_ids, load_codebook_model, need_fsm, run, tokenizer, usage_stats
+from readout import (code_counts, code_scores, flat_ids, load_codebook_model, need_fsm, run, sample_sequences,
+                     tokenizer, usage_stats)
 
 FLAGS = dict(  # every flag and its default; the default's type is the flag's type
     ckpt="",  # a checkpoint written by train.py (required)
@@ -90,16 +90,8 @@ def parse_args(argv):
 
 
 def sample_tokens(cfg, ckpt, model):
-    """The sequences the page is about: (B, T) tokens, the same as steer.py's for an FSM."""
-    L = model.config.block_size
-    if ckpt.get("kind") == "fsm":
-        return need_fsm(ckpt, "browse").sample(cfg["n_seqs"], L, torch.Generator().manual_seed(cfg["seed"]))
-    data_dir = cfg["data_dir"] or ckpt.get("data", {}).get("data_dir", "")
-    try:
-        val = tinystories_data.load_tokens(data_dir)[1]
-        return tinystories_data.fixed_windows(val, cfg["n_seqs"], L)
-    except (FileNotFoundError, ValueError) as e:
-        fail(f"{e} (the token data of this language model; --data_dir=DIR to point at it)")
+    """The sequences the page is about: (B, T) tokens, the same as steer.py's."""
+    return sample_sequences(ckpt, cfg["n_seqs"], model.config.block_size, cfg["seed"], cfg["data_dir"])
 
 
 def b64(a, dtype):

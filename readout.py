@@ -56,6 +56,19 @@ def need_fsm(ckpt, what):
     return FSM(f["num_states"], f["num_edges"], base=f.get("base", 10), seed=f["seed"])
 
 
+def sample_sequences(ckpt, n_seqs, block_size, seed=0, data_dir=""):
+    """(n_seqs, block_size) tokens to read a model on: FSM walks drawn with seed, or for a language model
+    fixed windows of its val.bin (data_dir, default the one it was trained on)."""
+    if ckpt.get("kind") == "fsm":
+        return need_fsm(ckpt, "sampling").sample(n_seqs, block_size, torch.Generator().manual_seed(seed))
+    data_dir = data_dir or ckpt.get("data", {}).get("data_dir", "")
+    try:
+        val = tinystories_data.load_tokens(data_dir)[1]
+        return tinystories_data.fixed_windows(val, n_seqs, block_size)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"{e} (the token data of this language model; --data_dir=DIR to point at it)")
+
+
 def tokenizer(ckpt):
     """(encode, decode, render): encode(text) -> ids, BOS first; decode(ids) -> one string per token;
     render(ids, pos0, mark) -> readable text of a window starting at position pos0, the token at position

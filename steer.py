@@ -12,8 +12,9 @@ neurons), what patching them does, and sampling with codes forced or ablated. On
 Flags are --key=value; `python steer.py COMMAND --help` lists a command's flags and defaults. Each
 command writes COMMAND.json next to the checkpoint; errors are one line on stderr, exit status 2.
 FSM tokens read as digits, BOS as '|': `search` matches its regex against text like "|371245...".
-(Steering language models by topic is topics.py; usage, show and search for every code at once, as one
-HTML page, is browse.py.)
+usage, show and search read language-model checkpoints too (windows of the val.bin they were trained on,
+or --data_dir). (Steering language models by topic is topics.py; usage, show and search for every code at
+once, as one HTML page, is browse.py.)
 
 Definitions (SPEC section 2). A pattern is a set M of positions of the sampled sequences:
   state s           the last digit of state s (where "the current state is s");
@@ -50,13 +51,15 @@ import torch.nn.functional as F
 from common import Progress, fail, parse_value
 from codebook import Intervention
 from readout import (code_counts, code_name, code_scores, firings_by_score, flat_ids, load_codebook_model, need_fsm,
-                     pair_counts, parse_codes, regex_labels, run, search_codes, tokenizer, usage_stats, write_json)
+                     pair_counts, parse_codes, regex_labels, run, sample_sequences, search_codes, tokenizer,
+                     usage_stats, write_json)
 
 FLAGS = dict(  # every flag and its default; the default's type is the flag's type
     ckpt="",  # a checkpoint written by train.py (required)
     device="auto",  # auto (cuda if there is one, else mps, else cpu), cpu, cuda or mps
     seed=0,  # seed of the sampled sequences, the trials and the samples
-    n_seqs=500,  # sequences sampled by states, usage, show and search
+    n_seqs=500,  # sequences sampled by states, usage, show and search (a language model: windows of val.bin)
+    data_dir="",  # usage, show, search on a language model: its token data ("": the one it was trained on)
     batch_size=100,  # sequences per forward pass
     min_count=5,  # states: patterns seen fewer times are left out of the means
     pairs=500,  # patch: random (s, t) trials
@@ -76,9 +79,9 @@ COMMON = ("ckpt", "device", "seed", "batch_size")
 COMMANDS = dict(  # command: (its positional argument or None, its flags)
     states=(None, COMMON + ("n_seqs", "min_count")),
     patch=(None, COMMON + ("pairs", "ctx_states")),
-    usage=(None, COMMON + ("n_seqs",)),
-    show=("CODE", COMMON + ("n_seqs", "top", "context")),
-    search=("REGEX", COMMON + ("n_seqs", "top")),
+    usage=(None, COMMON + ("n_seqs", "data_dir")),
+    show=("CODE", COMMON + ("n_seqs", "data_dir", "top", "context")),
+    search=("REGEX", COMMON + ("n_seqs", "data_dir", "top")),
     generate=(None, COMMON + ("prompt", "force", "ablate", "at", "n", "max_new_tokens", "temperature", "top_k")),
 )
 
@@ -179,6 +182,11 @@ def neuron_sources(site):
 
 def sample_fsm(fsm, cfg, model):
     return fsm.sample(cfg["n_seqs"], model.config.block_size, torch.Generator().manual_seed(cfg["seed"]))
+
+
+def sequences(cfg, ckpt, model):
+    """What usage, show and search read: FSM walks (as sample_fsm), or a language model's val.bin windows."""
+    return sample_sequences(ckpt, cfg["n_seqs"], model.config.block_size, cfg["seed"], cfg.get("data_dir", ""))
 
 
 # -----------------------------------------------------------------------------
@@ -329,7 +337,7 @@ def cmd_patch(cfg, ckpt, model):
 
 
 def cmd_usage(cfg, ckpt, model):
-    codes, _, _ = run(model, sample_fsm(need_fsm(ckpt, "usage"), cfg, model), cfg["batch_size"])
+    codes, _, _ = run(model, sequences(cfg, ckpt, model), cfg["batch_size"])
     out = {}
     for site, cb in model.codebooks().items():
         out[site] = u = usage_stats(code_counts(codes[site], cb))
@@ -341,20 +349,21 @@ def cmd_usage(cfg, ckpt, model):
 
 
 def cmd_show(cfg, ckpt, model, address):
-    fsm = need_fsm(ckpt, "show")
     (iv,) = parse_codes(model, address)
-    cb, tokens = model.codebooks()[iv.site], sample_fsm(fsm, cfg, model)
+    cb, tokens = model.codebooks()[iv.site], sequences(cfg, ckpt, model)
     codes, acts, _ = run(model, tokens, cfg["batch_size"], keep=(f"{iv.site}.in",))
     scores = code_scores(cb, acts[f"{iv.site}.in"], codes[iv.site])  # (B*T, G, k): its cosine score in LN space
     where, score = firings_by_score(codes[iv.site], scores, iv.group, iv.code)  # best first
     positions = tokens.numel()
-    state, digit = (t.reshape(-1)[where] for t in fsm.state_labels(tokens))
     print(f"{address} fires at {len(where)} of {positions} positions ({len(where) / positions:.4f})")
-    what, cnt = torch.unique(torch.where(state >= 0, state * fsm.digits + digit, -1), return_counts=True)
-    for i in cnt.argsort(descending=True)[:5].tolist():
-        w = int(what[i])
-        print(f"  {cnt[i] / len(where):6.1%} at " + (f"state {w // fsm.digits} digit {w % fsm.digits}" if w >= 0
-                                                     else "BOS or an unfinished state"))
+    if ckpt.get("kind") == "fsm":  # where in the walks: which state and digit
+        fsm = need_fsm(ckpt, "show")
+        state, digit = (t.reshape(-1)[where] for t in fsm.state_labels(tokens))
+        what, cnt = torch.unique(torch.where(state >= 0, state * fsm.digits + digit, -1), return_counts=True)
+        for i in cnt.argsort(descending=True)[:5].tolist():
+            w = int(what[i])
+            print(f"  {cnt[i] / len(where):6.1%} at " + (f"state {w // fsm.digits} digit {w % fsm.digits}"
+                                                         if w >= 0 else "BOS or an unfinished state"))
     render, L, rows = tokenizer(ckpt)[2], tokens.shape[1], []
     for i in range(min(cfg["top"], len(where))):
         b, p = divmod(int(where[i]), L)
@@ -368,7 +377,7 @@ def cmd_show(cfg, ckpt, model, address):
 
 
 def cmd_search(cfg, ckpt, model, regex):
-    tokens, decode = sample_fsm(need_fsm(ckpt, "search"), cfg, model), tokenizer(ckpt)[1]
+    tokens, decode = sequences(cfg, ckpt, model), tokenizer(ckpt)[1]
     try:
         pattern = re.compile(regex)
     except re.error as e:

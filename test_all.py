@@ -2513,7 +2513,7 @@ def test_linear_lr_schedule():
 @pytest.mark.slow
 def test_finetune_a_hub_model_and_its_checkpoint_loads_in_the_scripts(tmp_path, capsys):
     """A tiny hub-format GPT-Neo of the data's vocabulary: finetuned with per-head codebooks (k-means from
-    its own activations), then steer.py usage, topics.py and --resume read the checkpoint unchanged."""
+    its own activations), then steer.py usage / search / show, topics.py and --resume read the checkpoint."""
     td.prepare(str(tmp_path / "data"), synthetic=True, num_stories=300, seed=0, val_every=10)
     vocab = json.load(open(tmp_path / "data" / "meta.json"))["vocab_size"]
     hub_dir(tmp_path / "neo", "gpt_neo", vocab=vocab)
@@ -2528,10 +2528,17 @@ def test_finetune_a_hub_model_and_its_checkpoint_loads_in_the_scripts(tmp_path, 
     assert (c.local_layers, c.local_window, c.scale_attn, c.qkv_bias, c.rope, c.block_size) == \
         ((1,), 5, False, False, False, 64)
     assert ckpt["kind"] == "lm" and ckpt["config"]["init_from"] == str(tmp_path / "neo")
-    capsys.readouterr()  # steer.py loads it (its commands read FSM data: usage says so in one line)
-    with pytest.raises(SystemExit):
-        steer.main(["usage", f"--ckpt={path}", "--n_seqs=4", "--batch_size=4", "--device=cpu"])
-    assert capsys.readouterr().err == "error: usage needs an FSM checkpoint; this one has kind='lm'\n"
+    flags = [f"--ckpt={path}", "--n_seqs=4", "--batch_size=4", "--device=cpu"]  # windows of its val.bin
+    usage = steer.main(["usage"] + flags)
+    assert set(usage) == {"L0.attn", "L1.attn"} and all(0 < u["alive"] <= 1 for u in usage.values())
+    found = steer.main(["search", "e", "--top=3"] + flags)  # the letter e, in the stories' text
+    assert found["matches"] > 0 and found["codes"] and all(0 < r["precision"] <= 1 for r in found["codes"])
+    shown = steer.main(["show", found["codes"][0]["code"], "--top=2"] + flags)
+    assert shown["firings"] == found["codes"][0]["fired"] and len(shown["top"]) == min(2, shown["firings"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # states and patch are TokFSM's
+        steer.main(["states", f"--ckpt={path}", "--device=cpu"])
+    assert capsys.readouterr().err == "error: states needs an FSM checkpoint; this one has kind='lm'\n"
     out = topics.main([f"--ckpt={path}", "--device=cpu", "--samples=1", "--max_new_tokens=8", "--prompts=|Once",
                        "--n_stories=20", "--min_in=0", "--max_out=1", "--max_codes=2"])
     assert all(out[t]["n_codes"] <= 2 for t in td.TOPIC_STORY)
