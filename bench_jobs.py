@@ -8,7 +8,7 @@ spinning as cpu_threads.py sets them (GOMP_SPINCOUNT=10000), as OpenMP's default
                                                   # a number is a GOMP_SPINCOUNT to try
 
 A run is `python train.py --max_iters=STEPS` on the default preset (plain steps: its codebooks come at
-step 600) with a small evaluation, start-up included; wall clock of the whole command. "pair / alone" is
+step 300) with a small evaluation, start-up included; wall clock of the whole command. "pair / alone" is
 the wall time of two identical runs side by side over one alone (2.0: the two cores shared perfectly);
 "alone / ours" compares one run alone with the same under this project's setting.
 """

@@ -922,7 +922,7 @@ def run_train(*args):
     (["--cb_at=everything"], "--cb_at=everything: valid: none, attn, mlp, attn+mlp"),
     (["--config=huge"], "unknown preset; valid: fsm, fsm_paper"),
     (["--compile=maybe"], "expected True or False"),
-    (["--cb_layers=0,9"], "layers must be in 0..3"),
+    (["--cb_layers=0,9"], "layers must be in 0..1"),
     (["max_iters=3"], "expected --key=value"),
 ])
 def test_bad_config_is_one_line_error(args, msg, capsys):
@@ -1764,8 +1764,8 @@ def test_bench_quick_writes_json(tmp_path):
 
 
 def test_bench_trains_train_pys_preset():
-    """bench.py writes the FSM preset out (it may not import train.py): the two must agree."""
-    defaults = dataclasses.asdict(train.TrainConfig())
+    """bench.py writes the fsm_full preset out (it may not import train.py): the two must agree."""
+    defaults = dataclasses.asdict(train.TrainConfig(**train.PRESETS["fsm_full"]))
     assert {k: defaults[k] for k in bench.TRAIN} == bench.TRAIN
 
 
