@@ -595,6 +595,7 @@ def train(cfg, given=()):
     t0 = t_log = time.time()
     start_it = it_log = it
     step_ms = None  # ms per training step over the last log interval
+    replaced, replaced_since = 0, it  # dead codes replaced since the last line that said how many
     bar = Progress(cfg.max_iters, "train", initial=it, quiet=not world.master)
     while it < cfg.max_iters:
         if it >= cfg.cb_warmup and cfg.cb_at != "none" and not model.codebooks():  # codebooks: insert them
@@ -607,8 +608,10 @@ def train(cfg, given=()):
         loss, mse = train_step(ddp_model, optimizer, batches, cfg.grad_clip, amp)
         it += 1
         if cfg.replace_every and it % cfg.replace_every == 0 and it < cfg.max_iters and model.codebooks():
-            n = replace_dead_codes(model, cfg.replace_rho, world)  # codebooks: reset the dead codes
-            bar.write(f"step {it}: replaced {n} dead codes")
+            replaced += replace_dead_codes(model, cfg.replace_rho, world)  # codebooks: reset the dead codes
+            if it % max(cfg.log_interval, cfg.replace_every) < cfg.replace_every:  # a line a log interval at most
+                bar.write(f"step {it}: replaced {replaced} dead codes since step {replaced_since}")
+                replaced, replaced_since = 0, it
         if it % cfg.log_interval == 0 or it == cfg.max_iters:
             loss, mse = distributed.mean([loss, mse], world)
             loss_now = loss.item()  # waits for the GPU, so the interval below is the steps' real time
