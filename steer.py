@@ -5,9 +5,9 @@ neurons), what patching them does, and sampling with codes forced or ablated. On
     python steer.py states --ckpt=out-fsm/ckpt.pt     # codes vs neurons as classifiers of the state
     python steer.py patch --ckpt=out-fsm/ckpt.pt      # force the codes of state t into an input in state s
     python steer.py usage --ckpt=out-fsm/ckpt.pt      # alive codes, usage entropy, a histogram
-    python steer.py show L2.mlp:88 --ckpt=out-fsm/ckpt.pt       # the top contexts of one code
+    python steer.py show L1.mlp:88 --ckpt=out-fsm/ckpt.pt       # the top contexts of one code
     python steer.py search '\\|3' --ckpt=out-fsm/ckpt.pt         # codes that fire where a regex matches
-    python steer.py generate --ckpt=out-fsm/ckpt.pt --prompt=3712 --force=L3.mlp:5 --at=new
+    python steer.py generate --ckpt=out-fsm/ckpt.pt --prompt=3712 --force=L1.mlp:5 --at=new
 
 Flags are --key=value; `python steer.py COMMAND --help` lists a command's flags and defaults. Each
 command writes COMMAND.json next to the checkpoint; errors are one line on stderr, exit status 2.
@@ -67,7 +67,7 @@ FLAGS = dict(  # every flag and its default; the default's type is the flag's ty
     top=10,  # show, search: rows printed
     context=24,  # show: tokens of context before the firing token
     prompt="",  # generate: the prompt after BOS, digits for the FSM
-    force="",  # generate: codes forced, e.g. L3.mlp:5,L1.attn.h2:40
+    force="",  # generate: codes forced, e.g. L1.mlp:5,L1.attn.h2:40
     ablate="",  # generate: codes ablated
     at="all",  # generate: where: all, prompt, new (the generated tokens) or positions like 3,4,5
     n=4,  # generate: samples
