@@ -180,12 +180,8 @@ def neuron_sources(site):
     return [f"{site}.in"] if kind == "attn" else [f"{site}.hidden", f"{site}.in", f"{layer}.resid"]
 
 
-def sample_fsm(fsm, cfg, model):
-    return fsm.sample(cfg["n_seqs"], model.config.block_size, torch.Generator().manual_seed(cfg["seed"]))
-
-
 def sequences(cfg, ckpt, model):
-    """What usage, show and search read: FSM walks (as sample_fsm), or a language model's val.bin windows."""
+    """What states, usage, show and search read: FSM walks, or a language model's val.bin windows."""
     return sample_sequences(ckpt, cfg["n_seqs"], model.config.block_size, cfg["seed"], cfg.get("data_dir", ""))
 
 
@@ -195,7 +191,7 @@ def sequences(cfg, ckpt, model):
 
 def cmd_states(cfg, ckpt, model):
     fsm, t0 = need_fsm(ckpt, "states"), time.time()
-    tokens = sample_fsm(fsm, cfg, model)  # (B, L)
+    tokens = sequences(cfg, ckpt, model)  # (B, L): fsm's walks
     state, digit = fsm.state_labels(tokens)  # (B, L) each
     prev = torch.cat([torch.full_like(state[:, :1], -1), state[:, :-1]], 1)  # the state one position back
     families = dict(  # pattern id per position, -1 outside the family's patterns

@@ -2150,7 +2150,7 @@ def test_browse_page_holds_what_steer_computes(page, capsys):
     assert {s["name"]: s["usage"] for s in data["sites"]} == usage
     ckpt, model = readout.load_codebook_model(path)
     tokens = torch.tensor(data["seqs"])
-    assert torch.equal(tokens, steer.sample_fsm(readout.need_fsm(ckpt, "x"), dict(n_seqs=12, seed=3), model))
+    assert torch.equal(tokens, steer.sequences(dict(n_seqs=12, seed=3), ckpt, model))
     codes = readout.run(model, tokens, 5)[0]
     L = tokens.shape[1]
     for site in data["sites"]:
