@@ -39,8 +39,8 @@ before (parameters, inputs; the gradients the call creates count). On CPU: the r
 mark (VmHWM), reset through /proc/self/clear_refs after malloc_trim has handed freed heap back to the OS;
 on CUDA: torch.cuda.max_memory_allocated above torch.cuda.memory_allocated. For the matmul row the (N, C)
 buffer is allocated inside the measured call.
-Training: train.py's fsm_full preset, 4 layers (its sizes and optimiser written out in TRAIN below, which a
-test keeps equal to that preset; --quick shrinks it): microseconds per token of a training step (forward,
+Training: train.py's default, the fsm preset, 2 layers (its sizes and optimiser written out in TRAIN below,
+which a test keeps equal to that preset; --quick shrinks it): microseconds per token of a training step (forward,
 backward, grad clip, AdamW with train.py's parameter groups; data sampling excluded),
 the best of --train_steps steps after 2 warm-up steps, with the preset's codebooks and with cb_at=none
 (both models in one process, steps alternating); train_overhead = codebook / plain.
@@ -83,7 +83,8 @@ from model import GPT, GPTConfig
 
 @dataclass
 class BenchConfig:
-    shapes: str = "auto"  # comma-separated names from SHAPES (auto: CPU_SHAPES on a CPU, GPU_SHAPES on a GPU)
+    shapes: str = "auto"  # comma-separated names from SHAPES (auto: CPU_SHAPES on a CPU, GPU_SHAPES on a GPU;
+    # none: only the training row)
     reps: int = 5  # timed calls per row and mode (fewer when a call is slower than budget / reps)
     budget: float = 15.0  # seconds of timed calls per row and mode, about
     compile: bool = True  # also time CodebookLayer(compile=True)
@@ -118,8 +119,8 @@ SHAPES = {
 CPU_SHAPES, GPU_SHAPES = "fsm,lm,large", "fsm_attn,fsm_mlp,lm_gpu,big"
 GOALS = dict(speedup_vs_reference=3.0, vs_matmul=2.0, memory_vs_reference=0.5)  # on a GPU: >=, <=, <=
 QUICK = dict(shapes="tiny", reps=1, compile=False, train_steps=1)
-# train.py's fsm_full preset (the paper's 4-layer TokFSM model, the default before 2 layers), what the training row times
-TRAIN = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, cb_at="attn+mlp", num_codes=1024, k=1,
+# train.py's default (the fsm preset, 2 layers), what the training row times
+TRAIN = dict(n_layer=2, n_head=4, n_embd=128, block_size=128, cb_at="attn+mlp", num_codes=1024, k=1,
              batch_size=64, learning_rate=5e-3, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
              num_states=100, num_edges=10, fsm_seed=42, seed=1337)
 QUICK_TRAIN = dict(batch_size=4, n_layer=1, num_codes=64)  # TRAIN overrides for --quick
@@ -148,9 +149,9 @@ def parse(argv):
         sys.exit(f"error: --fused_tile={cfg.fused_tile!r}; valid: tokens,codes,warps, e.g. 64,64,4")
     if cfg.shapes == "auto":
         cfg.shapes = GPU_SHAPES if pick_device(cfg.device) == "cuda" else CPU_SHAPES
-    unknown = [s for s in cfg.shapes.split(",") if s not in SHAPES]
+    unknown = [s for s in cfg.shapes.split(",") if s not in SHAPES and cfg.shapes != "none"]
     if unknown:
-        sys.exit(f"error: unknown shape {unknown[0]!r}; valid: {', '.join(SHAPES)}")
+        sys.exit(f"error: unknown shape {unknown[0]!r}; valid: {', '.join(SHAPES)}, or none")
     return cfg
 
 
@@ -419,7 +420,7 @@ def main(cfg):
     variants = [v for v in VARIANTS if cfg.compile or v != "compiled"]
     print(f"{'shape':6} {'N':>6} {'G x d':>8} {'C':>7} {'k':>2}  {'row':10} {'fwd ms':>9} {'fwd+bwd ms':>11} "
           f"{'peak MB':>8} {'speedup':>8} {'vs matmul':>9} {'memory':>7}")
-    for name in cfg.shapes.split(","):
+    for name in [] if cfg.shapes == "none" else cfg.shapes.split(","):
         N, G, d, C, k = SHAPES[name]
         rows = {v: spawn(cfg, f"{name}:{v}") for v in variants}
         ref, mm = rows.get("reference") or {}, rows.get("matmul") or {}
@@ -456,7 +457,7 @@ def main(cfg):
     result["train_overhead"] = overhead
     if coded:
         c = coded["config"]
-        print(f"training, fsm_full preset ({c['n_layer']} layers, {c['n_head']} heads, n_embd {c['n_embd']}, batch "
+        print(f"training, the default fsm preset ({c['n_layer']} layers, {c['n_head']} heads, n_embd {c['n_embd']}, batch "
               f"{c['batch_size']} x {c['block_size']}, {c['cb_at']} codebooks, C={c['num_codes']}, k={c['k']}): "
               f"plain {fmt((plain or {}).get('us_per_token'), '.2f')} us/token, with codebooks "
               f"{coded['us_per_token']:.2f} us/token, train_overhead {fmt(overhead, '.2f')}x")

@@ -78,16 +78,38 @@ def format_code(site, group, code):
 
 
 def rotate(x, pos0=0, base=10000.0):
-    """Rotary position embedding of (B, nh, T, hs) queries or keys at positions pos0 .. pos0 + T - 1: the
+    """Rotary position embedding of queries or keys x (B, T, n, hs) at positions pos0 .. pos0 + T - 1: the
     pairs (x_i, x_{i+hs/2}) turn by an angle proportional to the position, so q . k depends on the relative
     offset. A previous-token head, which TokFSM needs, is then easy to learn; with learned absolute
     positions alone it plateaus long."""
-    T, hs = x.shape[-2], x.shape[-1]
+    T, hs = x.shape[1], x.shape[-1]
     freq = base ** (-torch.arange(0, hs // 2, device=x.device, dtype=torch.float32) / (hs // 2))
     angle = torch.arange(pos0, pos0 + T, device=x.device, dtype=torch.float32)[:, None] * freq  # (T, hs/2)
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-    x1, x2 = x[..., :hs // 2], x[..., hs // 2:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), as x * (cos, cos) + (x2, x1) * (-sin, sin)
+    return _Turn.apply(x, torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None])
+
+
+def _turn(x, cos, sin):
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat([x[..., h:], x[..., :h]], -1) * sin
+
+
+class _Turn(torch.autograd.Function):
+    """x -> _turn(x, cos, sin), whose backward is the turn back (by -angle): one pass each way, where
+    autograd's backward of the slices, products and concatenation takes several times the forward."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _turn(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        h = grad.shape[-1] // 2
+        gs = grad * sin
+        return grad * cos + torch.cat([gs[..., h:], gs[..., :h]], -1), None, None
 
 
 class KVCache:
@@ -136,10 +158,13 @@ class CausalSelfAttention(nn.Module):
         """x (B, T, C) at positions pos0 .. pos0 + T - 1; kv_cache: a KVCache holding the pos0 tokens before
         them, which this call extends with theirs."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if self.rope:
-            q, k = rotate(q, pos0), rotate(k, pos0)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        if self.rope:  # q and k turned together, in one op
+            q, k = rotate(qkv[:, :, :2].flatten(2, 3), pos0).unflatten(2, (2, self.n_head)).unbind(2)
+            v = qkv[:, :, 2]
+        else:
+            q, k, v = qkv.unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(name, k, v)  # (B, nh, pos0 + T, hs)
         # with a cache, the new tokens see the cached ones: the causal mask's diagonal shifts right by pos0

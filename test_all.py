@@ -68,7 +68,8 @@ def brute_topk(x, codebook, k):
 @pytest.mark.parametrize("C, max_elems", [
     (97, 1 << 30),  # one tile
     (301, 1 << 11),  # tuned: code chunks of 61 (the last 57), 6 tokens a tile; plain: 1 token a chunk
-    (2500, 1 << 16),  # tuned: strided blocks, chunks of 1264 codes (the last padded to whole blocks)
+    (2500, 1 << 16),  # tuned: strided blocks for k = 4, chunks of 1264 codes (the last padded to whole blocks)
+    (5000, 1 << 17),  # tuned: strided blocks for k = 1 as well, chunks of 2512 codes
 ])
 def test_every_search_matches_brute_topk(k, groups, C, max_elems):
     """The plain search (codebook.py) and the tuned one on the CPU's and on the GPU's plan (codebook_fast.py,
@@ -330,7 +331,7 @@ def test_tile_plans_stay_within_their_budget(N, G, C, k, max_elems):
     g, n, c, block = plan(N, G, C, k, max_elems, 16)
     assert 1 <= g <= G and 1 <= n <= N and k <= c and c % block == 0
     assert g * n * c <= max(max_elems, c)
-    assert (block > 1) == (c >= max(1024, 64 * k))
+    assert (block > 1) == (c >= max(2048 if k == 1 else 1024, 64 * k))
     if max_elems == 1 << 11:  # the search test's shapes leave remainders of codes and of tokens
         assert C % c and N % n
 
@@ -1764,8 +1765,8 @@ def test_bench_quick_writes_json(tmp_path):
 
 
 def test_bench_trains_train_pys_preset():
-    """bench.py writes the fsm_full preset out (it may not import train.py): the two must agree."""
-    defaults = dataclasses.asdict(train.TrainConfig(**train.PRESETS["fsm_full"]))
+    """bench.py writes the default fsm preset out (it may not import train.py): the two must agree."""
+    defaults = dataclasses.asdict(train.TrainConfig(**train.PRESETS["fsm"]))
     assert {k: defaults[k] for k in bench.TRAIN} == bench.TRAIN
 
 
@@ -2575,6 +2576,27 @@ def test_every_script_sets_how_openmp_waits_before_torch_loads():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
                              env={**env, **extra}, check=True).stdout.strip()
         assert out == want, (extra, out)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap settings are Linux's")
+def test_cpu_threads_keeps_the_heap_between_steps():
+    """cpu_threads' mallopt: eight 4 MB tensors allocated and freed, again and again as a training step
+    does, come from the kept heap, not from fresh pages (8,192 page faults a round); a user's own MALLOC_
+    setting is kept (glibc's default trim threshold, 128 KB, gives the faults back)."""
+    code = ("import cpu_threads, resource, torch\n"
+            "for i in range(12):\n"
+            "    if i == 2:\n"
+            "        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "    xs = [torch.ones(1 << 20) for _ in range(8)]\n"
+            "    del xs\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) // 10)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    faults = {}
+    for name, extra in (("ours", {}), ("user's", {"MALLOC_TRIM_THRESHOLD_": "131072"})):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                             env={**env, **extra}, check=True).stdout
+        faults[name] = int(out)
+    assert faults["ours"] < 200 and faults["user's"] > 4000, faults
 
 
 def test_no_script_imports_another_script():

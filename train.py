@@ -92,7 +92,7 @@ class TrainConfig:
     lr_decay: str = "cosine"  # the decay's shape: cosine, or linear (TinyStories' model card)
     min_lr: float = 5e-4
     # evaluation and logging
-    eval_interval: int = 120
+    eval_interval: int = 240
     eval_seqs: int = 512  # held-out sequences (token data: windows of val.bin) for val_loss / val_acc
     state_seqs: int = 200  # sequences sampled from BOS for state accuracy
     log_interval: int = 50
@@ -506,10 +506,11 @@ def fsm_state_accuracy(model, fsm, n_seqs, block_size, device, seed=0):
     return fsm.state_accuracy(out.cpu())
 
 
-def report(model, cfg, data, usage, run, amp, micro, device):
-    """The final evaluation (FSM: also sampled walks), written to out_dir/metrics.json and printed."""
+def report(model, cfg, data, usage, run, amp, micro, device, final=None):
+    """The final evaluation (FSM: also sampled walks), written to out_dir/metrics.json and printed.
+    final: (val loss, val acc) of the last step, where the loop has just evaluated them."""
     with amp:
-        vl, va = evaluate(model, data.val, micro, device)
+        vl, va = final or evaluate(model, data.val, micro, device)
         metrics = dict(val_loss=vl, val_acc=va)
         if data.fsm:
             sacc = fsm_state_accuracy(model, data.fsm, cfg.state_seqs, cfg.block_size, device, seed=cfg.seed)
@@ -596,6 +597,7 @@ def train(cfg, given=()):
     start_it = it_log = it
     step_ms = None  # ms per training step over the last log interval
     replaced, replaced_since = 0, it  # dead codes replaced since the last line that said how many
+    final = None  # (val loss, acc) at max_iters, for the report
     bar = Progress(cfg.max_iters, "train", initial=it, quiet=not world.master)
     while it < cfg.max_iters:
         if it >= cfg.cb_warmup and cfg.cb_at != "none" and not model.codebooks():  # codebooks: insert them
@@ -631,6 +633,7 @@ def train(cfg, given=()):
                 alive = f" alive {usage['all']['alive']:.3f} mse {usage['all']['mse']:.3f}" if usage else ""
                 bayes = f" (Bayes +{vl - data.bayes[0]:.4f})" if data.fsm else ""
                 bar.write(f"step {it}: val loss {vl:.4f}{bayes} acc {va:.4f}{alive}")
+                final = (vl, va) if it == cfg.max_iters else None
                 write_checkpoint(cfg, model, optimizer, it, wall_before + time.time() - t0, data, data_rngs, world)
             t_log, it_log = time.time(), it  # step times leave evaluation out
     bar.close()
@@ -645,7 +648,7 @@ def train(cfg, given=()):
         run = dict(iters=it, wall_s=wall_before + wall, step_ms=step_ms,
                    tokens_per_s=(it - start_it) * cfg.batch_size * predicted / max(wall, 1e-9),
                    device=device, world_size=world.size)
-        metrics = report(model, cfg, data, usage, run, amp, micro, device)
+        metrics = report(model, cfg, data, usage, run, amp, micro, device, final)
     distributed.cleanup(world)
     return metrics
 
