@@ -149,10 +149,15 @@ def parse(argv):
         sys.exit(f"error: --fused_tile={cfg.fused_tile!r}; valid: tokens,codes,warps, e.g. 64,64,4")
     if cfg.shapes == "auto":
         cfg.shapes = GPU_SHAPES if pick_device(cfg.device) == "cuda" else CPU_SHAPES
-    unknown = [s for s in cfg.shapes.split(",") if s not in SHAPES and cfg.shapes != "none"]
+    unknown = [s for s in shape_names(cfg) if s not in SHAPES]
     if unknown:
         sys.exit(f"error: unknown shape {unknown[0]!r}; valid: {', '.join(SHAPES)}, or none")
     return cfg
+
+
+def shape_names(cfg):
+    """The layer rows' shapes: --shapes as a list (none: no layer rows, only the training row)."""
+    return [] if cfg.shapes == "none" else cfg.shapes.split(",")
 
 
 # -----------------------------------------------------------------------------
@@ -420,7 +425,7 @@ def main(cfg):
     variants = [v for v in VARIANTS if cfg.compile or v != "compiled"]
     print(f"{'shape':6} {'N':>6} {'G x d':>8} {'C':>7} {'k':>2}  {'row':10} {'fwd ms':>9} {'fwd+bwd ms':>11} "
           f"{'peak MB':>8} {'speedup':>8} {'vs matmul':>9} {'memory':>7}")
-    for name in [] if cfg.shapes == "none" else cfg.shapes.split(","):
+    for name in shape_names(cfg):
         N, G, d, C, k = SHAPES[name]
         rows = {v: spawn(cfg, f"{name}:{v}") for v in variants}
         ref, mm = rows.get("reference") or {}, rows.get("matmul") or {}

@@ -107,9 +107,7 @@ class _Turn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        h = grad.shape[-1] // 2
-        gs = grad * sin
-        return grad * cos + torch.cat([gs[..., h:], gs[..., :h]], -1), None, None
+        return _turn(grad, cos, -sin), None, None
 
 
 class KVCache:

@@ -718,6 +718,24 @@ def test_kv_cache_samples_the_tokens_of_the_full_rerun(case, T):
         assert not torch.equal(full, sample([], False))
 
 
+def test_rotary_values_and_gradient_equal_the_plain_formula():
+    """model.rotate's one-pass backward (the turn back by -angle) against autograd through the textbook
+    formula (x1 cos - x2 sin, x1 sin + x2 cos), bit for bit, at positions from pos0 = 3."""
+    from model import rotate
+    torch.manual_seed(0)
+    x = torch.randn(4, 9, 6, 8, requires_grad=True)  # (B, T, heads, hs)
+    y = rotate(x, pos0=3)
+    g = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, x, g)
+    freq = 10000.0 ** (-torch.arange(0, 4, dtype=torch.float32) / 4)
+    angle = torch.arange(3, 12, dtype=torch.float32)[:, None] * freq
+    cos, sin = angle.cos()[:, None], angle.sin()[:, None]  # (T, 1, hs / 2)
+    x1, x2 = x[..., :4], x[..., 4:]
+    want_y = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+    (want,) = torch.autograd.grad(want_y, x, g)
+    assert torch.equal(y, want_y) and torch.equal(got, want)
+
+
 def test_kv_cache_logits_and_codes_equal_a_full_forward():
     """A prompt chunk, then a chunk of 3 (the shifted causal mask), then one token at a time, through a
     KVCache: the logits and codes of every position equal one forward of the whole sequence."""
