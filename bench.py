@@ -43,7 +43,10 @@ Training: train.py's default, the fsm preset, 2 layers (its sizes and optimiser 
 which a test keeps equal to that preset; --quick shrinks it): microseconds per token of a training step (forward,
 backward, grad clip, AdamW with train.py's parameter groups; data sampling excluded),
 the best of --train_steps steps after 2 warm-up steps, with the preset's codebooks and with cb_at=none
-(both models in one process, steps alternating); train_overhead = codebook / plain.
+(both models in one process, steps alternating); train_overhead = codebook / plain. Between the steps, the
+model's codebook layers alone (forward + backward), their searches alone, and the searches' bare score
+matmuls (timed as the matmul rows): train_overhead_floor = 1 + (layers - searches + matmuls) / the plain
+step's time, the overhead if a search cost no more than scoring every code at that speed.
 Every row runs in a fresh subprocess (`--row=...`), one after another, with OMP_WAIT_POLICY=passive
 unless set: on a machine shared with other work, OpenMP's spinning threads otherwise wait a scheduler
 time slice (~7 ms here) at every parallel op when another process holds a core, which swamps everything
@@ -58,6 +61,7 @@ of batch 96, here and on one H200 (from that preset's H200 figure in results/REA
 
 import cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torch loads it)
 
+import copy
 import ctypes
 import dataclasses
 import gc
@@ -96,6 +100,7 @@ class BenchConfig:
     quick: bool = False  # tiny shapes, one rep, a tiny training config: a smoke test in seconds
     tile_elems: int = 0  # try another codebook_fast.PLANS setting for this device (0: keep the plan's)
     block_k1: int = 0
+    k1_blocks: int = 0  # e.g. 2048: top-1 over 1024 codes by a plain max, the AVX-512 plan
     block: int = 0
     fused: str = ""  # the fused Triton search (CUDA): tf32x3, tf32, ieee, or none ("": keep the plan's)
     fused_tile: str = ""  # its program's tokens,codes,warps, e.g. 64,64,4 ("": keep the plan's)
@@ -350,15 +355,47 @@ def train_row(cfg, device):
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
         optimizer.step()
 
-    times = {cb_at: [] for cb_at in models}
+    tokens = tc["batch_size"] * (tc["block_size"] - 1)
+    # the model's codebook layers alone (copies: forward + backward), their searches alone, on inputs
+    # (tokens, G, d) as the layers give them, and the searches' bare score matmuls, (tokens, d) @ (d, C) per
+    # group into one buffer as the matmul rows: the floor of any search that scores every code
+    layers = [copy.deepcopy(layer) for layer in models[tc["cb_at"]][0].codebooks().values()]
+    sites = [(layer.groups, layer.dim // layer.groups, layer.num_codes) for layer in layers]
+    xs = {(G, d): torch.randn(tokens, G, d, device=device) for G, d, _ in sites}
+    inputs = [torch.randn(tokens, layer.dim, device=device, requires_grad=True) for layer in layers]
+    grads = [torch.randn(tokens, layer.dim, device=device) for layer in layers]
+    codes = {(G, d, C): F.normalize(torch.randn(G, C, d, device=device), dim=-1).transpose(1, 2).contiguous()
+             for G, d, C in sites}
+    buf = torch.empty(tokens, max(C for _, _, C in sites), device=device)
+
+    def matmuls():
+        for G, d, C in sites:
+            for h in range(G):
+                torch.mm(xs[G, d][:, h], codes[G, d, C][h], out=buf[:, :C])
+
+    def searches():
+        for layer, (G, d, _) in zip(layers, sites):
+            codebook_fast.search(xs[G, d], layer.codebook.detach(), layer.k)
+
+    def codebook_layers():
+        for layer, x, grad in zip(layers, inputs, grads):
+            x.grad = layer.codebook.grad = layer.ln_weight.grad = layer.ln_bias.grad = None
+            layer(x)[0].backward(grad)
+
+    extra = dict(matmul=matmuls, search=searches, layers=codebook_layers)
+    times = {cb_at: [] for cb_at in (*models, *extra)}
     for i in range(2 + cfg.train_steps):
         for cb_at, (model, optimizer, gen) in models.items():
             seq = fsm.sample(tc["batch_size"], tc["block_size"], gen).to(device)
             t = timed(lambda: step(model, optimizer, seq), device)
             if i >= 2:
                 times[cb_at].append(t)
-    out = {}
-    tokens = tc["batch_size"] * (tc["block_size"] - 1)
+        for name, fn in extra.items():
+            t = timed(fn, device)
+            if i >= 2:
+                times[name].append(t)
+    out = {name: dict(us_per_token=1e6 * min(times[key]) / tokens, sites=len(sites))
+           for name, key in (("codebook_layers", "layers"), ("searches", "search"), ("score_matmuls", "matmul"))}
     for cb_at in models:
         out["plain" if cb_at == "none" else "codebook"] = dict(
             us_per_token=1e6 * min(times[cb_at]) / tokens, steps=len(times[cb_at]), tokens_per_step=tokens,
@@ -372,7 +409,7 @@ def run_row(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     plan = codebook_fast.PLANS["cpu" if device == "cpu" else "cuda"]
-    for key in ("tile_elems", "block_k1", "block"):  # --tile_elems=... etc.: try another plan
+    for key in ("tile_elems", "block_k1", "k1_blocks", "block"):  # --tile_elems=... etc.: try another plan
         if getattr(cfg, key):
             plan[key] = getattr(cfg, key)
     if cfg.fused:
@@ -458,14 +495,23 @@ def main(cfg):
     trained = spawn(cfg, "train") or {}
     plain, coded = trained.get("plain"), trained.get("codebook")
     overhead = ratio((coded or {}).get("us_per_token"), (plain or {}).get("us_per_token"))
-    result["train"] = dict(plain=plain, codebook=coded)
+    parts = {key: (trained.get(key) or {}).get("us_per_token") for key in ("codebook_layers", "searches", "score_matmuls")}
+    result["train"] = dict(plain=plain, codebook=coded, **{key: trained.get(key) for key in parts})
     result["train_overhead"] = overhead
+    floor = None
+    if plain and None not in parts.values():  # the layers as they are, but a search that costs only its matmuls
+        floor = 1 + (parts["codebook_layers"] - parts["searches"] + parts["score_matmuls"]) / plain["us_per_token"]
+    result["train_overhead_floor"] = floor
     if coded:
         c = coded["config"]
         print(f"training, the default fsm preset ({c['n_layer']} layers, {c['n_head']} heads, n_embd {c['n_embd']}, batch "
               f"{c['batch_size']} x {c['block_size']}, {c['cb_at']} codebooks, C={c['num_codes']}, k={c['k']}): "
               f"plain {fmt((plain or {}).get('us_per_token'), '.2f')} us/token, with codebooks "
               f"{coded['us_per_token']:.2f} us/token, train_overhead {fmt(overhead, '.2f')}x")
+        print(f"  the {trained['searches']['sites']} codebook layers alone (forward + backward) "
+              f"{fmt(parts['codebook_layers'], '.2f')} us/token, their searches {fmt(parts['searches'], '.2f')}, the "
+              f"searches' score matmuls ((tokens, d) @ (d, C), fp32) {fmt(parts['score_matmuls'], '.2f')}: with a "
+              f"search that costs only its matmuls, train_overhead {fmt(floor, '.2f')}x")
     result["load_after"] = os.getloadavg()
     print("speedup: reference fwd+bwd / row fwd+bwd; vs matmul: row fwd+bwd / bare matmul fwd; "
           "memory: row peak / reference peak")

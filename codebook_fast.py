@@ -61,11 +61,18 @@ def exact_fp32():
 # -----------------------------------------------------------------------------
 # the plans: every per-device choice of the search, in one place
 
+_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")  # the vector ISA torch's kernels use
+
 # Each choice was measured with bench.py on a 2-core CPU and an H200 (results/README.md, "Speed"):
 #   tile_elems  scores held at once (on a CPU per thread, cache-sized; on CUDA large, since every tile is
 #               ~10 small kernels after its matmul, and at most 1/8 of the free memory)
 #   block_k1    block size of the top-1 pass (1: a plain max over the codes, one read of the scores,
 #               which beat the block maxima on the GPU)
+#   k1_blocks   codes a row from which the top-1 pass takes block maxima (below: a plain max). torch's max
+#               with indices is a scalar loop and the block maxima a vectorised elementwise max, so it
+#               depends on the CPU's vector instructions: at C = 1024 the blocks made top-1 20% faster on
+#               a 2-core AMD EPYC (AVX2), and a plain max 5-10% faster on a 2-core Xeon (AVX-512), where
+#               the blocks won from C = 2048
 #   block       block size of the top-k pass, k > 1
 #   bwd_rows    rows of (tokens x groups) per step of the codes' gradient scatter (CPU: no temporary
 #               the size of x; GPU: few launches)
@@ -76,10 +83,10 @@ def exact_fp32():
 #   fused_tile  (tokens, codes, warps) of a program of the fused candidate kernels; their k > 1 pass
 #               takes the maxima of `block` consecutive codes
 PLANS = {
-    "cpu": dict(tile_elems=1 << 19, block_k1=16, block=16, bwd_rows=8192, compile=True, fused=None,
-                fused_tile=None),
-    "cuda": dict(tile_elems=1 << 26, block_k1=1, block=16, bwd_rows=1 << 16, compile=False, fused=None,
-                 fused_tile=(64, 64, 4)),
+    "cpu": dict(tile_elems=1 << 19, block_k1=16, k1_blocks=2048 if _AVX512 else 1024, block=16, bwd_rows=8192,
+                compile=True, fused=None, fused_tile=None),
+    "cuda": dict(tile_elems=1 << 26, block_k1=1, k1_blocks=1024, block=16, bwd_rows=1 << 16, compile=False,
+                 fused=None, fused_tile=(64, 64, 4)),
 }
 
 
@@ -148,15 +155,13 @@ def _maybe_compiled(fn, compile):
     return _compiled[fn]
 
 
-def plan(N, G, C, k, max_elems=1 << 19, block=16):
+def plan(N, G, C, k, max_elems=1 << 19, block=16, k1_blocks=1024):
     """Tile sizes (groups, tokens, codes) and block size: about max_elems scores a tile, at least 32
     tokens a matmul, and as few code chunks as possible (each adds a merge and topk's per-row cost);
     tokens before groups (each group's codes are packed anew for the matmul). block: the device's block
-    size for this k (device_plan), used where a row has >= 64 blocks."""
+    size for this k (device_plan), used where a row has >= 64 blocks, and for k = 1 from k1_blocks codes."""
     c = max(k, -(-C // -(-C * 32 // max_elems)))  # C split evenly into chunks of <= max_elems / 32 codes
-    # block maxima where a row has enough blocks: top-k, k > 1, from 64 of them; k = 1 from 128 (a plain
-    # max took 5-10% less than 64 blocks of 16 at C = 1024 on the 2-core CPU, and 2-7% more from C = 2048)
-    block = block if c >= max(2048 if k == 1 else 1024, 64 * k) else 1
+    block = block if c >= max(k1_blocks if k == 1 else 1024, 64 * k) else 1
     c = -(-c // block) * block  # whole blocks (the last chunk is padded)
     n = max(1, min(N, max_elems // c))
     return max(1, min(G, max_elems // (n * c))), n, c, block
@@ -190,7 +195,7 @@ def tiled_search(x, codebook, k, max_elems=None, compile=False, p=None):
     C = codebook.shape[1]
     p = p or plan_for(x.device)
     block = p["block_k1" if k == 1 else "block"]
-    g_tile, n_tile, c_tile, block = plan(N, G, C, k, max_elems or p["tile_elems"], block)
+    g_tile, n_tile, c_tile, block = plan(N, G, C, k, max_elems or p["tile_elems"], block, p["k1_blocks"])
     select = _maybe_compiled(topk_scores, compile and p["compile"])
     xt = x.transpose(0, 1)  # (G, N, d), a strided view the matmul reads as it is
     buf = torch.empty(g_tile * n_tile * c_tile, device=x.device, dtype=x.dtype)  # a new one per tile: page faults

@@ -327,11 +327,12 @@ def test_compiled_searches_give_the_same_ids():
                                                (16384, 16, 10000, 8, 1 << 26), (5, 1, 3, 3, 1)])
 def test_tile_plans_stay_within_their_budget(N, G, C, k, max_elems):
     """plan: tiles of (groups, tokens, codes) of at most max_elems scores (or one row of k codes), whole
-    blocks, and block maxima only where a row has at least 64 blocks."""
-    g, n, c, block = plan(N, G, C, k, max_elems, 16)
-    assert 1 <= g <= G and 1 <= n <= N and k <= c and c % block == 0
-    assert g * n * c <= max(max_elems, c)
-    assert (block > 1) == (c >= max(2048 if k == 1 else 1024, 64 * k))
+    blocks, and block maxima only where a row has at least 64 blocks (top-1: from k1_blocks codes)."""
+    for k1_blocks in (256, 2048):
+        g, n, c, block = plan(N, G, C, k, max_elems, 16, k1_blocks)
+        assert 1 <= g <= G and 1 <= n <= N and k <= c and c % block == 0
+        assert g * n * c <= max(max_elems, c)
+        assert (block > 1) == (c >= max(k1_blocks if k == 1 else 1024, 64 * k))
     if max_elems == 1 << 11:  # the search test's shapes leave remainders of codes and of tokens
         assert C % c and N % n
 
@@ -1780,6 +1781,10 @@ def test_bench_quick_writes_json(tmp_path):
     assert result["train_overhead"] > 0
     assert result["train"]["plain"]["config"]["cb_at"] == "none"
     assert result["train"]["codebook"]["us_per_token"] > 0
+    # the parts of the quick model's 2 sites (1 layer, attention and MLP): layers, searches, score matmuls
+    for part in ("codebook_layers", "searches", "score_matmuls"):
+        assert result["train"][part]["sites"] == 2 and result["train"][part]["us_per_token"] > 0, part
+    assert result["train_overhead_floor"] > 1
 
 
 def test_bench_trains_train_pys_preset():
