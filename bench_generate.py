@@ -25,11 +25,7 @@ writes them as JSON, with same_samples (the tokens of the two runs are equal). E
 differ. Times are wall clock of one run each, after a short warm-up; on a shared machine they are noisy.
 """
 
-import cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torch loads it)
-
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch starts OpenMP: see bench.py's docstring
+import cpu_threads  # noqa: F401  (first: OpenMP's threads wait as in the scripts timed: GOMP_SPINCOUNT=10000)
 
 import platform
 import sys
