@@ -159,9 +159,11 @@ def plan(N, G, C, k, max_elems=1 << 19, block=16, k1_blocks=1024):
     """Tile sizes (groups, tokens, codes) and block size: about max_elems scores a tile, at least 32
     tokens a matmul, and as few code chunks as possible (each adds a merge and topk's per-row cost);
     tokens before groups (each group's codes are packed anew for the matmul). block: the device's block
-    size for this k (device_plan), used where a row has >= 64 blocks, and for k = 1 from k1_blocks codes."""
+    size for this k (device_plan), used where a row has >= 64 blocks, and for k = 1 from k1_blocks codes
+    and 2^17 scores (the blocks' four more ops cost more than they save on a few tokens: generation)."""
     c = max(k, -(-C // -(-C * 32 // max_elems)))  # C split evenly into chunks of <= max_elems / 32 codes
-    block = block if c >= max(k1_blocks if k == 1 else 1024, 64 * k) else 1
+    wide = c >= k1_blocks and N * G * c >= 1 << 17 if k == 1 else c >= 1024
+    block = block if wide and c >= 64 * k else 1
     c = -(-c // block) * block  # whole blocks (the last chunk is padded)
     n = max(1, min(N, max_elems // c))
     return max(1, min(G, max_elems // (n * c))), n, c, block

@@ -332,7 +332,10 @@ def test_tile_plans_stay_within_their_budget(N, G, C, k, max_elems):
         g, n, c, block = plan(N, G, C, k, max_elems, 16, k1_blocks)
         assert 1 <= g <= G and 1 <= n <= N and k <= c and c % block == 0
         assert g * n * c <= max(max_elems, c)
-        assert (block > 1) == (c >= max(k1_blocks if k == 1 else 1024, 64 * k))
+        wide = c >= k1_blocks and N * G * c >= 1 << 17 if k == 1 else c >= 1024
+        assert (block > 1) == (wide and c >= 64 * k)
+    # top-1 over 1024 codes: block maxima for a training batch, a plain max for a generation step's 4 tokens
+    assert plan(8128, 4, 1024, 1, 1 << 20, 16, 1024)[3] == 16 and plan(4, 4, 1024, 1, 1 << 20, 16, 1024)[3] == 1
     if max_elems == 1 << 11:  # the search test's shapes leave remainders of codes and of tokens
         assert C % c and N % n
 
