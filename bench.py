@@ -267,18 +267,26 @@ def peak_mb(fn, device):
     return (_status_kb("VmHWM") - base) / 1024
 
 
+def score_matmuls(N, G, d, C, device):
+    """The bare score matmul of a site, the irreducible work of its search: fn(out) runs, per group,
+    (N, d) @ (d, C) into out (N, C), the codes already normalised and laid out (d, C)."""
+    xs = [torch.randn(N, d, device=device) for _ in range(G)]
+    codes = [F.normalize(torch.randn(C, d, device=device), dim=-1).T.contiguous() for _ in range(G)]
+
+    def fn(out):
+        for h in range(G):
+            torch.mm(xs[h], codes[h], out=out)
+    return fn
+
+
 def layer_row(cfg, shape, variant, device):
     N, G, d, C, k = SHAPES[shape]
     torch.manual_seed(0)
     if variant == "matmul":
-        xs = [torch.randn(N, d, device=device) for _ in range(G)]
-        codes = [F.normalize(torch.randn(C, d, device=device), dim=-1).T.contiguous() for _ in range(G)]
-        buf = torch.empty(N, C, device=device)
+        matmul, buf = score_matmuls(N, G, d, C, device), torch.empty(N, C, device=device)
 
         def fwd(out=None):
-            out = torch.empty(N, C, device=device) if out is None else out
-            for h in range(G):
-                torch.mm(xs[h], codes[h], out=out)
+            matmul(torch.empty(N, C, device=device) if out is None else out)
 
         fwd(buf)
         mem = peak_mb(fwd, device)
@@ -357,25 +365,21 @@ def train_row(cfg, device):
 
     tokens = tc["batch_size"] * (tc["block_size"] - 1)
     # the model's codebook layers alone (copies: forward + backward), their searches alone, on inputs
-    # (tokens, G, d) as the layers give them, and the searches' bare score matmuls, (tokens, d) @ (d, C) per
-    # group into one buffer as the matmul rows: the floor of any search that scores every code
+    # (tokens, G, d) as the layers give them, and the searches' bare score matmuls as the matmul rows: the
+    # floor of any search that scores every code
     layers = [copy.deepcopy(layer) for layer in models[tc["cb_at"]][0].codebooks().values()]
     sites = [(layer.groups, layer.dim // layer.groups, layer.num_codes) for layer in layers]
-    xs = {(G, d): torch.randn(tokens, G, d, device=device) for G, d, _ in sites}
     inputs = [torch.randn(tokens, layer.dim, device=device, requires_grad=True) for layer in layers]
     grads = [torch.randn(tokens, layer.dim, device=device) for layer in layers]
-    codes = {(G, d, C): F.normalize(torch.randn(G, C, d, device=device), dim=-1).transpose(1, 2).contiguous()
-             for G, d, C in sites}
-    buf = torch.empty(tokens, max(C for _, _, C in sites), device=device)
+    bare = [(score_matmuls(tokens, G, d, C, device), torch.empty(tokens, C, device=device)) for G, d, C in sites]
 
     def matmuls():
-        for G, d, C in sites:
-            for h in range(G):
-                torch.mm(xs[G, d][:, h], codes[G, d, C][h], out=buf[:, :C])
+        for matmul, out in bare:
+            matmul(out)
 
     def searches():
-        for layer, (G, d, _) in zip(layers, sites):
-            codebook_fast.search(xs[G, d], layer.codebook.detach(), layer.k)
+        for layer, x in zip(layers, inputs):
+            codebook_fast.search(x.detach().view(tokens, layer.groups, -1), layer.codebook.detach(), layer.k)
 
     def codebook_layers():
         for layer, x, grad in zip(layers, inputs, grads):
