@@ -188,7 +188,8 @@ def page_data(cfg, ckpt, model):
     states = read_beside(cfg["ckpt"], "states.json") if kind == "fsm" else None
     topics = read_beside(cfg["ckpt"], "topics.json") if kind == "lm" else None
     named = [r["code"] for r in (states or {}).get("per_state", [])]
-    named += [c for t in (topics or {}).values() if isinstance(t, dict) for c in t.get("codes", [])]
+    named += [c for t in (topics or {}).values() if isinstance(t, dict) for mode in ("one", "all")
+              for c in (t.get(mode) or {}).get("codes", [])]  # topics.py's two modes
     named = [a for a in named if valid_code(model, a)]  # a results file of another model names other codes
     picks = effect_picks(sites, named, cfg["effect_codes"])
     return dict(meta=meta, vocab={str(i): s for i, s in zip(used, decode(used))}, seqs=tokens.tolist(), sites=sites,
@@ -557,12 +558,25 @@ function viewFsm() {
 function viewTopics() {
   const T = D.topics, main = [el("h2", {}, "Topics")];
   if (!T) return main.concat(el("p", {}, "No topics.json beside the checkpoint: run python topics.py --ckpt=... and rebuild."));
+  const S = T.settings || {};
+  main.push(el("p", {}, `codes chosen by the ${S.rule} rule on ${S.n_passages} passages; forced in the `,
+    `"one" mode (a slot of its head each) and the "all" mode (all k slots of a head, one code per head); `,
+    `steered = the share of generations that mention the topic (random: as many codes of the same heads and firing frequency)`));
   for (const [t, r] of Object.entries(T)) {
-    if (["mean", "settings", "sweep"].includes(t)) continue;
-    main.push(el("div", {class: "card"}, el("h3", {}, t),
-      el("p", {}, `mentions: ${fmt(r.baseline)} \u2192 ${fmt(r.steered)} steered; fluency (CE) ${fmt(r.baseline_ce)} \u2192 ${fmt(r.steered_ce)}`),
-      el("p", {}, `${r.n_codes} codes: `, (r.codes || []).map((c, i) => [link(c), r.code_rates ? ` (${r.code_rates[i].join(", ")}) ` : " "])),
-      r.sample ? el("p", {class: "ctx", style: "white-space:pre-wrap"}, r.sample) : null));
+    if (["mean", "settings", "sweep", "matrix"].includes(t)) continue;
+    const card = [el("h3", {}, t), el("p", {}, `regex /${r.pattern}/, in ${fmt(r.base_rate)} of the passages; `,
+      `${fmt(r.baseline)} of unsteered generations mention it`)];
+    for (const mode of ["one", "all"]) {
+      const m = r[mode];
+      if (!m) continue;
+      if (!m.n_codes) { card.push(el("p", {class: "why"}, `${mode}: no code: ${m.why_none}`)); continue; }
+      card.push(el("p", {}, `${mode}: ${fmt(m.steered)} steered` + (m.random ? ` (random codes ${fmt(m.random.steered)})` : "") +
+        `, CE ${fmt(m.ce_ratio)}x; ${m.n_codes} codes (${m.n_forced} slots): `,
+        m.codes.map((c, i) => [link(c), m.figures && m.figures[i].gain !== undefined ? ` (topic tokens x${fmt(m.figures[i].gain)}) ` : " "])));
+    }
+    const m = r[(T.mean || {}).best_mode] || r.one || r.all;
+    if (m && m.sample) card.push(el("p", {class: "ctx", style: "white-space:pre-wrap"}, m.sample));
+    main.push(el("div", {class: "card"}, card));
   }
   return main;
 }

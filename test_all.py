@@ -19,6 +19,7 @@ import importlib.util
 import json
 import math
 import os
+import random
 import re
 import shutil
 import socket
@@ -1522,10 +1523,34 @@ DOCS = ["Once upon a time, there was a cat.\nIt sat.", "The dog ran to the park!
         "A fourth story, with a comma.", "One more: the cat and the dog."]
 
 
-def write_docs(tmp_path, sep):
+def write_docs(tmp_path, sep, docs=DOCS):
     path = tmp_path / "docs.txt"
-    path.write_text(sep.join(DOCS), encoding="utf-8")
+    path.write_text(sep.join(docs), encoding="utf-8")
     return path
+
+
+def test_html_pages_and_passages(tmp_path):
+    """Real text from HTML: the paragraphs (<p>, DocBook's div.para), not the menus or the code; passages cut
+    at sentence ends."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "b.html").write_text(
+        '<html><head><title>T</title><style>p {x}</style></head><body><div class="nav">Home</div>'
+        '<div class="para">APT is a <em>package</em>\n   manager.<br/> It <a href="#">resolves</a> deps.</div>'
+        '<pre>apt-get install x</pre><p>Second <b>one</b>.<p>Third, left open.</body></html>', encoding="utf-8")
+    (tmp_path / "site" / "a.html").write_text("<p>First page.</p>", encoding="utf-8")
+    (tmp_path / "site" / "notes.txt").write_text("not read", encoding="utf-8")
+    assert td.read_docs(str(tmp_path / "site")) == [
+        "First page.", "APT is a package manager. It resolves deps. Second one. Third, left open."]
+    with pytest.raises(ValueError, match="without .html files"):
+        td.read_docs(str(tmp_path))
+    doc = " ".join(f"Sentence {i} has five words." for i in range(9))  # 45 words
+    cut = td.passages([doc, "Short one."], 20)
+    assert [len(p.split()) for p in cut] == [20, 25, 2]  # 20, then 20 + a rest of 5 (< half), then the short doc
+    assert " ".join(cut[:2]) == doc and td.passages([doc], 0) == [doc]
+    meta = td.prepare(str(tmp_path / "d"), input=str(tmp_path / "site"), encoding="bytes", passage_words=3, val_every=2)
+    assert meta["passage_words"] == 3 and meta["tokens"]["val"] > 0
+    with pytest.raises(ValueError, match="no such file"):
+        td.prepare(str(tmp_path / "d"), input=str(tmp_path / "missing.txt"))
 
 
 @pytest.mark.parametrize("sep,encoding", [("\n\n", "words"), ("<|endoftext|>", "bytes")])
@@ -1602,11 +1627,42 @@ def test_topic_scorer_by_hand():
     assert torch.allclose(rout[0], torch.tensor([0.0, 1 / 3, 1 / 3, 2 / 3, 2 / 3], dtype=torch.double))
     assert torch.allclose(rin[1], torch.tensor([0.0, 0.5, 0.0, 0.5, 1.0], dtype=torch.double))
     assert torch.allclose(rout[1], torch.tensor([0.75, 0.5, 0.5, 0.25, 0.0], dtype=torch.double))
-    rows = [("a:0", "a", 0, 0, 1.0, 0.0), ("a:1", "a", 0, 1, 0.9, 0.0), ("a:2", "a", 0, 2, 0.8, 0.01),
-            ("b:3", "b", 1, 3, 0.7, 0.0), ("b:4", "b", 1, 4, 0.95, 0.5), ("b:5", "b", 1, 5, 0.3, 0.0)]
-    pick = [r[0] for r in topics.pick_topic_codes(rows, {"a": 2, "b": 8}, 0.5, 0.1, 10)]
-    assert pick == ["a:0", "a:1", "b:3"]  # best first; 2 = k per head; b:4 fires elsewhere; b:5 too rarely
-    assert [r[0] for r in topics.pick_topic_codes(rows, {"a": 8, "b": 8}, 0.5, 0.1, 2)] == ["a:0", "a:1"]
+    # the rules, on one site's counts: 2 topics, 4 codes, 100 tokens (40 in topic 0's passages, 20 in topic 1's)
+    st = dict(fired=torch.tensor([20.0, 10, 5, 0]), n=torch.tensor(100.0),
+              fired_in=torch.tensor([[20.0, 1, 4, 0], [0, 9, 0, 0]]), n_in=torch.tensor([[40.0], [20.0]]),
+              hit_window=torch.tensor([[2.0, 0, 4, 0], [0, 6, 0, 0]]), hit_match=torch.tensor([[0.0, 0, 3, 0], [0, 1, 0, 0]]),
+              pass_in=torch.tensor([[4.0, 1, 1, 0], [0, 2, 0, 0]]), pass_all=torch.tensor([8.0, 3, 1, 0]),
+              n_pass_in=torch.tensor([[4.0], [2.0]]))
+    cfg = topics.TopicsConfig(min_in=0.2, max_out=0.05)
+    score, ok, figs = topics.rule_scores("inout", st, cfg)
+    assert ok[0].tolist() == [True, False, False, False]  # code 0: in 0.5, out 0; code 2: in 0.1 < 0.2
+    assert score[0, 0].item() == pytest.approx(0.5) and figs["rate_out"][1, 1].item() == pytest.approx(1 / 80)
+    score, ok, _ = topics.rule_scores("window", st, cfg)  # precision where the regex is about to match
+    assert ok[0].tolist() == [False, False, True, False] and score[0, 2].item() == pytest.approx(0.8)
+    assert ok[1].tolist() == [False, True, False, False] and score[1, 1].item() == pytest.approx(0.6)
+    score, ok, _ = topics.rule_scores("token", st, cfg)
+    assert ok.tolist() == [[False, False, True, False], [False, False, False, False]]  # 3 hits at least
+    score, ok, _ = topics.rule_scores("lift", st, cfg)
+    assert ok[0].tolist() == [True, True, True, False]  # code 3 never fires
+    assert score[0, 0] > score[0, 2] > score[0, 1]  # 0 fires only in topic 0's passages
+    score, ok, _ = topics.rule_scores("passage", st, cfg)
+    assert ok[0].tolist() == [True, True, True, False] and score[0, 0].item() == 1.0  # in all 4 of its passages
+    # the window before a match, within a passage
+    match = torch.tensor([[0], [0], [0], [1], [0]], dtype=torch.bool)
+    assert topics.window_before(match, 2)[:, 0].tolist() == [False, True, True, False, False]
+    # passages where a code fires: each pair once
+    inside, every = topics.passage_counts(torch.tensor([[0, 1], [0, 2], [1, 2]]), torch.tensor([0, 0, 1]),
+                                          torch.tensor([[True], [False]]), 3)
+    assert every.tolist() == [1, 2, 2] and inside.tolist() == [[1, 1, 1]]
+    # the modes: all sets each of the code's head's k slots
+    c = topics.Candidate("L0.attn.h1:5", "L0.attn", 1, 5, 1.0, {})
+    assert len(topics.forcing([c], "one", {"L0.attn": 4})) == 1
+    assert [(iv.group, iv.code) for iv in topics.forcing([c], "all", {"L0.attn": 4})] == [(1, 5)] * 4
+    # the random control: a code of the same head with about the same firing count
+    fired = {"L0.attn": torch.tensor([0.0, 1, 2, 3, 4, 5, 100, 101, 102, 103, 104, 105])}  # 2 heads x 6 codes
+    got = topics.random_control([topics.Candidate("L0.attn.h1:2", "L0.attn", 1, 2, 1.0, {})], fired, {"L0.attn": 6},
+                                random.Random(0), near=1)
+    assert got in ([("L0.attn", 1, 1)], [("L0.attn", 1, 3)])
     texts = ["The Dragon flew.", "a dragonfly", "no topic here", "the KING smiled", "looking"]
     assert topics.mention_rate(texts, "dragon") == 0.4
     assert topics.mention_rate(texts, r"\b(prince|crown|king|castle)") == 0.2
@@ -1673,28 +1729,78 @@ def test_init_from_inserts_codebooks_into_the_plain_model(lm):
         train.train(tiny_lm(d / "x", d / "data", init_from=str(d / "cb" / "ckpt.pt")))
 
 
+def test_topics_without_codes_warns_and_exits_nonzero(lm, capsys):
+    d, _ = lm
+    argv = [f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--device=cpu", "--samples=1", "--max_new_tokens=4", "--prompts=|Once",
+            "--n_stories=30", "--controls=False"]
+    with pytest.raises(SystemExit) as e:  # no code fires on 110% of a topic's tokens
+        topics.main(argv + ["--rule=inout", "--min_in=1.1", "--mode=all"])
+    cap = capsys.readouterr()
+    assert e.value.code == 2 and cap.err.count("\n") == 1 and "no topic got a code" in cap.err
+    warnings = [line for line in cap.out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 7 and all("inout rule's filter" in w and "rate_in" in w for w in warnings)
+    saved = json.load(open(d / "cb" / "topics.json"))  # written before the error: which topics had none, and why
+    assert all(saved[t]["all"]["n_codes"] == 0 and "inout" in saved[t]["all"]["why_none"] for t in td.TOPIC_STORY)
+    assert saved["mean"]["all"]["topics_with_codes"] == 0
+    with pytest.raises(SystemExit):  # every candidate costs more fluency than allowed
+        topics.main(argv + ["--rule=lift", "--max_ce_ratio=0.01", "--mode=one"])
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 7 and all("max_ce_ratio 0.01" in w for w in warnings)
+    out = topics.main(argv + ["--rule=lift", "--topics=dragon,nothing=qqqzzz", "--mode=one", "--max_ce_ratio=10"])
+    assert out["dragon"]["one"]["n_codes"] > 0 and out["nothing"]["one"]["n_codes"] == 0  # one topic is enough
+    assert out["nothing"]["base_rate"] == 0 and "no code passes" in out["nothing"]["one"]["why_none"]
+
+
+def test_topic_labels_come_from_the_tokens_read(tmp_path):
+    """A passage whose only mention lies past the model's window is not a topic passage."""
+    far = " ".join(["sand"] * 80) + " dragon."
+    val = [far] * 14 + ["a dragon here."] + ["plain words."] * 5  # the odd documents go to val.bin
+    write_docs(tmp_path, "\n\n", docs=[d for v in val for d in ("some training text, " * 5, v)])
+    td.prepare(str(tmp_path / "data"), input=str(tmp_path / "docs.txt"), encoding="bytes", val_every=2)
+    train.train(tiny_lm(tmp_path / "plain", tmp_path / "data", cb_at="none", max_iters=1))
+    train.train(tiny_lm(tmp_path / "cb", tmp_path / "data", init_from=str(tmp_path / "plain" / "ckpt.pt"), max_iters=1))
+    ckpt, model = readout.load_codebook_model(str(tmp_path / "cb" / "ckpt.pt"))
+    cfg = topics.TopicsConfig(ckpt="x", topics="dragon=dragon")
+    scan = topics.scan_passages(model, cfg, ckpt, readout.tokenizer(ckpt)[1])
+    assert scan.n_passages == 15 and len(scan.probe) == 5  # every fourth passage probes
+    assert scan.base_rate[0] == pytest.approx(1 / 15)  # the 48-token window sees "dragon" in one passage only
+
+
 def test_topics_command(lm, capsys):
     d, _ = lm
     argv = [f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--device=cpu", "--samples=2", "--max_new_tokens=12",
-            "--prompts=|Once upon a time,", "--n_stories=30", "--min_in=0", "--max_out=1", "--max_codes=3"]
-    out = topics.main(argv + ["--sweep=1,3", "--sweep_samples=1", "--sweep_per_head=0,1"])
+            "--prompts=|Once upon a time,", "--n_stories=30", "--max_codes=3", "--max_ce_ratio=10"]
+    out = topics.main(argv + ["--sweep=1,3", "--sweep_samples=1", "--sweep_per_head=0,1", "--rule=lift"])
     saved = json.load(open(d / "cb" / "topics.json"))
-    names = [t for t in saved if t not in ("mean", "settings", "sweep")]
+    names = [t for t in saved if t not in ("mean", "matrix", "settings", "sweep")]
     assert names == list(td.TOPIC_STORY) and saved["settings"]["device"] == "cpu"
     for t in names:
-        for rate in ("baseline", "steered"):  # a count of the 2 prompts x 2 samples
-            assert saved[t][rate] * 4 == round(saved[t][rate] * 4)
-        assert saved[t]["n_codes"] == len(saved[t]["codes"]) == 3  # at most k=2 per head, 2 heads
-        assert saved[t]["baseline_ce"] == saved[names[0]]["baseline_ce"] > 0 and saved[t]["steered_ce"] > 0
-    assert out["mean"]["steered"] == pytest.approx(np.mean([saved[t]["steered"] for t in names]))
-    assert out["mean"]["ce_ratio"] == pytest.approx(out["mean"]["steered_ce"] / out["mean"]["baseline_ce"])
+        assert saved[t]["baseline"] * 4 == round(saved[t]["baseline"] * 4)  # a count of the 2 prompts x 2 samples
+        assert 0 <= saved[t]["base_rate"] <= 1 and saved[t]["baseline_ce"] == saved[names[0]]["baseline_ce"] > 0
+        one, every = saved[t]["one"], saved[t]["all"]
+        assert one["n_codes"] == len(one["codes"]) == one["n_forced"] == 3  # at most k=2 per head, 2 heads
+        assert every["n_codes"] == 2 and every["n_forced"] == 4  # one code per head, in both of its k=2 slots
+        assert len({c.split(":")[0] for c in every["codes"]}) == 2 and every["why_none"] is None
+        for r in (one, every):
+            assert r["steered"] * 4 == round(r["steered"] * 4) and r["steered_ce"] > 0
+            assert r["est_ce_ratio"] <= 10 and len(r["random"]["codes"]) == r["n_codes"]
+            assert [c.split(":")[0] for c in r["random"]["codes"]] == [c.split(":")[0] for c in r["codes"]]
+            assert not set(r["random"]["codes"]) & set(r["codes"])  # other codes, in the same heads
+        for mode in ("one", "all"):  # the matrix's diagonal is each topic's own steered rate
+            assert saved["matrix"][mode][t][t] == saved[t][mode]["steered"] and set(saved["matrix"][mode][t]) == set(names)
+    for mode in ("one", "all"):
+        assert out["mean"][mode]["steered"] == pytest.approx(np.mean([saved[t][mode]["steered"] for t in names]))
+        m = out["mean"][mode]
+        assert m["ce_ratio"] == pytest.approx(m["steered_ce"] / m["baseline_ce"]) and m["topics_with_codes"] == 7
+    assert out["mean"]["best_mode"] in ("one", "all")
     # the sweep: its own baseline, then one row per (cap per head, number of codes, place), every topic in each
     cells = [(0, 0, "-")] + [(cap, n, at) for cap in (0, 1) for n in (1, 3) for at in ("all", "new")]
     assert [(r["per_head"], r["n_codes"], r["at"]) for r in saved["sweep"]] == cells
     assert saved["sweep"][0]["ce_ratio"] == 1.0 and all(set(r["per_topic"]) == set(names) for r in saved["sweep"][1:])
     assert saved["sweep"][3]["codes_used"] == 3 and saved["sweep"][7]["codes_used"] == 2  # 1 per head, 2 heads
-    out = topics.main(argv + ["--per_head=1", "--at=new"])  # at most one code per head: 2 heads, 2 codes
-    assert all(out[t]["n_codes"] == 2 and len({c.split(":")[0] for c in out[t]["codes"]}) == 2 for t in names)
+    out = topics.main(argv + ["--per_head=1", "--at=new", "--mode=one", "--controls=False"])  # 1 per head: 2 codes
+    assert all(out[t]["one"]["n_codes"] == 2 and len({c.split(":")[0] for c in out[t]["one"]["codes"]}) == 2
+               and "random" not in out[t]["one"] and "all" not in out[t] for t in names)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # generation must fit in block_size 48
         topics.main([f"--ckpt={d / 'cb' / 'ckpt.pt'}", "--max_new_tokens=48", "--device=cpu"])
@@ -2320,6 +2426,28 @@ def test_browse_in_headless_chromium(page, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_browse_topics_view_in_chromium(lm, tmp_path, capsys):
+    """The topics view names each topic's codes per mode and, for a topic with none, why."""
+    if shutil.which("chromium") is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium package)")
+    d, _ = lm
+    ckpt = tmp_path / "ckpt.pt"
+    shutil.copy(d / "cb" / "ckpt.pt", ckpt)
+    got = topics.main([f"--ckpt={ckpt}", "--device=cpu", "--samples=1", "--max_new_tokens=4", "--prompts=|Once",
+                       "--n_stories=30", "--rule=lift", "--topics=dragon,nothing=qqqzzz", "--max_ce_ratio=10"])
+    out = browse.main([f"--ckpt={ckpt}", "--device=cpu", "--n_seqs=3", "--effect_codes=0", f"--out={tmp_path / 'p.html'}"])
+    dom, log = chromium(f"file://{out}#topics", tmp_path)
+    p = DomRows()
+    p.feed(dom)
+    assert p.body.get("data-view") == "topics" and "data-errors" not in p.body, log[-2000:]
+    text = " ".join(p.text["main"].split())
+    assert f"one: no code: {got['nothing']['one']['why_none']}" in " ".join(text.split())
+    assert all(c in text for mode in ("one", "all") for c in got["dragon"][mode]["codes"])
+    assert f"{got['dragon']['all']['n_codes']} codes ({got['dragon']['all']['n_forced']} slots)" in text
+    capsys.readouterr()
+
+
+@pytest.mark.slow
 def test_browse_shows_markup_tokens_as_text_in_chromium(tmp_path, capsys):
     if shutil.which("chromium") is None:
         pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium package)")
@@ -2568,8 +2696,8 @@ def test_finetune_a_hub_model_and_its_checkpoint_loads_in_the_scripts(tmp_path, 
         steer.main(["states", f"--ckpt={path}", "--device=cpu"])
     assert capsys.readouterr().err == "error: states needs an FSM checkpoint; this one has kind='lm'\n"
     out = topics.main([f"--ckpt={path}", "--device=cpu", "--samples=1", "--max_new_tokens=8", "--prompts=|Once",
-                       "--n_stories=20", "--min_in=0", "--max_out=1", "--max_codes=2"])
-    assert all(out[t]["n_codes"] <= 2 for t in td.TOPIC_STORY)
+                       "--n_stories=20", "--max_codes=2", "--max_ce_ratio=10", "--controls=False"])
+    assert all(out[t][mode]["n_codes"] <= 2 for t in td.TOPIC_STORY for mode in ("one", "all"))
     cfg, given = common.parse_args([f"--out_dir={tmp_path / 'cb'}", "--resume=True", "--max_iters=6"],
                                    train.TrainConfig, train.PRESETS)
     assert train.train(cfg, given)["iters"] == 6

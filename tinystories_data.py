@@ -10,13 +10,16 @@ split: its topic id, -1 for none, and the offset of its first token).
     python tinystories_data.py --synthetic --data_dir=data/stories    # offline: 7 topics + none, 20k stories
     python tinystories_data.py --input=FILE --data_dir=data/file --encoding=words
     python tinystories_data.py --input=FILE --encoding=PATH/gpt2.tiktoken   # gpt2 tokens, offline
+    python tinystories_data.py --input=DIR --encoding=words --passage_words=150   # real text, in passages
 
 --source picks the stories files of the hub dataset roneneldan/TinyStories (at a pinned commit): v2 =
 TinyStoriesV2-GPT4-{train,valid}.txt (GPT-4 stories only, 2.2 GB); paper = TinyStories-{train,valid}.txt
 (the original GPT-3.5 and GPT-4 stories, 1.9 GB), the data the codebook paper finetuned on. They are
 fetched by hub.py (plain HTTP, resumed, sha256-checked) into the hub cache (HF_HUB_CACHE / HF_HOME) and
 streamed from there. --input documents are separated by <|endoftext|> if the file has any, else by
-blank lines, and every --val_every-th goes to val.bin. Encodings (all tiktoken): gpt2 (tiktoken
+blank lines (an .html file: the text of its <p> elements; a directory: its .html files), with
+--passage_words=N cut at sentence ends into passages of about N words, and every --val_every-th goes to
+val.bin. Encodings (all tiktoken): gpt2 (tiktoken
 downloads its BPE once; offline, a local copy of the r50k/gpt2 ranks, given as --encoding=PATH.tiktoken
 or in the environment variable GPT2_TIKTOKEN, e.g. whisper/assets/gpt2.tiktoken from openai-whisper's
 source archive; meta.json says gpt2 either way); bytes (256 byte tokens + EOT, offline); words (bytes +
@@ -28,6 +31,7 @@ which concatenates the stories without separators, every document here follows a
 
 import collections
 import hashlib
+import html.parser
 import itertools
 import json
 import os
@@ -172,10 +176,74 @@ def fixed_windows(data, n, length):
 
 
 def read_docs(path):
-    """Documents of a text file: separated by <|endoftext|> if it has any, else by blank lines."""
+    """Documents of a text file: separated by <|endoftext|> if it has any, else by blank lines. An .html
+    file is one document, the text of its <p> elements (paragraphs); a directory, its .html files in order."""
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.endswith(".html"))
+        if not files:
+            raise ValueError(f"{path}: a directory without .html files (--input: a text file, an .html file or a "
+                             f"directory of them)")
+        return [d for f in files for d in read_docs(os.path.join(path, f))]
     text = open(path, encoding="utf-8", errors="replace").read()
+    if path.endswith(".html"):
+        reader = _Paragraphs()
+        reader.feed(text)
+        return [" ".join(reader.paragraphs)] if reader.paragraphs else []
     parts = text.split(EOT) if EOT in text else re.split(r"\n\s*\n", text)
     return [p.strip() for p in parts if p.strip()]
+
+
+class _Paragraphs(html.parser.HTMLParser):
+    """The text of an HTML page's paragraphs (<p> elements, or elements of class "para" as DocBook writes
+    them), whitespace collapsed, one string per outermost paragraph."""
+    VOID = {"br", "img", "hr", "meta", "link", "input", "col", "area", "base", "wbr", "source"}
+
+    def __init__(self):
+        super().__init__()
+        self.paragraphs, self.stack, self.parts = [], [], []  # stack: (tag, is a paragraph) of open elements
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "p" and any(t == "p" for t, _ in self.stack):  # HTML: a <p> ends the open one
+            self.handle_endtag("p")
+        if tag not in self.VOID:
+            self.stack.append((tag, tag == "p" or "para" in (dict(attrs).get("class") or "").split()))
+
+    def handle_endtag(self, tag):
+        while any(t == tag for t, _ in self.stack):  # close it and whatever was left open inside it
+            t, para = self.stack.pop()
+            if para and not any(p for _, p in self.stack):
+                text = " ".join("".join(self.parts).split())
+                self.parts = []
+                if text:
+                    self.paragraphs.append(text)
+            if t == tag:
+                break
+
+    def handle_data(self, data):
+        if any(p for _, p in self.stack):
+            self.parts.append(data)
+
+
+def passages(docs, words):
+    """Cut each document at sentence ends into passages of at least `words` words (its rest joins the last
+    one); a document shorter than that stays whole. words=0: the documents as they are."""
+    if words <= 0:
+        return list(docs)
+    out = []
+    for doc in docs:
+        cur, n, start = [], 0, len(out)
+        for sent in re.split(r"(?<=[.!?:;])\s+", doc):
+            cur.append(sent)
+            n += len(sent.split())
+            if n >= words:
+                out.append(" ".join(cur))
+                cur, n = [], 0
+        if cur:
+            if len(out) > start and n < words // 2:
+                out[-1] += " " + " ".join(cur)
+            else:
+                out.append(" ".join(cur))
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -282,7 +350,7 @@ def synthetic_corpus(n, seed=0, p_none=0.3):
 
 
 def prepare(data_dir, input="", synthetic=False, encoding="gpt2", words=4096, val_every=20,
-            num_stories=20000, seed=0, source="v2"):
+            num_stories=20000, seed=0, source="v2", passage_words=0):
     """Write train.bin, val.bin, meta.json (and labels.npz for the synthetic corpus) into data_dir.
     encoding: gpt2, bytes, words, or a path to a gpt2.tiktoken (then the gpt2 encoding, from that file)."""
     ranks_file = ""
@@ -300,12 +368,14 @@ def prepare(data_dir, input="", synthetic=False, encoding="gpt2", words=4096, va
         extra = dict(source="synthetic", seed=seed, topics=list(TOPIC_STORY), patterns=SYNTHETIC_TOPICS)
         encoding = "words"
     elif input:
-        docs = read_docs(input)
+        if not os.path.exists(input):
+            raise ValueError(f"--input={input}: no such file or directory")
+        docs = passages(read_docs(input), passage_words)
         if len(docs) < 2:
             raise ValueError(f"{input}: fewer than two documents (separate them by blank lines or {EOT})")
         splits = dict(train=[d for i, d in enumerate(docs) if i % val_every != val_every - 1],
                       val=[d for i, d in enumerate(docs) if i % val_every == val_every - 1])
-        extra = dict(source=os.path.abspath(input), patterns=TOPICS)
+        extra = dict(source=os.path.abspath(input), patterns=TOPICS, passage_words=passage_words)
     else:  # TinyStories: one story per <|endoftext|>, the files are big, so documents stream from disk
         try:
             paths = {s: hub.hub_file(DATASET, f, DATASET_REVISION, repo_type="dataset")
@@ -348,7 +418,7 @@ def iter_docs(path, chunk=1 << 22):
 
 if __name__ == "__main__":
     args = dict(data_dir="data/tinystories", source="v2", input="", synthetic=False, encoding="gpt2", words=4096,
-                val_every=20, num_stories=20000, seed=0)
+                val_every=20, num_stories=20000, seed=0, passage_words=0)
     if "--help" in sys.argv or "-h" in sys.argv:
         print(__doc__.strip() + "\n\nflags and defaults: " + " ".join(f"--{k}={v!r}" for k, v in args.items()))
         sys.exit(0)

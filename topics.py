@@ -1,50 +1,69 @@
 """
-Steer a language model's stories to a topic by forcing codes (SPEC section 3, the paper's Table 3b), and
+Steer a language model's text to a topic by forcing codes (the paper's section 3.3, Table 3), and
 measure what the steering costs in fluency. On a checkpoint of train.py trained on token data:
 
     python topics.py --ckpt=out-stories-ft/ckpt.pt                 # the paper's protocol, 7 topics
+    python topics.py --ckpt=out-text-ft/ckpt.pt --topics=sword=\\bswords?\\b,bread=\\bbread\\b --prompts="|And"
+    python topics.py --ckpt=out-stories-ft/ckpt.pt --rule=inout --mode=one   # the rule before the effect rule
     python topics.py --ckpt=out-stories-ft/ckpt.pt --sweep=1,2,4,8,14,16 --sweep_per_head=8,4
-    python topics.py --ckpt=out-stories-ft/ckpt.pt --max_codes=16 --per_head=0   # the paper's choice of codes
-    python topics.py --ckpt=out-stories-ft/ckpt.pt --topics=dragon,castle=castle --at=new
-
-The second adds a sweep: success and fluency per cap per head, number of codes and place (a cheaper
-3 samples per prompt; about 30 min on a 2-core CPU).
 
 Flags are --key=value (the config block below; `--help` prints them). Writes topics.json next to the
-checkpoint; errors are one line on stderr, exit status 2.
+checkpoint; errors are one line on stderr, exit status 2 (also when no topic got a code).
 
-Topic codes. A story is the text between two EOT tokens of the validation data; its topic comes from
-labels.npz when the data has one (the synthetic corpus), else from the topic's regex over its lowercased
-text (--topics, or the data's patterns, or the paper's seven). Over story tokens (not the EOT), for each
-topic and code: in = the fraction of the topic's story tokens where the code fires, out = the same over
-all other story tokens. Topic codes: in >= min_in and out <= max_out, best in - out first, at most
-per_head in one head (0: k) and max_codes in all.
+Passages. A passage is the text between two EOT tokens of the data's validation split (--split); the
+model reads its first block_size - 1 tokens, and its topic is the regex's match on the lowercased text
+of those tokens (a mention past the window does not count), or labels.npz where the data has one (the
+synthetic corpus). Three quarters of the passages are scanned for statistics, the other quarter probes:
+forcing is measured there. The scored generations come from the prompts, never from these passages.
 
-Steering. The topic codes are forced (codes of one head take the slots k-1, k-2, ...) at every position
+Topic codes, in two steps. (1) Candidates, ranked by --rule, from the scanned passages:
+  effect   the best `candidates` of the window and lift rules, each forced alone on the probe passages,
+           ranked by how much it raises the probability of the topic's tokens (the vocabulary entries the
+           regex matches) at the next position: the codes that steer, measured, not guessed from firing;
+  window   precision at the tokens up to --window before a regex match (those that predict the word);
+  token    precision at the token where a regex match ends (as steer.py search ranks codes);
+  lift     in / out, with in >= 1% (in: the share of the topic's passage tokens where the code fires,
+           out: the same over the other passages' tokens);
+  inout    in >= min_in and out <= max_out, by in - out (the rule that suits the synthetic stories);
+  passage  recall over passages (a topic passage counts when the code fires in it) >= 0.2 with
+           precision >= 0.01, by recall (the official topic browser's).
+(2) Codes are taken best first while forcing them all keeps the estimated CE ratio (below) at most
+max_ce_ratio, at most max_codes, and for the effect rule only while the topic's probability still rises.
+The estimate, on the probe passages: the forced model's next-token distribution scored by the unforced
+model (cross-entropy), over the unforced model's own entropy, which is what the CE ratio of generations
+measures, at real text's positions.
+
+Modes (the paper's Table 3a). one: each code takes one slot of its head (k-1, k-2, ...), at most
+per_head per head; all: one code per head, all k slots of the head set to it. Forced at every position
 (--at=all, the paper's way) or at the generated tokens only (--at=new), while sampling `samples`
 continuations of each prompt (after EOT; temperature 1, no top-k; the same random draws in every
 condition, so only the codes differ). Prompt + new tokens must fit block_size (no sliding window).
-  baseline, steered   fraction of generations whose lowercased text matches the topic's regex, unsteered
-                      and steered;
-  baseline_ce,        fluency: the mean cross-entropy (nats per token) of the generated tokens under the
-  steered_ce          same model with no interventions, i.e. how surprising the text is to the model
-                      that was not steered (the unsteered samples' own: about the model's entropy);
-  baseline_rep,       the fraction of repeated 3-grams: per generation, the share of its 3-grams of
-  steered_rep         generated tokens that already occurred earlier in it, averaged over generations.
-topics.json: topic -> {baseline, steered, baseline_ce, steered_ce, baseline_rep, steered_rep, n_codes,
-codes, pattern, code_rates, sample}, "mean" (the same averaged over topics, plus ce_ratio = steered_ce /
-baseline_ce), "settings", and with --sweep a "sweep" table: per (per_head, number of codes, place), the
-mean steered rate, steered_ce, ce_ratio and steered_rep (sweep_samples per prompt; its own unsteered
-samples first, whose "steered" is the mean baseline rate).
+  baseline, steered   fraction of generations whose lowercased text matches the topic's regex;
+  ce_ratio            fluency: the mean cross-entropy (nats per token) of the generated tokens under the
+                      model with no interventions, steered over unsteered;
+  rep                 the fraction of repeated 3-grams of generated tokens, averaged over generations;
+  random              the control: as many codes in the same heads, each of about the same firing
+                      frequency (the nearest ranks by firings in its head), forced the same way;
+  matrix              topic A's steered generations scored with topic B's regex: codes that steer to
+                      their own topic only have a large diagonal.
+A topic that gets no code is named in a warning with the best candidate's figures; topics.json records
+it (why_none). topics.json: topic -> {pattern, base_rate (share of scanned passages that mention it),
+baseline, baseline_ce, baseline_rep, one / all: {steered, steered_ce, ce_ratio, steered_rep, n_codes,
+n_forced, codes, figures, est_ce_ratio, random, sample, why_none}}; "mean" per mode; "matrix" per mode;
+"settings"; with --sweep a "sweep" table (one mode, the rule's order, no estimate): per (per_head, number
+of codes, place) the mean steered rate, CE and repeats (sweep_samples per prompt).
 """
 
 import cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torch loads it)
 
+import collections
 import os
+import random
 import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -53,23 +72,36 @@ import torch.nn.functional as F
 import tinystories_data
 from codebook import Intervention
 from common import Progress, fail, parse_args
-from readout import code_name, flat_ids, load_codebook_model, tokenizer, write_json
+from readout import code_name, flat_ids, load_codebook_model, regex_labels, tokenizer, write_json
+
+RULES = ("effect", "window", "token", "lift", "inout", "passage")
+MODES = ("one", "all")
+LIFT_FLOOR = 0.01  # the lift rule: a code fires on at least 1% of the topic's passage tokens
+MIN_HITS = 3  # the window and token rules: a code fires at least this often where the regex points
 
 
 @dataclass
 class TopicsConfig:
     ckpt: str = ""  # a checkpoint of train.py on token data, with codebooks (required)
     device: str = "auto"  # auto (cuda if there is one, else mps, else cpu), cpu, cuda or mps
-    seed: int = 0  # seed of the samples (prompt j draws from seed + j)
-    batch_size: int = 100  # stories per forward pass while finding topic codes
+    seed: int = 0  # seed of the samples (prompt j draws from seed + j) and of the random control
+    batch_size: int = 100  # passages per forward pass while scanning
     data_dir: str = ""  # the token data ("": the one the checkpoint was trained on)
+    split: str = "val"  # the passages codes are picked on: val or train (the scored text is generated)
     topics: str = ""  # name or name=regex, comma separated ("": the data's topics, else the paper's seven)
-    n_stories: int = 1000  # validation stories scanned for topic codes
-    min_in: float = 0.1  # a topic code fires on at least this fraction of the topic's story tokens
-    max_out: float = 0.01  # and on at most this fraction of the other story tokens
-    max_codes: int = 14  # codes forced per topic (the paper: 8 to 16)
-    per_head: int = 4  # at most this many in one head (0: k); a head with all k slots forced stops reading
-    # its input, and the stories stop being stories (the sweep in the README: per_head=k, 16 codes)
+    n_stories: int = 1000  # passages read, evenly spaced over the split
+    rule: str = "effect"  # how candidate codes are ranked: effect, window, token, lift, inout, passage
+    mode: str = "one,all"  # one: a code per slot; all: a head's k slots set to one code (comma separated)
+    max_codes: int = 14  # at most this many codes per topic (the paper: 8 to 16)
+    per_head: int = 4  # one mode: at most this many codes in one head (0: k)
+    max_ce_ratio: float = 1.35  # codes are added while the estimated CE ratio stays at most this
+    candidates: int = 48  # the effect rule: codes forced one by one on the probe passages, per topic and mode
+    window: int = 8  # the window rule: tokens up to this many before a regex match
+    probe_passages: int = 32  # passages (not scanned) on which forcing's effect and cost are measured
+    probe_tokens: int = 128  # tokens of each probe passage read
+    min_in: float = 0.1  # the inout rule: a code fires on at least this share of the topic's passage tokens
+    max_out: float = 0.01  # and on at most this share of the other passages' tokens
+    controls: bool = True  # the random-codes control per topic and mode (doubles the sampling time)
     at: str = "all"  # where: all (every position, the paper's) or new (the generated tokens only)
     samples: int = 10  # samples per prompt
     prompts: str = "|Once upon a time,|Once there was a|A long time ago,"  # '|'-separated, each after EOT
@@ -87,13 +119,21 @@ PRESETS = {"default": {}}
 def check(cfg):
     if not cfg.ckpt:
         fail("--ckpt=PATH is required")
-    for key in ("batch_size", "n_stories", "max_codes", "samples", "max_new_tokens", "sweep_samples"):
+    for key in ("batch_size", "n_stories", "max_codes", "samples", "max_new_tokens", "sweep_samples", "candidates",
+                "window", "probe_passages", "probe_tokens"):
         if getattr(cfg, key) < 1:
             fail(f"--{key}={getattr(cfg, key)}: must be >= 1")
     if cfg.per_head < 0:
         fail(f"--per_head={cfg.per_head}: must be >= 0")
-    if cfg.temperature <= 0:
-        fail(f"--temperature={cfg.temperature}: must be > 0")
+    if cfg.temperature <= 0 or cfg.max_ce_ratio <= 0:
+        fail("--temperature and --max_ce_ratio must be > 0")
+    if cfg.rule not in RULES:
+        fail(f"--rule={cfg.rule}: valid: {', '.join(RULES)}")
+    if cfg.split not in ("val", "train"):
+        fail(f"--split={cfg.split}: valid: val, train")
+    modes = cfg.mode.split(",")
+    if not modes or any(m not in MODES for m in modes):
+        fail(f"--mode={cfg.mode}: valid: one, all, or one,all")
     for at in [cfg.at] + cfg.sweep_at.split(","):
         if at not in ("all", "new"):
             fail(f"--at / --sweep_at: {at!r}: valid: all, new")
@@ -105,34 +145,103 @@ def check(cfg):
             fail(f"--{key}={text}: expected numbers like 1,2,4,8,16")
         if any(n < low for n in lists[-1]):
             fail(f"--{key}={text}: numbers must be >= {low}")
-    return lists
+    return modes, lists[0], lists[1]
 
 
 # -----------------------------------------------------------------------------
 # the measures: pure functions
 
 
+class Candidate(NamedTuple):
+    """A code proposed for a topic: where it is, its rule's score, and the figures behind it."""
+    address: str  # e.g. 'L1.attn.h2:40'
+    site: str
+    group: int
+    code: int
+    score: float
+    figures: dict
+
+
 def topic_rates(ids, member, num_codes):
-    """ids (P, n) codes firing at P story tokens (unique per row), member (P, K) whether each token's story
+    """ids (P, n) codes firing at P tokens (unique per row), member (P, K) whether each token's passage
     is about topic K -> in_rate (K, num_codes): fraction of the topic's tokens where the code fires;
-    out_rate (K, num_codes): the same over all other story tokens."""
+    out_rate (K, num_codes): the same over all other tokens."""
     member = member.bool()
     fired = torch.bincount(ids.reshape(-1), minlength=num_codes).double()  # (C,) firings over all tokens
-    fired_in = torch.stack([torch.bincount(ids[m].reshape(-1), minlength=num_codes) for m in member.T]).double()
+    fired_in = hits(ids, member, num_codes)
     n_in = member.sum(0).double()[:, None]  # (K, 1)
     return fired_in / n_in.clamp_min(1), (fired - fired_in) / (len(ids) - n_in).clamp_min(1)
 
 
-def pick_topic_codes(rows, k, min_in, max_out, max_codes):
-    """rows: [(address, site, group, code, in_rate, out_rate)] of one topic -> the codes to force, best first:
-    in_rate >= min_in and out_rate <= max_out, by in_rate - out_rate, at most k per (site, group) (they
-    take the slots k-1, k-2, ... of that group) and max_codes in all."""
-    ok = sorted((r for r in rows if r[4] >= min_in and r[5] <= max_out), key=lambda r: (r[5] - r[4], r[0]))
-    out, used = [], {}
-    for r in ok:
-        if len(out) < max_codes and used.get((r[1], r[2]), 0) < k[r[1]]:
-            out.append(r)
-            used[(r[1], r[2])] = used.get((r[1], r[2]), 0) + 1
+def hits(ids, mask, num_codes):
+    """ids (P, n), mask (P, K) -> (K, num_codes): how often each code fires at the tokens of each column."""
+    return torch.stack([torch.bincount(ids[m].reshape(-1), minlength=num_codes) for m in mask.T]).double()
+
+
+def passage_counts(ids, passage, member_p, num_codes):
+    """ids (P, n), passage (P,) each token's passage, member_p (N, K) each passage's topics -> (in (K, C):
+    topic passages where the code fires at least once, all (C,): passages where it fires)."""
+    pairs = torch.unique(passage[:, None] * num_codes + ids)  # (passage, code) pairs, each once
+    p, c = pairs // num_codes, pairs % num_codes
+    every = torch.bincount(c, minlength=num_codes).double()
+    inside = torch.stack([torch.bincount(c[m[p]], minlength=num_codes) for m in member_p.T]).double()
+    return inside, every
+
+
+def window_before(match, w):
+    """match (T, K) bool, the tokens where a regex match ends in one passage -> (T, K): the tokens up to w
+    before such a token (the positions whose next few predictions include the topic's word)."""
+    out = torch.zeros_like(match)
+    for d in range(1, w + 1):
+        out[:-d] |= match[d:]
+    return out
+
+
+def rule_scores(rule, st, cfg):
+    """st: one site's counts (see Scan.counts) -> (score (K, C), ok (K, C) which codes the rule admits,
+    figures {name: (K, C)} for the record)."""
+    rin = st["fired_in"] / st["n_in"].clamp_min(1)
+    rout = (st["fired"] - st["fired_in"]) / (st["n"] - st["n_in"]).clamp_min(1)
+    lift = rin / (rout + 1 / (st["n"] - st["n_in"]).clamp_min(1))
+    prec_w = st["hit_window"] / st["fired"].clamp_min(1)
+    prec_t = st["hit_match"] / st["fired"].clamp_min(1)
+    rec_p = st["pass_in"] / st["n_pass_in"].clamp_min(1)
+    prec_p = st["pass_in"] / st["pass_all"].clamp_min(1)
+    figures = dict(rate_in=rin, rate_out=rout, lift=lift, window_precision=prec_w, token_precision=prec_t,
+                   passage_recall=rec_p)
+    score, ok = {
+        "inout": (rin - rout, (rin >= cfg.min_in) & (rout <= cfg.max_out)),
+        "lift": (lift, rin >= LIFT_FLOOR),
+        "window": (prec_w, st["hit_window"] >= MIN_HITS),
+        "token": (prec_t, st["hit_match"] >= MIN_HITS),
+        "passage": (rec_p, (rec_p >= 0.2) & (prec_p >= 0.01)),
+    }[rule]
+    return score, ok & (st["fired"] > 0), figures
+
+
+def ranked(scan, rule, cfg, t, only_ok=True, n=None):
+    """The candidates of topic t by one rule, best first (n of them; all when n is None)."""
+    out = []
+    for s, st in scan.counts.items():
+        score, ok, figs = rule_scores(rule, st, cfg)
+        sc = score[t].where(ok[t], torch.tensor(-float("inf"), dtype=score.dtype)) if only_ok else score[t]
+        top = torch.topk(sc, min(n or len(sc), len(sc)))
+        for v, c in zip(top.values.tolist(), top.indices.tolist()):
+            if v > -float("inf"):
+                C = scan.num_codes[s]
+                out.append(Candidate(code_name(s, c, C), s, c // C, c % C, v,
+                                     {k: round(f[t, c].item(), 4) for k, f in figs.items()}))
+    out.sort(key=lambda r: (-r.score, r.address))
+    return out if n is None else out[:n]
+
+
+def forcing(codes, mode, k, positions=None):
+    """[Candidate or (site, group, code)] -> [Intervention]: one slot each (one mode), or all k slots of its
+    head each (all mode: k[site] copies)."""
+    out = []
+    for c in codes:
+        site, group, code = (c.site, c.group, c.code) if isinstance(c, Candidate) else c
+        out += [Intervention(site, group, code, positions=positions)] * (k[site] if mode == "all" else 1)
     return out
 
 
@@ -156,18 +265,40 @@ def continuation_ce(model, y, T0):
     return F.cross_entropy(logits.transpose(1, 2).float(), y[:, T0:], reduction="none").sum(1)
 
 
+def random_control(chosen, fired, num_codes, rng, near=3):
+    """For each chosen code, a random other code of its head with about its firing count: one of the `near`
+    nearest on each side in the head's order by firings (fired: {site: (G*C,)}), none chosen twice."""
+    taken = {(c.site, c.group, c.code) for c in chosen}
+    out = []
+    for c in chosen:
+        C = num_codes[c.site]
+        counts = fired[c.site][c.group * C:(c.group + 1) * C]
+        order = torch.argsort(counts, stable=True).tolist()
+        i = order.index(c.code)
+        pool = [j for j in order[max(0, i - near):i + near + 1] if (c.site, c.group, j) not in taken]
+        if pool:
+            j = rng.choice(pool)
+            taken.add((c.site, c.group, j))
+            out.append((c.site, c.group, j))
+    return out
+
+
 # -----------------------------------------------------------------------------
-# topic codes: which codes fire on a topic's stories and rarely elsewhere
+# the passages: what fires where each topic is mentioned
 
 
 def topic_patterns(cfg, meta, labels):
-    """-> (topic names, {name: regex}, labels or None when stories are labelled by the regexes)."""
-    if cfg.topics:  # name=pattern or a built-in name, comma separated; stories labelled by the pattern
+    """-> (topic names, {name: regex}, labels or None when passages are labelled by the regexes)."""
+    if cfg.topics:  # name=pattern or a built-in name, comma separated; passages labelled by the pattern
         patterns = {}
         for item in cfg.topics.split(","):
             name, _, pat = item.partition("=")
             if not pat and name not in tinystories_data.TOPICS:
                 fail(f"--topics: {name!r} has no pattern; built in: {', '.join(tinystories_data.TOPICS)}")
+            try:
+                re.compile(pat or tinystories_data.TOPICS[name])
+            except re.error as e:
+                fail(f"--topics: {name}={pat}: not a regex ({e})")
             patterns[name] = pat or tinystories_data.TOPICS[name]
         return list(patterns), patterns, None
     patterns = meta.get("patterns") or tinystories_data.TOPICS
@@ -177,55 +308,176 @@ def topic_patterns(cfg, meta, labels):
     return list(meta["topics"]), patterns, labels
 
 
+@dataclass
+class Scan:
+    names: list  # topics
+    patterns: dict  # topic -> regex
+    labelled: str  # how passages got their topics: labels.npz or regex
+    counts: dict  # site -> {fired (C,), n, fired_in (K, C), n_in (K, 1), hit_window, hit_match, pass_in,
+    #                        pass_all, n_pass_in}: C is the site's groups x codes
+    num_codes: dict  # site -> codes per group
+    base_rate: list  # per topic: the share of scanned passages that mention it
+    n_passages: int  # scanned
+    probe: torch.Tensor  # (N, T) the probe passages' tokens (EOT first)
+
+
 @torch.no_grad()
-def find_topic_codes(model, cfg, ckpt, decode_text):
-    """Scan validation stories -> (names, patterns, {topic: [(address, site, group, code, in, out)]},
-    how the stories were labelled, stories scanned)."""
+def scan_passages(model, cfg, ckpt, decode_tokens):
+    """Read the passages of the split -> Scan: per site and topic, where each code fires."""
     meta = ckpt["data"]["meta"]
     data_dir = cfg.data_dir or ckpt["data"]["data_dir"]
-    path = os.path.join(data_dir, "val.bin")
+    path = os.path.join(data_dir, f"{cfg.split}.bin")
     if not os.path.exists(path):
         fail(f"no {path}: pass --data_dir= (the data the checkpoint was trained on)")
-    val = torch.from_numpy(np.memmap(path, dtype=np.uint16, mode="r").astype(np.int64))
-    eots = (val == meta["eot"]).nonzero().squeeze(1).tolist() + [len(val)]
-    spans = [(a + 1, b) for a, b in zip(eots, eots[1:]) if b > a + 1][:cfg.n_stories]  # story tokens
+    tokens = torch.from_numpy(np.memmap(path, dtype=np.uint16, mode="r").astype(np.int64))
+    eots = (tokens == meta["eot"]).nonzero().squeeze(1).tolist() + [len(tokens)]
+    spans = [(i, a + 1, b) for i, (a, b) in enumerate(zip(eots, eots[1:])) if b > a + 1]  # (index, first, end)
+    if len(spans) > cfg.n_stories:  # evenly spaced: a book's passages in order would favour its first part
+        spans = [spans[int(j)] for j in np.linspace(0, len(spans) - 1, cfg.n_stories)]
+    if len(spans) < 8:
+        fail(f"{path}: {len(spans)} passages between EOT tokens; topics needs at least 8")
     labels_path = os.path.join(data_dir, "labels.npz")
-    labels = np.load(labels_path)["val_topic"] if os.path.exists(labels_path) else None
+    labels = None
+    if cfg.split == "val" and os.path.exists(labels_path):
+        labels = np.load(labels_path)["val_topic"]
     names, patterns, labels = topic_patterns(cfg, meta, labels)
-    B, L, cbs = cfg.batch_size, model.config.block_size, model.codebooks()
+    rx = [re.compile(patterns[n]) for n in names]
+    probe_spans = spans[3::4]  # a quarter probes how forcing acts; the rest is scanned
+    spans = [sp for j, sp in enumerate(spans) if j % 4 != 3]
+    if len(probe_spans) > cfg.probe_passages:
+        probe_spans = [probe_spans[int(j)] for j in np.linspace(0, len(probe_spans) - 1, cfg.probe_passages)]
+    L, cbs, K = model.config.block_size, model.codebooks(), len(names)
     dev = next(model.parameters()).device
-    ids_all, member_all = {s: [] for s in cbs}, []
-    bar = Progress((len(spans) + B - 1) // B, "stories")
+    ids_all, member_all, match_all, window_all, passage_all = {s: [] for s in cbs}, [], [], [], []
+    member_p = torch.zeros(len(spans), K, dtype=torch.bool)
+    B = cfg.batch_size
+    bar = Progress((len(spans) + B - 1) // B, "passages")
     for b0 in range(0, len(spans), B):
         batch = spans[b0:b0 + B]
-        x = torch.full((len(batch), L), meta["eot"], dtype=torch.long)  # EOT, then the story's first L-1 tokens
+        x = torch.full((len(batch), L), meta["eot"], dtype=torch.long)  # EOT, then the passage's first L-1 tokens
         valid = torch.zeros(len(batch), L, dtype=torch.bool)
-        member = torch.zeros(len(batch), len(names), dtype=torch.bool)
-        for i, (a, e) in enumerate(batch):
-            toks = val[a:min(e, a + L - 1)]
+        match = torch.zeros(len(batch), L, K, dtype=torch.bool)
+        for i, (index, a, e) in enumerate(batch):
+            toks = tokens[a:min(e, a + L - 1)]
             x[i, 1:1 + len(toks)] = toks
             valid[i, 1:1 + len(toks)] = True
+            pieces = [p.lower() for p in decode_tokens(toks.tolist())]  # what the model read, and only that
+            for ti, r in enumerate(rx):
+                match[i, 1:1 + len(toks), ti] = regex_labels(toks[None], lambda _: pieces, r) == 0
             if labels is not None:
-                t = int(labels[b0 + i])
-                member[i, t] = t >= 0
+                t = int(labels[index])
+                member_p[b0 + i, t] = t >= 0
             else:
-                text = decode_text(val[a:e].tolist()).lower()
-                member[i] = torch.tensor([bool(re.search(patterns[n], text)) for n in names])
+                member_p[b0 + i] = match[i].any(0)
         _, _, codes, _ = model(x.to(dev))
         for s, c in codes.items():
             ids_all[s].append(flat_ids(c.cpu(), cbs[s].num_codes)[valid.reshape(-1)])
-        member_all.append(member[:, None, :].expand(-1, L, -1)[valid])
+        member_all.append(member_p[b0:b0 + len(batch), None, :].expand(-1, L, -1)[valid])
+        match_all.append(match[valid])
+        window_all.append(torch.stack([window_before(m, cfg.window) for m in match])[valid])
+        passage_all.append(torch.arange(b0, b0 + len(batch))[:, None].expand(-1, L)[valid])
         bar.update()
     bar.close()
-    member = torch.cat(member_all)  # (P, K)
-    rows = {n: [] for n in names}
+    member, match, window, passage = (torch.cat(v) for v in (member_all, match_all, window_all, passage_all))
+    counts = {}
     for s, cb in cbs.items():
-        rin, rout = topic_rates(torch.cat(ids_all[s]), member, cb.groups * cb.num_codes)
-        for ti, n in enumerate(names):
-            cand = (rin[ti] >= cfg.min_in).nonzero().squeeze(1).tolist()
-            rows[n] += [(code_name(s, c, cb.num_codes), s, c // cb.num_codes, c % cb.num_codes,
-                         rin[ti, c].item(), rout[ti, c].item()) for c in cand]
-    return names, patterns, rows, "labels.npz" if labels is not None else "regex", len(spans)
+        ids, C = torch.cat(ids_all[s]), cb.groups * cb.num_codes
+        pass_in, pass_all = passage_counts(ids, passage, member_p, C)
+        counts[s] = dict(fired=torch.bincount(ids.reshape(-1), minlength=C).double(), n=torch.tensor(float(len(ids))),
+                         fired_in=hits(ids, member, C), n_in=member.sum(0).double()[:, None],
+                         hit_window=hits(ids, window, C), hit_match=hits(ids, match, C), pass_in=pass_in,
+                         pass_all=pass_all, n_pass_in=member_p.sum(0).double()[:, None])
+    T = min(cfg.probe_tokens, L)
+    probe = torch.full((len(probe_spans), T), meta["eot"], dtype=torch.long)
+    for i, (_, a, e) in enumerate(probe_spans):
+        toks = tokens[a:min(e, a + T - 1)]
+        probe[i, 1:1 + len(toks)] = toks  # a short passage ends in EOTs: they are read as any token
+    base_rate = member_p.double().mean(0).tolist()
+    return Scan(names, patterns, "labels.npz" if labels is not None else "regex", counts,
+                {s: cb.num_codes for s, cb in cbs.items()}, base_rate, len(spans), probe)
+
+
+class Probe:
+    """What forcing codes does on the probe passages: the topics' next-token probability and the cost."""
+
+    @torch.no_grad()
+    def __init__(self, model, tokens, topic_tokens, batch_size):
+        """tokens (N, T) the probe passages; topic_tokens (K, V) bool: the vocabulary entries each topic's
+        regex matches."""
+        self.model, self.dev, self.batch = model, next(model.parameters()).device, tokens.split(batch_size)
+        self.mask = topic_tokens.float().to(self.dev)
+        self.logp = [F.log_softmax(model(x.to(self.dev))[0].float(), -1) for x in self.batch]  # unforced
+        self.entropy = torch.cat([-(lp.exp() * lp).sum(-1).reshape(-1) for lp in self.logp]).mean().item()
+        self.base = self.measure([])[0]
+
+    @torch.no_grad()
+    def measure(self, interventions):
+        """-> (topic probability (K,), the mean over positions; estimated CE ratio)."""
+        prob, cross, n = 0.0, 0.0, 0
+        for x, lp in zip(self.batch, self.logp):
+            lq = F.log_softmax(self.model(x.to(self.dev), interventions=interventions)[0].float(), -1)
+            q = lq.exp()
+            prob = prob + (q @ self.mask.T).sum((0, 1))
+            cross += -(q * lp).sum().item()
+            n += x.numel()
+        return (prob / n).cpu(), cross / n / self.entropy
+
+
+def topic_vocabulary(patterns, names, n_vocab, decode_tokens):
+    """(K, V) bool: tokens whose lowercased text alone matches the topic's regex (e.g. ' sword')."""
+    pieces = [p.lower() for p in decode_tokens(list(range(n_vocab)))]
+    return torch.tensor([[bool(re.search(patterns[n], p)) for p in pieces] for n in names])
+
+
+def choose(probe, candidates, t, mode, k, cfg):
+    """Codes for topic t in one mode, best candidate first, while the set's estimated CE ratio stays at
+    most max_ce_ratio (and, for the effect rule, the topic's probability rises) -> (chosen, estimate,
+    the first rejection's figures)."""
+    cap = {s: 1 if mode == "all" else min(v, cfg.per_head or v) for s, v in k.items()}
+    chosen, used, est, rejected = [], collections.Counter(), (probe.base[t].item(), 1.0), None
+    for c in candidates[:3 * cfg.max_codes]:
+        if len(chosen) == cfg.max_codes:
+            break
+        if used[(c.site, c.group)] >= cap[c.site]:
+            continue
+        prob, ratio = probe.measure(forcing(chosen + [c], mode, k))
+        if ratio <= cfg.max_ce_ratio and (cfg.rule != "effect" or prob[t].item() > est[0]):
+            chosen.append(c)
+            used[(c.site, c.group)] += 1
+            est = (prob[t].item(), ratio)
+        elif rejected is None:
+            rejected = (c, prob[t].item(), ratio)
+    return chosen, est, rejected
+
+
+def by_effect(probe, scan, t, mode, k, cfg):
+    """The effect rule: candidates of the window and lift rules, each forced alone, by the topic's probability
+    (only those that raise it)."""
+    half = max(1, cfg.candidates // 2)
+    pool = {c.address: c for c in ranked(scan, "window", cfg, t, n=half) + ranked(scan, "lift", cfg, t, n=half)}
+    out = []
+    for c in pool.values():
+        prob, ratio = probe.measure(forcing([c], mode, k))
+        gain = prob[t].item() / max(probe.base[t].item(), 1e-12)
+        out.append(c._replace(score=gain, figures={**c.figures, "gain": round(gain, 3), "est_ce_ratio": round(ratio, 3)}))
+    out.sort(key=lambda r: (-r.score, r.address))
+    return [c for c in out if c.score > 1]
+
+
+def why_none(scan, cfg, t, candidates, rejected, mode):
+    """One line: why topic t got no code in this mode, with the best candidate's figures."""
+    if rejected is not None:
+        c, prob, ratio = rejected
+        return (f"its best candidate {c.address} ({cfg.rule} {c.score:.3g}) "
+                + (f"puts the estimated CE ratio at {ratio:.2f}x > max_ce_ratio {cfg.max_ce_ratio}" if ratio > cfg.max_ce_ratio
+                   else f"does not raise the topic's tokens ({prob:.2e} per position)"))
+    if cfg.rule == "effect":
+        return "no candidate of the window or lift rules raised the topic's token probability when forced"
+    best = ranked(scan, cfg.rule, cfg, t, only_ok=False, n=1)
+    if not best:
+        return "no code fires on the scanned passages"
+    figs = ", ".join(f"{k} {v:.3g}" for k, v in best[0].figures.items())
+    return f"no code passes the {cfg.rule} rule's filter; the best, {best[0].address}: {figs}"
 
 
 # -----------------------------------------------------------------------------
@@ -233,17 +485,15 @@ def find_topic_codes(model, cfg, ckpt, decode_text):
 
 
 @torch.no_grad()
-def sample(model, cfg, prompts, codes, at, samples, decode_text):
-    """Generate `samples` continuations of each prompt (token lists) with `codes` [(site, group, code)]
-    forced at `at` -> dict(texts, ce (nats per generated token), rep (repeated 3-grams, mean per text))."""
+def sample(model, cfg, prompts, ivs_of, samples, decode_text):
+    """Generate `samples` continuations of each prompt (token lists), with the interventions ivs_of(T0) (T0:
+    the prompt's length) -> dict(texts, ce (nats per generated token), rep (repeated 3-grams, per text))."""
     dev, new = next(model.parameters()).device, cfg.max_new_tokens
     texts, ce_sum, reps, n_tokens = [], 0.0, [], 0
     for j, p in enumerate(prompts):
         T0 = len(p)
-        positions = None if at == "all" else tuple(range(T0, T0 + new))
-        ivs = [Intervention(site, g, c, positions=positions) for site, g, c in codes]
         gen = torch.Generator(device=dev).manual_seed(cfg.seed + j)  # the same draws in every condition
-        y = model.generate(torch.tensor([p] * samples, device=dev), new, cfg.temperature, None, ivs, gen)
+        y = model.generate(torch.tensor([p] * samples, device=dev), new, cfg.temperature, None, ivs_of(T0), gen)
         ce_sum += continuation_ce(model, y, T0).sum().item()
         n_tokens += y[:, T0:].numel()
         rows = y.cpu().tolist()
@@ -252,30 +502,40 @@ def sample(model, cfg, prompts, codes, at, samples, decode_text):
     return dict(texts=texts, ce=ce_sum / n_tokens, rep=sum(reps) / len(reps))
 
 
+def steered(model, cfg, prompts, codes, mode, k, at, samples, decode_text):
+    """sample() with codes forced in a mode at `at` (all positions, or the generated tokens)."""
+    def ivs_of(T0):
+        return forcing(codes, mode, k, None if at == "all" else tuple(range(T0, T0 + cfg.max_new_tokens)))
+    return sample(model, cfg, prompts, ivs_of, samples, decode_text)
+
+
 def mean_of(out, key):
     return sum(v[key] for v in out.values()) / len(out)
 
 
-def pick_all(model, rows, cfg, per_head, n):
-    """{topic: its best n codes}, at most per_head in one head (0: k)."""
-    k = {s: min(cb.k, per_head or cb.k) for s, cb in model.codebooks().items()}
-    return {t: pick_topic_codes(r, k, cfg.min_in, cfg.max_out, n) for t, r in rows.items()}
+def cap_per_head(cands, k, per_head, n):
+    """The first n candidates with at most per_head (0: k) in one head."""
+    out, used = [], collections.Counter()
+    for c in cands:
+        if len(out) < n and used[(c.site, c.group)] < min(k[c.site], per_head or k[c.site]):
+            out.append(c)
+            used[(c.site, c.group)] += 1
+    return out
 
 
-def run_sweep(model, cfg, sweep, caps, patterns, rows, prompts, decode_text):
-    """Mean success and fluency per (cap per head, number of codes, place), sweep_samples per prompt."""
-    base = sample(model, cfg, prompts, [], "all", cfg.sweep_samples, decode_text)
-    unsteered = sum(mention_rate(base["texts"], patterns[t]) for t in rows) / len(rows)
+def run_sweep(model, cfg, sweep, caps, patterns, cands, k, prompts, decode_text):
+    """Mean success and fluency per (cap per head, number of codes, place), one mode, sweep_samples per prompt."""
+    base = sample(model, cfg, prompts, lambda T0: [], cfg.sweep_samples, decode_text)
+    unsteered = sum(mention_rate(base["texts"], patterns[t]) for t in cands) / len(cands)
     table = [dict(per_head=0, n_codes=0, at="-", steered=unsteered, steered_ce=base["ce"], ce_ratio=1.0,
                   steered_rep=base["rep"])]
     cells = [(cap, n, at) for cap in caps for n in sweep for at in cfg.sweep_at.split(",")]
-    picks = {cap: pick_all(model, rows, cfg, cap, max(sweep)) for cap in caps}  # n codes: the first n
-    bar = Progress(len(cells) * len(rows), "sweep")
+    bar = Progress(len(cells) * len(cands), "sweep")
     for cap, n, at in cells:
         per = {}
-        for t in rows:
-            pick = picks[cap][t][:n]
-            got = sample(model, cfg, prompts, [r[1:4] for r in pick], at, cfg.sweep_samples, decode_text)
+        for t, c in cands.items():
+            pick = cap_per_head(c, k, cap, n)
+            got = steered(model, cfg, prompts, pick, "one", k, at, cfg.sweep_samples, decode_text)
             per[t] = dict(steered=mention_rate(got["texts"], patterns[t]), ce=got["ce"], rep=got["rep"],
                           n_codes=len(pick))
             bar.update()
@@ -295,6 +555,26 @@ def run_sweep(model, cfg, sweep, caps, patterns, rows, prompts, decode_text):
     return table
 
 
+def pick_codes(model, cfg, scan, modes, decode_tokens):
+    """-> ({topic: {mode: (chosen, estimate, why_none or None)}}, {topic: the rule's one-mode order})."""
+    cbs = model.codebooks()
+    k = {s: cb.k for s, cb in cbs.items()}
+    vocab = topic_vocabulary(scan.patterns, scan.names, model.config.vocab_size, decode_tokens)
+    probe = Probe(model, scan.probe, vocab, cfg.batch_size)
+    picks, orders = {}, {}
+    bar = Progress(len(scan.names) * len(modes), "codes")
+    for t, name in enumerate(scan.names):
+        picks[name] = {}
+        for mode in modes:
+            cands = by_effect(probe, scan, t, mode, k, cfg) if cfg.rule == "effect" else ranked(scan, cfg.rule, cfg, t)
+            orders.setdefault(name, cands)
+            chosen, est, rejected = choose(probe, cands, t, mode, k, cfg)
+            picks[name][mode] = (chosen, est, None if chosen else why_none(scan, cfg, t, cands, rejected, mode))
+            bar.update()
+    bar.close()
+    return picks, orders, k, probe
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
@@ -302,50 +582,90 @@ def main(argv=None):
               " ".join(f"--{f.name}={f.default!r}" for f in fields(TopicsConfig)))
         sys.exit(0)
     cfg, _ = parse_args(argv, TopicsConfig, PRESETS)
-    sweep, caps = check(cfg)
+    modes, sweep, caps = check(cfg)
     ckpt, model = load_codebook_model(cfg.ckpt, cfg.device)
     if ckpt.get("kind") != "lm":
         fail(f"topics needs a language-model checkpoint (kind='lm'); this one has kind={ckpt.get('kind')!r}")
     t0 = time.time()
-    encode = tokenizer(ckpt)[0]
+    encode, decode_tokens, _ = tokenizer(ckpt)
     enc = tinystories_data.make_encoding(ckpt["data"]["meta"]["encoding"])
     prompts, L = [encode(p) for p in cfg.prompts.split("|")], model.config.block_size
     for p, text in zip(prompts, cfg.prompts.split("|")):
         if len(p) + cfg.max_new_tokens - 1 > L:
             fail(f"prompt {text!r} ({len(p)} tokens with EOT) + {cfg.max_new_tokens} new tokens exceed block_size "
                  f"{L}: lower --max_new_tokens")
-    names, patterns, rows, labelled, n_stories = find_topic_codes(model, cfg, ckpt, enc.decode)
-    picks = pick_all(model, rows, cfg, cfg.per_head, cfg.max_codes)
-    base = sample(model, cfg, prompts, [], "all", cfg.samples, enc.decode)
-    out = {}
-    bar = Progress(len(names), "topics")
-    for n in names:
-        pick = picks[n]
-        got = sample(model, cfg, prompts, [r[1:4] for r in pick], cfg.at, cfg.samples, enc.decode) if pick else base
-        out[n] = dict(baseline=mention_rate(base["texts"], patterns[n]), steered=mention_rate(got["texts"], patterns[n]),
-                      baseline_ce=base["ce"], steered_ce=got["ce"], baseline_rep=base["rep"], steered_rep=got["rep"],
-                      n_codes=len(pick), codes=[r[0] for r in pick], pattern=patterns[n],
-                      code_rates=[[round(r[4], 3), round(r[5], 4)] for r in pick], sample=got["texts"][-1][:400])
-        bar.write(f"{n:10s} baseline {out[n]['baseline']:.3f} steered {out[n]['steered']:.3f}, CE {base['ce']:.3f} -> "
-                  f"{got['ce']:.3f}, rep3 {base['rep']:.3f} -> {got['rep']:.3f} ({len(pick)} codes: "
-                  f"{' '.join(out[n]['codes'][:4])}{' ...' if len(pick) > 4 else ''})")
-        bar.update()
+    scan = scan_passages(model, cfg, ckpt, decode_tokens)
+    picks, orders, k, probe = pick_codes(model, cfg, scan, modes, decode_tokens)
+    names, patterns = scan.names, scan.patterns
+    base = sample(model, cfg, prompts, lambda T0: [], cfg.samples, enc.decode)
+    rng = random.Random(cfg.seed)
+    fired = {s: st["fired"] for s, st in scan.counts.items()}
+    out, texts = {}, {m: {} for m in modes}
+    bar = Progress(len(names) * len(modes), "topics")
+    for t, n in enumerate(names):
+        out[n] = dict(pattern=patterns[n], base_rate=scan.base_rate[t], baseline=mention_rate(base["texts"], patterns[n]),
+                      baseline_ce=base["ce"], baseline_rep=base["rep"])
+        for mode in modes:
+            chosen, est, why = picks[n][mode]
+            got = steered(model, cfg, prompts, chosen, mode, k, cfg.at, cfg.samples, enc.decode) if chosen else base
+            texts[mode][n] = got["texts"]
+            r = dict(steered=mention_rate(got["texts"], patterns[n]), steered_ce=got["ce"], ce_ratio=got["ce"] / base["ce"],
+                     steered_rep=got["rep"], n_codes=len(chosen), n_forced=len(forcing(chosen, mode, k)),
+                     codes=[c.address for c in chosen], figures=[c.figures for c in chosen],
+                     est_topic_prob=[probe.base[t].item(), est[0]], est_ce_ratio=est[1], why_none=why,
+                     sample=got["texts"][-1][:400])
+            if cfg.controls and chosen:
+                rand = random_control(chosen, fired, scan.num_codes, rng)
+                got_r = steered(model, cfg, prompts, rand, mode, k, cfg.at, cfg.samples, enc.decode)
+                r["random"] = dict(steered=mention_rate(got_r["texts"], patterns[n]), ce_ratio=got_r["ce"] / base["ce"],
+                                   codes=[code_name(s, g * scan.num_codes[s] + c, scan.num_codes[s]) for s, g, c in rand])
+            out[n][mode] = r
+            if why:
+                bar.write(f"warning: {n} ({mode} mode): no code: {why}")
+            else:
+                ctl = f", random {r['random']['steered']:.3f}" if "random" in r else ""
+                bar.write(f"{n:10s} {mode}: baseline {out[n]['baseline']:.3f} steered {r['steered']:.3f}{ctl}, CE "
+                          f"{r['ce_ratio']:.2f}x (estimated {est[1]:.2f}x), rep3 {base['rep']:.3f} -> {r['steered_rep']:.3f}"
+                          f" ({len(chosen)} codes: {' '.join(r['codes'][:4])}{' ...' if len(chosen) > 4 else ''})")
+            bar.update()
     bar.close()
-    mean = {key: mean_of(out, key) for key in ("baseline", "steered", "baseline_ce", "steered_ce", "baseline_rep",
-                                              "steered_rep", "n_codes")}
-    mean["ce_ratio"] = mean["steered_ce"] / mean["baseline_ce"]
-    print(f"mean over {len(out)} topics: baseline {mean['baseline']:.3f}, steered {mean['steered']:.3f}; CE "
-          f"{mean['baseline_ce']:.3f} -> {mean['steered_ce']:.3f} nats/token ({mean['ce_ratio']:.2f}x), rep3 "
-          f"{mean['baseline_rep']:.3f} -> {mean['steered_rep']:.3f} ({len(prompts)} prompts x {cfg.samples} samples, "
-          f"{cfg.max_new_tokens} new tokens, {cfg.max_codes} codes, at most {cfg.per_head or 'k'} per head, at "
+    out["mean"], out["matrix"] = {}, {}
+    topics_ = {n: out[n] for n in names}
+    for mode in modes:
+        rows = {n: v[mode] for n, v in topics_.items()}
+        m = dict(baseline=mean_of(topics_, "baseline"), steered=mean_of(rows, "steered"),
+                 baseline_ce=base["ce"], steered_ce=mean_of(rows, "steered_ce"), n_codes=mean_of(rows, "n_codes"),
+                 topics_with_codes=sum(bool(r["n_codes"]) for r in rows.values()))
+        m["ce_ratio"] = m["steered_ce"] / m["baseline_ce"]
+        with_codes = [r for r in rows.values() if "random" in r]
+        if with_codes:
+            m["random_steered"] = sum(r["random"]["steered"] for r in with_codes) / len(with_codes)
+            m["steered_where_random"] = sum(r["steered"] for r in with_codes) / len(with_codes)
+        out["mean"][mode] = m
+        out["matrix"][mode] = {a: {b: mention_rate(texts[mode][a], patterns[b]) for b in names} for a in names}
+        ctl = (f"; random codes {m['random_steered']:.3f} (steered {m['steered_where_random']:.3f} on the same topics)"
+               if "random_steered" in m else "")
+        print(f"{mode} mode, mean over {len(names)} topics: baseline {m['baseline']:.3f}, steered {m['steered']:.3f}"
+              f"{ctl}; CE {m['baseline_ce']:.3f} -> {m['steered_ce']:.3f} nats/token ({m['ce_ratio']:.2f}x), "
+              f"{m['n_codes']:.1f} codes, {m['topics_with_codes']}/{len(names)} topics with codes")
+    best = max(modes, key=lambda md: (out["mean"][md]["ce_ratio"] <= 1.5, out["mean"][md]["steered"]))
+    out["mean"]["best_mode"] = best
+    w = max(map(len, names))
+    print(f"topic x topic ({best} mode): row = the topic steered to, column = the regex scored")
+    print(" " * w + " " + " ".join(f"{b[:6]:>6s}" for b in names))
+    for a in names:
+        print(f"{a:{w}s} " + " ".join(f"{out['matrix'][best][a][b]:6.2f}" for b in names))
+    print(f"({cfg.rule} rule, {len(prompts)} prompts x {cfg.samples} samples, {cfg.max_new_tokens} new tokens, at "
           f"{cfg.at}, {time.time() - t0:.0f} s)")
-    out["mean"] = mean
     if sweep:
-        out["sweep"] = run_sweep(model, cfg, sweep, caps, patterns, rows, prompts, enc.decode)
+        out["sweep"] = run_sweep(model, cfg, sweep, caps, patterns, orders, k, prompts, enc.decode)
     out["settings"] = dict(asdict(cfg), device=str(next(model.parameters()).device),
-                           prompts=cfg.prompts.split("|"), n_stories=n_stories, labels=labelled,
-                           baseline_sample=base["texts"][-1][:400], wall_s=time.time() - t0)
+                           prompts=cfg.prompts.split("|"), n_passages=scan.n_passages, probe_passages=len(scan.probe),
+                           labels=scan.labelled, baseline_sample=base["texts"][-1][:400], wall_s=time.time() - t0)
     write_json(cfg.ckpt, "topics.json", out)
+    if not any(out[n][mode]["n_codes"] for n in names for mode in modes):
+        fail(f"no topic got a code ({cfg.rule} rule, modes {cfg.mode}): see the warnings above; topics.json "
+             f"records why for each")
     return out
 
 

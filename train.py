@@ -122,6 +122,17 @@ PRESETS = {
                        block_size=256, cb_at="attn", num_codes=512, k=8, replace_every=50, batch_size=16, max_iters=200,
                        learning_rate=1e-3, min_lr=1e-4, warmup_iters=0, eval_interval=50, eval_seqs=128,
                        log_interval=10),
+    # real text on a 2-core CPU (tinystories_data.py --input=FILE --encoding=words --passage_words=150): a
+    # model trained without codebooks (10 min), then its finetune with attention codebooks (text_ft, 5 min).
+    # Twice the stories' depth and width: at 2 layers x 128 the model's loss on real prose stays near 3.6
+    # nats/token and no code steers it (README: "Topic steering on real text")
+    "text": dict(out_dir="out-text", data_dir="data/text", n_layer=4, n_head=8, n_embd=256, block_size=256,
+                 cb_at="none", batch_size=16, max_iters=650, learning_rate=2e-3, min_lr=2e-4, warmup_iters=50,
+                 eval_interval=130, eval_seqs=128, log_interval=10),
+    "text_ft": dict(out_dir="out-text-ft", data_dir="data/text", n_layer=4, n_head=8, n_embd=256, block_size=256,
+                    cb_at="attn", num_codes=512, k=8, replace_every=50, batch_size=16, max_iters=200,
+                    learning_rate=1e-3, min_lr=1e-4, warmup_iters=0, eval_interval=50, eval_seqs=128,
+                    log_interval=10),
     # the paper's Table 2a on one GPU: TinyStories-1Layer-21M (GPT-Neo, d 1024, 16 heads, gpt2 tokens)
     # finetuned with per-head attention codebooks, k=8, C=10k, lr 5e-4, batch 96 x 512 (--cb_at=none: the
     # baseline). The model card's 100k steps, linear, 5% warm-up, shortened to 10k (README: what each costs)
