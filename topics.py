@@ -167,10 +167,15 @@ def topic_rates(ids, member, num_codes):
     is about topic K -> in_rate (K, num_codes): fraction of the topic's tokens where the code fires;
     out_rate (K, num_codes): the same over all other tokens."""
     member = member.bool()
-    fired = torch.bincount(ids.reshape(-1), minlength=num_codes).double()  # (C,) firings over all tokens
-    fired_in = hits(ids, member, num_codes)
-    n_in = member.sum(0).double()[:, None]  # (K, 1)
-    return fired_in / n_in.clamp_min(1), (fired - fired_in) / (len(ids) - n_in).clamp_min(1)
+    return in_out(dict(fired=torch.bincount(ids.reshape(-1), minlength=num_codes).double(),
+                       n=torch.tensor(float(len(ids))), fired_in=hits(ids, member, num_codes),
+                       n_in=member.sum(0).double()[:, None]))
+
+
+def in_out(st):
+    """A site's counts -> (in_rate, out_rate) (K, C), as topic_rates describes them."""
+    return (st["fired_in"] / st["n_in"].clamp_min(1),
+            (st["fired"] - st["fired_in"]) / (st["n"] - st["n_in"]).clamp_min(1))
 
 
 def hits(ids, mask, num_codes):
@@ -200,8 +205,7 @@ def window_before(match, w):
 def rule_scores(rule, st, cfg):
     """st: one site's counts (see Scan.counts) -> (score (K, C), ok (K, C) which codes the rule admits,
     figures {name: (K, C)} for the record)."""
-    rin = st["fired_in"] / st["n_in"].clamp_min(1)
-    rout = (st["fired"] - st["fired_in"]) / (st["n"] - st["n_in"]).clamp_min(1)
+    rin, rout = in_out(st)
     lift = rin / (rout + 1 / (st["n"] - st["n_in"]).clamp_min(1))
     prec_w = st["hit_window"] / st["fired"].clamp_min(1)
     prec_t = st["hit_match"] / st["fired"].clamp_min(1)
@@ -464,7 +468,7 @@ def by_effect(probe, scan, t, mode, k, cfg):
     return [c for c in out if c.score > 1]
 
 
-def why_none(scan, cfg, t, candidates, rejected, mode):
+def why_none(scan, cfg, t, rejected):
     """One line: why topic t got no code in this mode, with the best candidate's figures."""
     if rejected is not None:
         c, prob, ratio = rejected
@@ -569,7 +573,7 @@ def pick_codes(model, cfg, scan, modes, decode_tokens):
             cands = by_effect(probe, scan, t, mode, k, cfg) if cfg.rule == "effect" else ranked(scan, cfg.rule, cfg, t)
             orders.setdefault(name, cands)
             chosen, est, rejected = choose(probe, cands, t, mode, k, cfg)
-            picks[name][mode] = (chosen, est, None if chosen else why_none(scan, cfg, t, cands, rejected, mode))
+            picks[name][mode] = (chosen, est, None if chosen else why_none(scan, cfg, t, rejected))
             bar.update()
     bar.close()
     return picks, orders, k, probe
