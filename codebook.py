@@ -72,7 +72,7 @@ def search(x, codebook, k, max_elems=1 << 22, compile=False):
 # the straight-through snap, with the reconstruction gradient for the codes
 
 
-class _Snap(torch.autograd.Function):
+class _SnapToCodes(torch.autograd.Function):
     """(xn (N, G, d), codebook, ids (N, G, k)) -> out, the mean of the k chosen codes, and the logged mse,
     sum over groups of mean over tokens of |out - xn|^2. No (N, G, k, d) tensor, forward or backward.
     rows: (token, group) rows per step of the codes' gradient scatter (None: all at once)."""
@@ -175,7 +175,7 @@ class CodebookLayer(nn.Module):
             rows = None
         if interventions:
             ids = apply_interventions(ids, interventions, self.k, T, pos0)
-        out, mse = _Snap.apply(xn, self.codebook, ids, self.mse_weight, rows)
+        out, mse = _SnapToCodes.apply(xn, self.codebook, ids, self.mse_weight, rows)
         with torch.no_grad():
             self.last_mse = mse
             if self.training:
@@ -292,21 +292,22 @@ def _position_mask(positions, T, device, pos0=0):
     return mask
 
 
-def apply_interventions(ids_ext, interventions, k, T, pos0=0):
-    """ids_ext (N, G, k + A) candidates -> (N, G, k) ids after ablations and forced codes; the N rows are
-    (B, T) tokens at positions pos0 .. pos0 + T - 1."""
-    N, G, _ = ids_ext.shape
-    dev = ids_ext.device
+def apply_interventions(candidates, interventions, k, T, pos0=0):
+    """candidates (N, G, k + A), the search's k + A best ids, best first (A: the most codes ablated in a
+    group) -> (N, G, k) ids after ablations and forced codes; the N rows are (B, T) tokens at positions
+    pos0 .. pos0 + T - 1."""
+    N, G, _ = candidates.shape
+    dev = candidates.device
     ablations = [iv for iv in interventions if iv.ablate]
     forces = [iv for iv in interventions if not iv.ablate]
     if ablations:
-        bad = torch.zeros_like(ids_ext, dtype=torch.bool)
+        bad = torch.zeros_like(candidates, dtype=torch.bool)
         for iv in ablations:
             at = _position_mask(iv.positions, T, dev, pos0).repeat(N // T)  # (N,)
-            bad[:, iv.group] |= (ids_ext[:, iv.group] == iv.code) & at[:, None]
+            bad[:, iv.group] |= (candidates[:, iv.group] == iv.code) & at[:, None]
         order = torch.sort(bad.to(torch.int8), dim=-1, stable=True).indices  # ablated candidates last
-        ids_ext = ids_ext.gather(-1, order)
-    ids = ids_ext[..., :k].clone()
+        candidates = candidates.gather(-1, order)
+    ids = candidates[..., :k].clone()
     slot = [k - 1] * G  # next free slot per group, from the lowest similarity up
     for iv in forces:
         if slot[iv.group] < 0:

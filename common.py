@@ -1,11 +1,10 @@
 """
-What every script shares, and nothing else: `--key=value` parsing into a config dataclass, one-line
+What every script shares, and nothing else (it imports no model code): `--key=value` parsing into a config dataclass, one-line
 errors, picking a device, progress that shows in a terminal and in a log, checkpoints and JSON files.
 
     from common import fail, parse_args, pick_device, Progress, save_checkpoint, load_checkpoint, save_json
     cfg, given = parse_args(sys.argv[1:], TrainConfig, PRESETS)   # --config=NAME picks a preset
     ckpt = load_checkpoint("out-fsm/ckpt.pt")                     # torch.load(weights_only=True)
-    model = model_from_checkpoint(ckpt, "cpu")
 """
 
 import dataclasses
@@ -18,7 +17,6 @@ import time
 import torch
 from tqdm import tqdm
 
-from model import GPT, GPTConfig
 
 
 def fail(msg):
@@ -156,10 +154,3 @@ def load_checkpoint(path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-
-
-def model_from_checkpoint(ckpt, device="cpu"):
-    """Rebuild the model stored in a checkpoint dict (from load_checkpoint)."""
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device)

@@ -1,5 +1,6 @@
 """
-TokFSM: random walks on a finite state machine, written as digit tokens (SPEC section 2).
+TokFSM: random walks on a finite state machine, written as digit tokens (the paper's TokFSM experiment:
+Tamkin et al., "Codebook Features").
 
     python fsm_data.py            # the FSM's facts, its Bayes-optimal loss / accuracy, sampling speed
 

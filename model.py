@@ -87,27 +87,27 @@ def rotate(x, pos0=0, base=10000.0):
     angle = torch.arange(pos0, pos0 + T, device=x.device, dtype=torch.float32)[:, None] * freq  # (T, hs/2)
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), as x * (cos, cos) + (x2, x1) * (-sin, sin)
-    return _Turn.apply(x, torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None])
+    return _Rotation.apply(x, torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None])
 
 
-def _turn(x, cos, sin):
+def _rotation(x, cos, sin):
     h = x.shape[-1] // 2
     return x * cos + torch.cat([x[..., h:], x[..., :h]], -1) * sin
 
 
-class _Turn(torch.autograd.Function):
-    """x -> _turn(x, cos, sin), whose backward is the turn back (by -angle): one pass each way, where
+class _Rotation(torch.autograd.Function):
+    """x -> _rotation(x, cos, sin), whose backward is the turn back (by -angle): one pass each way, where
     autograd's backward of the slices, products and concatenation takes several times the forward."""
 
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return _turn(x, cos, sin)
+        return _rotation(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        return _turn(grad, cos, -sin), None, None
+        return _rotation(grad, cos, -sin), None, None
 
 
 class KVCache:
@@ -390,3 +390,10 @@ def make_interventions(addresses, ablate=False, positions=None):
         site, group, code = parse_code(a)
         out.append(Intervention(site, group, code, ablate, None if positions is None else tuple(positions)))
     return out
+
+
+def model_from_checkpoint(ckpt, device="cpu"):
+    """Rebuild the model stored in a checkpoint dict (common.load_checkpoint: torch.load(weights_only=True))."""
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device)

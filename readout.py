@@ -25,9 +25,9 @@ import string
 import torch
 
 import tinystories_data
-from common import Progress, fail, load_checkpoint, model_from_checkpoint, pick_device, save_json
+from common import Progress, fail, load_checkpoint, pick_device, save_json
 from fsm_data import FSM
-from model import format_code, make_interventions
+from model import format_code, make_interventions, model_from_checkpoint
 
 
 def load_codebook_model(path, device="cpu"):

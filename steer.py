@@ -16,7 +16,8 @@ usage, show and search read language-model checkpoints too (windows of the val.b
 or --data_dir). (Steering language models by topic is topics.py; usage, show and search for every code at
 once, as one HTML page, is browse.py.)
 
-Definitions (SPEC section 2). A pattern is a set M of positions of the sampled sequences:
+Definitions (the paper's TokFSM experiment, Tamkin et al., "Codebook Features"). A pattern is a set M
+of positions of the sampled sequences:
   state s           the last digit of state s (where "the current state is s");
   state+digit (s,d) the first digit of the state after s, when that digit is d.
   A code fires where its codebook selects it (any of the k slots); recall = |M and fired| / |M|,

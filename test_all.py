@@ -48,7 +48,7 @@ import train
 from codebook import CodebookLayer, Intervention, search
 from codebook_fast import plan
 from fsm_data import FSM
-from model import GPT, GPTConfig, KVCache, format_code, make_interventions, parse_code
+from model import GPT, GPTConfig, KVCache, format_code, make_interventions, model_from_checkpoint, parse_code
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -909,12 +909,12 @@ def test_train_checkpoint_round_trip(tmp_path):
         assert key in saved
     assert saved["iters"] == 4 and set(saved["alive"]) == {"L0.attn", "L0.mlp", "all"} and m["val_loss"] > 0
     ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"))  # weights_only=True inside
-    model = common.model_from_checkpoint(ckpt).eval()
+    model = model_from_checkpoint(ckpt).eval()
     fsm = FSM()
     val = fsm.sample(8, 16, torch.Generator().manual_seed(ckpt["config"]["seed"] + 1))
     logits, loss, _, _ = model(val[:, :-1], val[:, 1:])
     assert loss.item() == pytest.approx(saved["val_loss"], rel=1e-5)
-    again = common.model_from_checkpoint(common.load_checkpoint(str(tmp_path / "ckpt.pt"))).eval()
+    again = model_from_checkpoint(common.load_checkpoint(str(tmp_path / "ckpt.pt"))).eval()
     assert torch.equal(again(val[:, :-1])[0], logits)
 
 
@@ -1163,7 +1163,7 @@ def test_training_on_a_gpu(tmp_path):
     assert ma["device"] == "cuda" and abs(ma["val_loss"] - mb["val_loss"]) < 1e-2
     ca, cb = (common.load_checkpoint(str(d / "ckpt.pt")) for d in (a, b))
     assert torch.equal(ca["cuda_rng"], cb["cuda_rng"])
-    model = common.model_from_checkpoint(cb)
+    model = model_from_checkpoint(cb)
     assert next(model.parameters()).device.type == "cpu"
 
 
@@ -1422,7 +1422,7 @@ def test_successor_starts():
 
 
 def test_forcing_a_code_equals_a_codebook_that_only_has_it(ckpt):
-    model = common.model_from_checkpoint(common.load_checkpoint(ckpt)).eval()
+    model = model_from_checkpoint(common.load_checkpoint(ckpt)).eval()
     idx = torch.tensor([[10, 1, 2, 0, 3, 1, 1]])
     base, _, codes, _ = model(idx)
     c = next(i for i in range(64) if not (codes["L1.mlp"] == i).any())  # a code the model does not pick here
@@ -1441,7 +1441,7 @@ def test_forcing_a_code_equals_a_codebook_that_only_has_it(ckpt):
 
 
 def test_generate_follows_the_forced_distribution(ckpt, capsys):
-    model = common.model_from_checkpoint(common.load_checkpoint(ckpt)).eval()
+    model = model_from_checkpoint(common.load_checkpoint(ckpt)).eval()
     idx = torch.tensor([[10, 0, 1, 0, 5]])  # BOS + the prompt "0105"
     base = model(idx)[0][0, -1].argmax().item()
     moved = [c for c in range(64) if model(idx, interventions=[Intervention("L1.mlp", 0, c)])[0][0, -1].argmax() != base]
@@ -1457,7 +1457,7 @@ def test_generate_follows_the_forced_distribution(ckpt, capsys):
 
 
 def test_patching_own_codes_changes_nothing(tmp_path):
-    model = common.model_from_checkpoint(common.load_checkpoint(save_tiny(tmp_path / "ckpt.pt", k=2))).eval()
+    model = model_from_checkpoint(common.load_checkpoint(save_tiny(tmp_path / "ckpt.pt", k=2))).eval()
     x = torch.tensor([[10, 1, 2, 0, 3], [10, 0, 4, 1, 1], [10, 1, 1, 0, 2]])
     logits, _, codes, _ = model(x)
     last = {s: c[:, -1] for s, c in codes.items()}  # (B, G, k)
@@ -1709,7 +1709,7 @@ def test_lm_training_and_checkpoint(lm):
     assert saved["val_loss"] < 0.8 * np.log(json.load(open(d / "data" / "meta.json"))["vocab_size"])  # it learned
     ckpt = common.load_checkpoint(str(d / "plain" / "ckpt.pt"))
     assert ckpt["kind"] == "lm" and ckpt["data"]["meta"]["eot"] == ckpt["model_args"]["vocab_size"] - 1
-    model = common.model_from_checkpoint(ckpt).eval()
+    model = model_from_checkpoint(ckpt).eval()
     val = td.fixed_windows(td.load_tokens(str(d / "data"))[1], 8, 49)
     assert model(val[:, :-1], val[:, 1:])[1].item() == pytest.approx(saved["val_loss"], rel=1e-5)
     encode, decode, _ = readout.tokenizer(ckpt)
@@ -1813,7 +1813,7 @@ def test_topics_command(lm, capsys):
 def test_continuation_ce_is_the_models_own_loss(lm):
     """The fluency measure, checked against the model's next-token probabilities taken one prefix at a time."""
     d, _ = lm
-    model = common.model_from_checkpoint(common.load_checkpoint(str(d / "cb" / "ckpt.pt"))).eval()
+    model = model_from_checkpoint(common.load_checkpoint(str(d / "cb" / "ckpt.pt"))).eval()
     gen = torch.Generator().manual_seed(0)
     y = model.generate(torch.tensor([[0, 5, 9]] * 2), 6, generator=gen)  # (2, 3 + 6)
     ce = topics.continuation_ce(model, y, 3)

@@ -49,9 +49,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tinystories_data
 import distributed
-from common import Progress, fail, load_checkpoint, model_from_checkpoint, parse_args, save_checkpoint, save_json
+from common import Progress, fail, load_checkpoint, parse_args, save_checkpoint, save_json
 from fsm_data import FSM
-from model import CB_AT, GPT, GPTConfig
+from model import CB_AT, GPT, GPTConfig, model_from_checkpoint
 
 
 @dataclass
