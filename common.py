@@ -1,6 +1,7 @@
 """
-What every script shares, and nothing else (it imports no model code): `--key=value` parsing into a config dataclass, one-line
+What every script shares, and nothing else: `--key=value` parsing into a config dataclass, one-line
 errors, picking a device, progress that shows in a terminal and in a log, checkpoints and JSON files.
+It imports no model code (model.model_from_checkpoint rebuilds a model from a checkpoint).
 
     from common import fail, parse_args, pick_device, Progress, save_checkpoint, load_checkpoint, save_json
     cfg, given = parse_args(sys.argv[1:], TrainConfig, PRESETS)   # --config=NAME picks a preset
@@ -16,7 +17,6 @@ import time
 
 import torch
 from tqdm import tqdm
-
 
 
 def fail(msg):
