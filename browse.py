@@ -24,7 +24,7 @@ the top contexts carry show's exact scores. The bytes depend only on the checkpo
 JSON files beside it.
 """
 
-import cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torch loads it)
+import helpers.cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torch loads it)
 
 import base64
 import hashlib
@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 
 from codebook import Intervention
-from common import fail, parse_value
+from helpers.common import fail, parse_value
 from model import format_code, parse_code
-from readout import (code_counts, code_scores, flat_ids, load_codebook_model, need_fsm, run, sample_sequences,
+from helpers.readout import (code_counts, code_scores, flat_ids, load_codebook_model, need_fsm, run, sample_sequences,
                      tokenizer, usage_stats)
 
 FLAGS = dict(  # every flag and its default; the default's type is the flag's type

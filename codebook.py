@@ -14,20 +14,20 @@ through the output plus the gradient of a reconstruction term, sum over groups o
 mean over tokens of |y - sg(x)|^2, added inside the backward as the official 'aeloss' does,
 so the model's own loss stays pure cross-entropy. The MSE value is kept in `layer.last_mse`.
 
-This file is the method: the plain search below, the layer, interventions (force or ablate a code at
-inference). `CodebookLayer(fast=True)`, the default, takes the tuned search of codebook_fast.py instead
-(per-device tiles, block maxima, fused Triton kernels on a GPU), which gives the same ids (tested).
+This file is the method, and imports only torch: the plain search below, the layer, interventions (force
+or ablate a code at inference). The scripts then call `tuned.use_tuned_search(model)`, as nanoGPT calls
+torch.compile: it swaps in the tuned search of tuned/tiled.py (per-device tiles, block maxima, fused Triton
+kernels on a GPU), which finds the same ids (tested), and a LayerNorm whose backward keeps less.
 """
 
 import functools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import codebook_fast
 
 # -----------------------------------------------------------------------------
 # the search: a pure function of tensors
@@ -36,7 +36,7 @@ import codebook_fast
 def similarity(x, codes):
     """Cosine scores up to a per-token factor: x (n, G, d), unit codes (G, C, d) -> (n, G, C).
     Dividing by |x| changes no token's ranking, so it is left out. Another similarity goes here (and
-    CodebookLayer(fast=False): the tuned search is cosine only)."""
+    then leave out use_tuned_search: the tuned search is cosine only)."""
     return torch.einsum("ngd,gcd->ngc", x, codes)
 
 
@@ -45,27 +45,63 @@ def top_codes(x, codes, k):
     return similarity(x, codes).topk(k, dim=-1).indices
 
 
+@contextmanager
+def exact_fp32():
+    """Matmuls in fp32 inside. torch.set_float32_matmul_precision("high"), or
+    torch.backends.cuda.matmul.allow_tf32 = True as nanoGPT's train.py sets, makes them TF32, which rounds
+    the inputs to 10 mantissa bits: ids would stop matching an fp32 search, and the fused search's proof
+    assumes fp32 re-scores. The user's setting is restored on exit."""
+    try:
+        legacy = torch.get_float32_matmul_precision()  # allow_tf32 = True reads as "high"
+    except RuntimeError:  # set through torch >= 2.9's per-backend API, which the legacy getter refuses
+        legacy = None
+    backends = [b for b in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
+                if hasattr(b, "fp32_precision")]  # torch >= 2.9
+    old = [b.fp32_precision for b in backends]
+    by_legacy = legacy not in (None, "highest")
+    if not by_legacy and all(o in ("none", "ieee") for o in old):
+        yield
+        return
+    if by_legacy:  # the same API as the user's, or torch would see them mixed and refuse to read either
+        torch.set_float32_matmul_precision("highest")
+    for b in backends:
+        b.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        if by_legacy:
+            torch.set_float32_matmul_precision(legacy)
+        for b, o in zip(backends, old):
+            if b.fp32_precision != o:
+                b.fp32_precision = o
+
+
 @functools.cache
 def compiled_top_codes():
     return torch.compile(top_codes)  # on first use: at import it would cost every script a second or two
 
 
 @torch.no_grad()
-def search(x, codebook, k, max_elems=1 << 22, compile=False):
+def search(x, codebook, k, max_elems=None, compile=False):
     """Ids of the k codes most cosine-similar to each input, slot 0 the best: x (N, G, d),
-    codebook (G, C, d) -> (N, G, k) int64. Tokens go in chunks of about max_elems scores, so memory does
-    not grow with N. Matmuls are pinned to fp32: TF32 would round the scores and change ids."""
+    codebook (G, C, d) -> (N, G, k) int64. Tokens go in chunks of about max_elems scores (None: 2^22),
+    so memory does not grow with N. Matmuls are pinned to fp32: TF32 would round the scores and change ids."""
     (N, G, _), C = x.shape, codebook.shape[1]
     if not 1 <= k <= C:
         raise ValueError(f"search: k = {k}; valid: 1 <= k <= {C}, the number of codes")
     select = compiled_top_codes() if compile else top_codes
     codes = F.normalize(codebook, dim=-1)  # (G, C, d) unit codes: x . c_i / |c_i|
     ids = torch.empty(N, G, k, dtype=torch.long, device=x.device)
-    n = max(1, max_elems // (G * C))  # tokens a chunk
-    with codebook_fast.exact_fp32():
+    n = max(1, (max_elems or 1 << 22) // (G * C))  # tokens a chunk
+    with exact_fp32():
         for i in range(0, N, n):
             ids[i:i + n] = select(x[i:i + n], codes, k)
     return ids
+
+
+def layer_norm(x, weight, bias):
+    """x (N, G, d) -> LayerNorm over d (eps 1e-5), then each group's affine, weight and bias (G, d)."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-5) * weight + bias
 
 
 # -----------------------------------------------------------------------------
@@ -122,12 +158,14 @@ class CodebookLayer(nn.Module):
     """y, ids = layer(x, interventions=(), pos0=0): x (..., dim) -> y (..., dim), ids (..., groups, k).
 
     num_codes C per group, k codes per token; mse_weight scales the codes' reconstruction gradient;
-    compile: torch.compile the search; max_elems: scores held at once by the search (None: its default);
-    fast: the tuned search and LayerNorm of codebook_fast.py (False: the plain ones of this file).
+    compile: torch.compile the search; max_elems: scores held at once by the search (None: its default).
+    Three plain-function attributes say how it computes, and tuned.use_tuned_search swaps them: search
+    (this file's), layer_norm (F.layer_norm with the groups' affine), scatter_rows (None, or device -> rows
+    per step of the codes' gradient scatter). Each choice gives the same ids and gradients (tested).
     pos0: the position of x's first token (dim -2), for interventions at absolute positions: a generation
     step with a KV cache passes only the new tokens."""
 
-    def __init__(self, dim, num_codes, k=1, groups=1, mse_weight=1.0, compile=False, max_elems=None, fast=True):
+    def __init__(self, dim, num_codes, k=1, groups=1, mse_weight=1.0, compile=False, max_elems=None):
         super().__init__()
         if dim % groups:
             raise ValueError(f"dim={dim} is not divisible by groups={groups}")
@@ -136,7 +174,7 @@ class CodebookLayer(nn.Module):
         d = dim // groups
         self.dim, self.num_codes, self.k, self.groups = dim, num_codes, k, groups
         self.mse_weight, self.compile, self.max_elems = mse_weight, compile, max_elems
-        self.fast = fast  # the tuned search (codebook_fast.py) or the plain one: the same ids and gradients
+        self.search, self.layer_norm, self.scatter_rows = search, layer_norm, None  # plain functions: see above
         self.codebook = nn.Parameter(torch.randn(groups, num_codes, d))  # N(0, 1): norm ~ sqrt(d), like LN output
         self.ln_weight = nn.Parameter(torch.ones(groups, d))
         self.ln_bias = nn.Parameter(torch.zeros(groups, d))
@@ -150,10 +188,7 @@ class CodebookLayer(nn.Module):
 
     def normalize(self, x):
         """(..., dim) -> (N, G, d) in the layer's LayerNorm space: each group its own LN affine."""
-        a = x.reshape(-1, self.groups, self.dim // self.groups)
-        if self.fast:  # the same values; its backward keeps less memory
-            return codebook_fast.group_layer_norm(a, self.ln_weight, self.ln_bias)
-        return F.layer_norm(a, a.shape[-1:], eps=1e-5) * self.ln_weight + self.ln_bias
+        return self.layer_norm(x.reshape(-1, self.groups, self.dim // self.groups), self.ln_weight, self.ln_bias)
 
     def forward(self, x, interventions=(), pos0=0):
         if interventions and self.training:
@@ -167,12 +202,8 @@ class CodebookLayer(nn.Module):
         T = x.shape[-2] if x.dim() >= 3 else N
         n_ablate = max([sum(iv.ablate and iv.group == g for iv in interventions) for g in range(G)], default=0)
         k = min(self.k + n_ablate, self.num_codes)  # ablated codes leave the search: more candidates
-        if self.fast:
-            ids = codebook_fast.search(xn.detach(), self.codebook.detach(), k, self.max_elems, self.compile)
-            rows = codebook_fast.plan_for(x.device)["bwd_rows"]
-        else:
-            ids = search(xn.detach(), self.codebook.detach(), k, self.max_elems or 1 << 22, self.compile)
-            rows = None
+        ids = self.search(xn.detach(), self.codebook.detach(), k, self.max_elems, self.compile)
+        rows = self.scatter_rows(x.device) if self.scatter_rows else None
         if interventions:
             ids = apply_interventions(ids, interventions, self.k, T, pos0)
         out, mse = _SnapToCodes.apply(xn, self.codebook, ids, self.mse_weight, rows)

@@ -42,7 +42,7 @@ class GPTConfig:
     cb_layers: tuple = None  # layers that carry codebooks; None = all
     mlp_groups: int = 1  # groups of the MLP codebook
     compile: bool = False  # torch.compile the codebook search
-    # what pretrained GPT-2 / GPT-Neo models need (GPT.from_pretrained); the defaults are this project's models
+    # what pretrained GPT-2 / GPT-Neo models need (pretrained/load.py); the defaults are this project's models
     qkv_bias: bool = True  # bias in c_attn (when bias): GPT-Neo's q, k, v projections have none
     scale_attn: bool = True  # q . k / sqrt(head size); GPT-Neo does not scale
     attn_fp32: bool = False  # attention scores in fp32 under autocast, as GPT-Neo
@@ -251,26 +251,6 @@ class GPT(nn.Module):
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):  # scaled init of the residual projections, as GPT-2
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir, block_size=None, **overrides):
-        """A pretrained GPT-2 or GPT-Neo as this GPT, without codebooks (insert them with init_codebooks on a
-        copy built with cb_at set, as train.py --init_from does). name_or_dir: a local directory holding the
-        hub's config.json and model.safetensors or pytorch_model.bin (used as it is, offline), a hub id
-        "owner/name[@revision]", or gpt2, gpt2-medium, gpt2-large, gpt2-xl (fetched by hub.py).
-        block_size: at most the model's positions (default: all of them; the TinyStories models: 512, the
-        length they were trained at, though their config says 2048). overrides: more GPTConfig fields."""
-        import pretrained  # reading and renaming the hub's files lives there
-        args, state = pretrained.load(name_or_dir, block_size)
-        model = cls(GPTConfig(**{**args, **overrides}))
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # a tensor of another shape than config.json says
-            raise ValueError(f"{name_or_dir}: weights do not fit its config.json ({' '.join(str(e).split())[:200]})")
-        missing = [k for k in missing if ".codebook." not in k and k != "lm_head.weight"]  # lm_head: tied
-        if missing or unexpected:
-            raise ValueError(f"{name_or_dir}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return model
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):

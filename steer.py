@@ -39,7 +39,7 @@ of positions of the sampled sequences:
   digit (the patch stays at its position) is a successor of t; *_baseline: the same with no patch.
 """
 
-import cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torch loads it)
+import helpers.cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torch loads it)
 
 import math
 import re
@@ -49,9 +49,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import Progress, fail, parse_value
+from helpers.common import Progress, fail, parse_value
 from codebook import Intervention
-from readout import (code_counts, code_name, code_scores, firings_by_score, flat_ids, load_codebook_model, need_fsm,
+from helpers.readout import (code_counts, code_name, code_scores, firings_by_score, flat_ids, load_codebook_model, need_fsm,
                      pair_counts, parse_codes, regex_labels, run, sample_sequences, search_codes, tokenizer,
                      usage_stats, write_json)
 

@@ -34,19 +34,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bench
+from benchmarks import search as bench
 import browse
-import codebook_fast
-import common
-import distributed
-import hub
-import readout
+from tuned import tiled
+from helpers import common
+from helpers import distributed
+from pretrained import hub
+from pretrained.load import from_pretrained
+from helpers import readout
 import steer
 import tinystories_data as td
 import topics
 import train
 from codebook import CodebookLayer, Intervention, search
-from codebook_fast import plan
+from tuned import use_tuned_search
+from tuned.tiled import plan
 from fsm_data import FSM
 from model import GPT, GPTConfig, KVCache, format_code, make_interventions, model_from_checkpoint, parse_code
 
@@ -83,9 +85,9 @@ def test_every_search_matches_brute_topk(k, groups, C, max_elems):
     assert not torch.equal(torch.einsum("ngd,gcd->ngc", x, cb).topk(k, -1).indices, want)  # a dot product differs
     assert torch.equal(search(x, cb, k, max_elems=max_elems), want)
     for kind in ("cpu", "cuda"):
-        ids = codebook_fast.search(x, cb, k, max_elems, kind=kind)
+        ids = tiled.search(x, cb, k, max_elems, kind=kind)
         assert ids.shape == (N, groups, k) and ids.dtype == torch.int64 and torch.equal(ids, want), kind
-    for fn in (search, codebook_fast.search):
+    for fn in (search, tiled.search):
         for bad in (0, C + 1):  # no ids, or more than there are codes
             with pytest.raises(ValueError, match=f"valid: 1 <= k <= {C}"):
                 fn(x, cb, bad)
@@ -165,7 +167,7 @@ def test_search_matmuls_are_fp32_whatever_the_global_precision(how):
             torch.backends.mkldnn.matmul.fp32_precision = "tf32"
         before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
         assert before[0] == "tf32"
-        for fn in (search, codebook_fast.search):
+        for fn in (search, tiled.search):
             with MatmulPrecisionSpy() as spy:
                 ids = fn(x, cb, 3)
             assert spy.seen and all(p == ("ieee", "ieee") for p in spy.seen), (fn, spy.seen)
@@ -183,10 +185,10 @@ def test_gpu_ids_do_not_change_with_tf32_on():
     """With TF32 on, a plain scores-and-topk picks other ids than in fp32 at this size; both searches do not."""
     torch.manual_seed(7)
     x, cb = torch.randn(4096, 4, 32, device="cuda"), torch.randn(4, 10000, 32, device="cuda")
-    fp32 = [search(x, cb, 4), codebook_fast.search(x, cb, 4), brute_topk(x, cb, 4)]
+    fp32 = [search(x, cb, 4), tiled.search(x, cb, 4), brute_topk(x, cb, 4)]
     torch.set_float32_matmul_precision("high")
     try:
-        tf32 = [search(x, cb, 4), codebook_fast.search(x, cb, 4), brute_topk(x, cb, 4)]
+        tf32 = [search(x, cb, 4), tiled.search(x, cb, 4), brute_topk(x, cb, 4)]
     finally:
         torch.set_float32_matmul_precision("highest")
     assert not torch.equal(tf32[2], fp32[2])  # TF32 does change a brute-force search's ids here
@@ -286,20 +288,20 @@ def test_kmeans_init_finds_clusters():
 
 
 # -----------------------------------------------------------------------------
-# codebook_fast.py and triton_search.py: the tuned search, held to the plain one
+# tuned/: the tuned search (tiled.py, triton_kernels.py), held to the plain one
 
 
 @pytest.mark.parametrize("k,groups,C", [(1, 1, 300), (1, 4, 3000), (3, 4, 300), (8, 2, 3000)])
-def test_fast_and_plain_layers_give_the_same_ids_and_gradients(k, groups, C):
-    """CodebookLayer(fast=True) (codebook_fast.py: tiles, block maxima, lean LayerNorm) against fast=False
-    (codebook.py's plain search and F.layer_norm), on the CPU plan with C large enough for block maxima."""
+def test_tuned_and_plain_layers_give_the_same_ids_and_gradients(k, groups, C):
+    """use_tuned_search (tiled.py: tiles, block maxima, lean LayerNorm, scatter in rows) against the plain
+    layer (codebook.py's search and F.layer_norm), on the CPU plan with C large enough for block maxima."""
     torch.manual_seed(5)
-    fast = CodebookLayer(64, C, k=k, groups=groups, max_elems=1 << 14)  # several token and code tiles
+    plain = CodebookLayer(64, C, k=k, groups=groups, max_elems=1 << 14)  # several token and code tiles
     with torch.no_grad():
-        fast.ln_weight.uniform_(0.5, 1.5)
-        fast.ln_bias.normal_()
-    plain = copy.deepcopy(fast)
-    plain.fast = False
+        plain.ln_weight.uniform_(0.5, 1.5)
+        plain.ln_bias.normal_()
+    fast = use_tuned_search(copy.deepcopy(plain))
+    assert fast.search is tiled.search and plain.search is search and plain.scatter_rows is None
     x, g = torch.randn(2, 150, 64), torch.randn(2, 150, 64)
     runs = []
     for layer in (fast, plain):
@@ -321,7 +323,7 @@ def test_compiled_searches_give_the_same_ids():
     for k in (1, 4):
         want = brute_topk(x, cb, k)
         assert torch.equal(search(x, cb, k, max_elems=1 << 16, compile=True), want)
-        assert torch.equal(codebook_fast.search(x, cb, k, 1 << 16, compile=True), want)
+        assert torch.equal(tiled.search(x, cb, k, 1 << 16, compile=True), want)
 
 
 @pytest.mark.parametrize("N,G,C,k,max_elems", [(200, 4, 301, 1, 1 << 11), (200, 4, 2500, 4, 1 << 16),
@@ -344,7 +346,7 @@ def test_tile_plans_stay_within_their_budget(N, G, C, k, max_elems):
 def test_device_plans_scale_with_the_machine():
     """A CPU's tile grows with its threads; a GPU's is capped at 1/8 of its free memory (fp32 scores), so
     that the LM shape of bench.py is a few large tiles there instead of hundreds of cache-sized ones."""
-    from codebook_fast import device_plan
+    from tuned.tiled import device_plan
     one, four = device_plan("cpu", threads=1), device_plan("cpu", threads=4)
     assert four["tile_elems"] == 4 * one["tile_elems"]
     assert device_plan("cuda", free_bytes=1 << 30)["tile_elems"] == (1 << 30) // 8 // 4
@@ -360,7 +362,7 @@ def test_device_plans_scale_with_the_machine():
 def test_group_layernorm_gradients(G):
     """The hand-written LayerNorm backward (one fused kernel for G = 1, vectorised over groups otherwise)
     against finite differences, with and without a gradient for the input."""
-    from codebook_fast import _GroupLayerNorm
+    from tuned.tiled import _GroupLayerNorm
     torch.manual_seed(0)
     x = torch.randn(20, G, 6, dtype=torch.float64, requires_grad=True)
     w, b = (torch.randn(G, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
@@ -379,7 +381,7 @@ def test_fused_error_bound_holds_for_emulated_tensor_cores(precision):
     float64 (tf32x3: hi = tf32(a), lo = tf32(a - hi), a.b ~ hi.hi + hi.lo + lo.hi), stays within the
     bound. For tf32 the rounding dominates and the bound is within 16x of the worst error seen; for
     tf32x3 the bound is mostly the fp32 accumulation, which this float64 emulation does not have."""
-    import triton_search
+    from tuned import triton_kernels
     torch.manual_seed(0)
     for d in (16, 32, 128):
         x = torch.randn(4096, d) * torch.rand(4096, 1) * 10
@@ -392,7 +394,7 @@ def test_fused_error_bound_holds_for_emulated_tensor_cores(precision):
             xl, ul = tf32(x - xh), tf32(u - uh)
             approx = xh.double() @ uh.double().T + xh.double() @ ul.double().T + xl.double() @ uh.double().T
         err = ((approx - exact).abs() / x.double().norm(dim=-1, keepdim=True)).max().item()
-        bound = triton_search.eps_rel(d, precision)
+        bound = triton_kernels.eps_rel(d, precision)
         assert err <= bound, (d, err, bound)
         if precision == "tf32":
             assert bound < 16 * err, (d, err, bound)
@@ -400,34 +402,34 @@ def test_fused_error_bound_holds_for_emulated_tensor_cores(precision):
 
 def fused_checks():
     """Run by the test below in a process with TRITON_INTERPRET=1: the fused kernels on CPU tensors."""
-    import triton_search
-    assert triton_search.available(torch.device("cpu"))
+    from tuned import triton_kernels
+    assert triton_kernels.available(torch.device("cpu"))
     for kind in ("cpu", "cuda"):
-        codebook_fast.PLANS[kind].update(fused="tf32x3", fused_tile=(16, 32, 4))
+        tiled.PLANS[kind].update(fused="tf32x3", fused_tile=(16, 32, 4))
     torch.manual_seed(0)
     # (N, G, d, C, k): d not a power of 2; C not a multiple of the tile; fewer blocks than k; C < a tile
     for N, G, d, C, k in [(70, 3, 24, 257, 1), (40, 2, 16, 257, 4), (33, 1, 8, 40, 5), (40, 2, 16, 20, 2)]:
         x = torch.randn(N, G, d)
         cb = torch.randn(G, C, d) * torch.rand(G, C, 1)
-        ids, proven = triton_search.candidates(x, triton_search.unit(cb), k, "tf32x3", 16, (16, 32, 4))
+        ids, proven = triton_kernels.candidates(x, triton_kernels.unit(cb), k, "tf32x3", 16, (16, 32, 4))
         ids, proven = ids.transpose(0, 1), proven.T  # (N, G, k), (N, G)
         assert proven.float().mean() > 0.9, (N, G, d, C, k)
         assert torch.equal(ids[proven], brute_topk(x, cb, k)[proven]), (N, G, d, C, k)
-        assert torch.equal(codebook_fast.search(x, cb, k, kind="cuda"), brute_topk(x, cb, k))
+        assert torch.equal(tiled.search(x, cb, k, kind="cuda"), brute_topk(x, cb, k))
         if k > 1:  # 10 tokens a chunk (k = 1 holds no block maxima: one chunk whatever max_elems)
-            chunked = codebook_fast.search(x, cb, k, max_elems=G * 17 * 10, kind="cuda")
+            chunked = tiled.search(x, cb, k, max_elems=G * 17 * 10, kind="cuda")
             assert torch.equal(chunked, brute_topk(x, cb, k))
     # the candidate pass's exact re-score runs no matmul that TF32 could round (its proof assumes fp32)
     torch.set_float32_matmul_precision("high")
     with MatmulPrecisionSpy() as spy:
         for k in (1, 3):
-            triton_search.candidates(x, triton_search.unit(cb), k, "tf32x3", 16, (16, 32, 4))
+            triton_kernels.candidates(x, triton_kernels.unit(cb), k, "tf32x3", 16, (16, 32, 4))
     torch.set_float32_matmul_precision("highest")
     assert spy.seen == [], spy.seen
     # the k = 1 kernel's running top 3, merged over 32 tiles of 16 codes, against a sort
-    xs, u = torch.randn(40, 1, 16), triton_search.unit(torch.randn(1, 500, 16))
+    xs, u = torch.randn(40, 1, 16), triton_kernels.unit(torch.randn(1, 500, 16))
     arg, third = torch.empty(2, 1, 40, dtype=torch.int32), torch.empty(1, 40)
-    triton_search._top1_kernel[(3, 1)](xs, u, arg, third, 40, 500, 16, 16, 16, PREC="ieee", D=16, BM=16, BC=16)
+    triton_kernels._top1_kernel[(3, 1)](xs, u, arg, third, 40, 500, 16, 16, 16, PREC="ieee", D=16, BM=16, BC=16)
     top = torch.einsum("nd,cd->nc", xs[:, 0], u[0]).topk(3, dim=-1)
     assert torch.equal(arg[:, 0].T.long(), top.indices[:, :2]) and torch.allclose(third[0], top.values[:, 2])
     # the exact kernel: only tokens marked redo (here the even ones), K passes in (score desc, id asc) order;
@@ -436,11 +438,11 @@ def fused_checks():
     cbx[:, 300] = cbx[:, 7]
     xs = torch.randn(40, 2, 16)
     xs[0] = cbx[:, 7]
-    u = triton_search.unit(cbx)
+    u = triton_kernels.unit(cbx)
     for K in (1, 4):
         ids = torch.full((2, 40, K), -7, dtype=torch.long)
         redo = (torch.arange(40) % 2 == 0).expand(2, 40).contiguous()
-        triton_search._exact_kernel[(3, 2)](xs, u, redo, ids, 40, 500, 16, xs.stride(0), xs.stride(1), K,
+        triton_kernels._exact_kernel[(3, 2)](xs, u, redo, ids, 40, 500, 16, xs.stride(0), xs.stride(1), K,
                                             D=16, BM=16, BC=16)
         want = brute_topk(xs, cbx, K).transpose(0, 1)  # (G, N, K)
         assert torch.equal(ids[:, 2::2], want[:, 2::2]) and (ids[:, 1::2] == -7).all()
@@ -462,28 +464,28 @@ def fused_checks():
                     cb[g, code] = at_cos(x[t, g], cos)
                 if k == 2:
                     cb[g, 50 + t] = at_cos(x[t, g], 0.999)
-        ids, proven = triton_search.candidates(x, triton_search.unit(cb), k, "tf32x3", 16, (16, 32, 4))
+        ids, proven = triton_kernels.candidates(x, triton_kernels.unit(cb), k, "tf32x3", 16, (16, 32, 4))
         scores = torch.einsum("ngd,gcd->ngc", x, F.normalize(cb, dim=-1)).topk(k + 2, dim=-1).values
         gap = scores[..., k - 1] - scores[..., k + 1]  # k + 1 candidates are scored exactly, so the (k+2)-th
-        assert (gap[:8] < triton_search.eps_rel(d, "tf32x3") * x[:8].norm(dim=-1)).all()  # near-ties indeed
+        assert (gap[:8] < triton_kernels.eps_rel(d, "tf32x3") * x[:8].norm(dim=-1)).all()  # near-ties indeed
         assert not proven.T[:8].any() and proven.T[8:].float().mean() > 0.9, k  # sent to the exact search
-        assert torch.equal(codebook_fast.search(x, cb, k, kind="cuda"), brute_topk(x, cb, k))
+        assert torch.equal(tiled.search(x, cb, k, kind="cuda"), brute_topk(x, cb, k))
     # inputs whose last dimension is not contiguous, as a view can hand them over
     x, cb = torch.randn(40, 16, 2).transpose(1, 2), torch.randn(2, 100, 16)  # (N, G, d), stride (32, 1, 2)
     for k in (1, 3):
-        assert torch.equal(codebook_fast.search(x, cb, k, kind="cuda"), brute_topk(x, cb, k)), k
-        assert codebook_fast.search(x[:0], cb, k, kind="cuda").shape == (0, 2, k)  # no tokens: no ids, no error
+        assert torch.equal(tiled.search(x, cb, k, kind="cuda"), brute_topk(x, cb, k)), k
+        assert tiled.search(x[:0], cb, k, kind="cuda").shape == (0, 2, k)  # no tokens: no ids, no error
     # groups wider than the kernels take stay on the torch path
-    x, cb = torch.randn(20, 1, triton_search.MAX_WIDTH + 32), torch.randn(1, 50, triton_search.MAX_WIDTH + 32)
-    assert torch.equal(codebook_fast.search(x, cb, 2, kind="cuda"), brute_topk(x, cb, 2))
+    x, cb = torch.randn(20, 1, triton_kernels.MAX_WIDTH + 32), torch.randn(1, 50, triton_kernels.MAX_WIDTH + 32)
+    assert torch.equal(tiled.search(x, cb, 2, kind="cuda"), brute_topk(x, cb, 2))
     with pytest.raises(ValueError, match="the fused kernels take d <= "):
-        triton_search.search(x, cb, 2)
+        triton_kernels.search(x, cb, 2)
     # the layer on the fused path: the same ids and output as on the torch path
     torch.manual_seed(1)
     layer = CodebookLayer(dim=32, num_codes=100, k=3, groups=2)
     inp = torch.randn(2, 9, 32)
     y, ids = layer(inp)
-    codebook_fast.PLANS["cpu"]["fused"] = None
+    tiled.PLANS["cpu"]["fused"] = None
     y2, ids2 = layer(inp)
     assert torch.equal(ids, ids2) and torch.equal(y, y2)
 
@@ -547,20 +549,20 @@ def test_fused_kernels_compiled_for_nvidia_gpus_fit():
       (EXACT_TILE) spills at most 64 bytes, and all fit the H100's 227 KB of shared memory;
     - at twice MAX_WIDTH they spill, which is why wider groups stay on the torch search;
     - for an RTX 30/40 card (sm_86, 99 KB a block), at MAX_WIDTH 3 stages do not fit and 2 do, so
-      triton_search._launch finds a count that runs."""
-    import triton_search
-    from codebook_fast import PLANS
+      triton_kernels._launch finds a count that runs."""
+    from tuned import triton_kernels
+    from tuned.tiled import PLANS
     BM, BC, warps = PLANS["cuda"]["fused_tile"]
-    B, W = PLANS["cuda"]["block"], triton_search.MAX_WIDTH
-    bm, bc, w = triton_search.EXACT_TILE
-    top1 = lambda d: (triton_search._top1_kernel, dict(PREC="tf32x3", D=d, BM=BM, BC=BC), warps)  # noqa: E731
-    block_max = (triton_search._block_max_kernel, dict(PREC="tf32x3", D=W, BM=BM, BC=BC, B=B), warps)
+    B, W = PLANS["cuda"]["block"], triton_kernels.MAX_WIDTH
+    bm, bc, w = triton_kernels.EXACT_TILE
+    top1 = lambda d: (triton_kernels._top1_kernel, dict(PREC="tf32x3", D=d, BM=BM, BC=BC), warps)  # noqa: E731
+    block_max = (triton_kernels._block_max_kernel, dict(PREC="tf32x3", D=W, BM=BM, BC=BC, B=B), warps)
     for d in (32, 64, W):
         _, stack, shared = gpu_usage(*top1(d))
         assert stack == 0 and shared <= 227 * 1024, ("top1", d, stack, shared)
-        _, stack, shared = gpu_usage(triton_search._exact_kernel, dict(D=d, BM=bm, BC=bc), w)
+        _, stack, shared = gpu_usage(triton_kernels._exact_kernel, dict(D=d, BM=bm, BC=bc), w)
         assert stack <= 64 and shared <= 227 * 1024, ("exact", d, stack, shared)
-    for kernel, c, wp in (block_max, (triton_search._rerank_kernel, dict(D=W, BM=BM, B=B), warps)):
+    for kernel, c, wp in (block_max, (triton_kernels._rerank_kernel, dict(D=W, BM=BM, B=B), warps)):
         _, stack, shared = gpu_usage(kernel, c, wp)
         assert stack == 0 and shared <= 227 * 1024, (kernel.__name__, stack, shared)
     assert gpu_usage(*top1(2 * W))[1] > 0
@@ -572,10 +574,10 @@ def test_fused_kernels_compiled_for_nvidia_gpus_fit():
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
 def test_fused_launch_takes_fewer_stages_where_shared_memory_is_short():
-    """triton_search._launch on a kernel that fits only with `fits` stages (Triton raises OutOfResources
+    """triton_kernels._launch on a kernel that fits only with `fits` stages (Triton raises OutOfResources
     before it launches): it tries 3, 2, 1, keeps the count that ran, and raises when none fits."""
     import triton
-    import triton_search
+    from tuned import triton_kernels
 
     class Kernel:  # stands for a Triton kernel: kernel[grid](*args, num_stages=s, **meta)
         def __init__(self, fits):
@@ -592,27 +594,27 @@ def test_fused_launch_takes_fewer_stages_where_shared_memory_is_short():
     x = torch.zeros(1)  # the key's device
     for fits, first in ((3, [3]), (2, [3, 2]), (1, [3, 2, 1])):
         kernel = Kernel(fits)
-        triton_search._launch(kernel, (1, 1), x, D=128, BM=64)
-        triton_search._launch(kernel, (1, 1), x, D=128, BM=64)  # the count found is kept
+        triton_kernels._launch(kernel, (1, 1), x, D=128, BM=64)
+        triton_kernels._launch(kernel, (1, 1), x, D=128, BM=64)  # the count found is kept
         assert kernel.tried == first + [fits], (fits, kernel.tried)
-        triton_search._launch(kernel, (1, 1), x, D=64, BM=64)  # another tile: tried afresh
+        triton_kernels._launch(kernel, (1, 1), x, D=64, BM=64)  # another tile: tried afresh
         assert kernel.tried[len(first) + 1] == 3
     with pytest.raises(triton.runtime.OutOfResources):
-        triton_search._launch(Kernel(0), (1, 1), x, D=128, BM=64)
+        triton_kernels._launch(Kernel(0), (1, 1), x, D=128, BM=64)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
 def test_fused_search_runs_on_gpus_with_tf32_tensor_cores(monkeypatch):
-    """triton_search.available: CUDA from sm_80 (Ampere) on, groups up to MAX_WIDTH; a Turing GPU (T4,
+    """triton_kernels.available: CUDA from sm_80 (Ampere) on, groups up to MAX_WIDTH; a Turing GPU (T4,
     sm_75), the CPU without the interpreter and wider groups keep the torch search."""
-    import triton_search
+    from tuned import triton_kernels
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    cuda, W = torch.device("cuda"), triton_search.MAX_WIDTH
+    cuda, W = torch.device("cuda"), triton_kernels.MAX_WIDTH
     for capability, want in (((7, 5), False), ((8, 0), True), ((8, 9), True), ((9, 0), True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert triton_search.available(cuda) == want and triton_search.available(cuda, W) == want, capability
-        assert not triton_search.available(cuda, W + 1)
-    assert not triton_search.available(torch.device("cpu"))
+        assert triton_kernels.available(cuda) == want and triton_kernels.available(cuda, W) == want, capability
+        assert not triton_kernels.available(cuda, W + 1)
+    assert not triton_kernels.available(torch.device("cpu"))
 
 
 # -----------------------------------------------------------------------------
@@ -2507,7 +2509,7 @@ def hub_dir(path, arch, vocab=61, fmt="safetensors", seed=0):
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_pretrained_logits_and_loss_equal_transformers(tmp_path, arch, fmt):
     hf = hub_dir(tmp_path, arch, fmt=fmt)
-    model = GPT.from_pretrained(str(tmp_path)).eval()
+    model = from_pretrained(str(tmp_path)).eval()
     c = model.config
     assert c.cb_at == "none" and not c.rope and c.gelu == "tanh" and c.block_size == 64
     if arch == "gpt_neo":
@@ -2529,7 +2531,7 @@ def test_pretrained_logits_and_loss_equal_transformers(tmp_path, arch, fmt):
 
 @pytest.mark.slow  # transformers takes seconds to import
 def test_from_pretrained_by_hub_id_downloads_then_equals_the_local_directory(fake_hub, tmp_path):
-    """The two halves joined: GPT.from_pretrained("owner/name") fetches the files through hub.py (the fake
+    """The two halves joined: from_pretrained("owner/name") fetches the files through hub.py (the fake
     hub), only the .bin where the repository has no safetensors, and gives the local directory's logits."""
     hub_dir(tmp_path / "src", "gpt_neo", fmt="bin")
     for name in os.listdir(tmp_path / "src"):
@@ -2537,13 +2539,13 @@ def test_from_pretrained_by_hub_id_downloads_then_equals_the_local_directory(fak
     fake_hub.lfs.add("/owner/tiny-neo/resolve/main/pytorch_model.bin")
     idx = torch.randint(0, 61, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        want = GPT.from_pretrained(str(tmp_path / "src")).eval()(idx)[0]
-        got = GPT.from_pretrained("owner/tiny-neo").eval()(idx)[0]
+        want = from_pretrained(str(tmp_path / "src")).eval()(idx)[0]
+        got = from_pretrained("owner/tiny-neo").eval()(idx)[0]
     assert torch.equal(got, want)
     assert sorted(os.listdir(tmp_path / "cache" / "models--owner--tiny-neo" / "main")) == ["config.json",
                                                                                             "pytorch_model.bin"]
     with pytest.raises(OSError, match="owner/missing"):  # hub.HubError: one line, for common.fail
-        GPT.from_pretrained("owner/missing")
+        from_pretrained("owner/missing")
 
 
 @pytest.mark.slow  # transformers takes seconds to import
@@ -2551,7 +2553,7 @@ def test_local_attention_kv_cache_samples_the_full_reruns_tokens(tmp_path):
     """The KV cache keeps every key; the window lives in the mask, so cached generation past the window
     equals rerunning the context, with per-head codebooks in place too."""
     hub_dir(tmp_path, "gpt_neo")
-    base = GPT.from_pretrained(str(tmp_path))
+    base = from_pretrained(str(tmp_path))
     cb = GPT(dataclasses.replace(base.config, cb_at="attn", num_codes=16, k=2))
     cb.load_state_dict(base.state_dict(), strict=False)
     for model in (base.eval(), cb.eval()):
@@ -2563,13 +2565,13 @@ def test_local_attention_kv_cache_samples_the_full_reruns_tokens(tmp_path):
 
 @pytest.mark.slow  # transformers takes seconds to import
 def test_pretrained_block_size_and_tinystories_cap(tmp_path):
-    import pretrained
+    from pretrained import load as pretrained
     d = tmp_path / "TinyStories-tiny"
     hub_dir(d, "gpt_neo")
-    assert GPT.from_pretrained(str(d)).config.block_size == 64  # below the 512 cap: all positions
-    assert GPT.from_pretrained(str(d), block_size=20).transformer.wpe.weight.shape == (20, 32)
+    assert from_pretrained(str(d)).config.block_size == 64  # below the 512 cap: all positions
+    assert from_pretrained(str(d), block_size=20).transformer.wpe.weight.shape == (20, 32)
     with pytest.raises(ValueError, match="has 64 positions"):
-        GPT.from_pretrained(str(d), block_size=65)
+        from_pretrained(str(d), block_size=65)
     config = dict(json.load(open(d / "config.json")), max_position_embeddings=2048)
     assert pretrained.map_config(config, str(d))["block_size"] == 512
     assert pretrained.map_config(config, "other")["block_size"] == 2048
@@ -2577,7 +2579,7 @@ def test_pretrained_block_size_and_tinystories_cap(tmp_path):
 
 @pytest.mark.slow  # transformers takes seconds to import
 def test_pretrained_bad_files_are_one_line_errors(tmp_path):
-    import pretrained
+    from pretrained import load as pretrained
     hub_dir(tmp_path / "ok", "gpt2")
     cases = []
     for edit in ("config", "safetensors", "bin", "none"):
@@ -2601,15 +2603,15 @@ def test_pretrained_bad_files_are_one_line_errors(tmp_path):
              "unreadable, truncated or corrupt", "neither model.safetensors nor pytorch_model.bin"]
     for d, want in zip(cases, wants):
         with pytest.raises(ValueError) as e:
-            GPT.from_pretrained(str(d))
+            from_pretrained(str(d))
         assert want in str(e.value) and "\n" not in str(e.value), (d, str(e.value))
     with pytest.raises(ValueError, match="not a directory holding config.json"):
-        GPT.from_pretrained(str(tmp_path / "nowhere"))  # a path, not a hub id: hub is never asked
+        from_pretrained(str(tmp_path / "nowhere"))  # a path, not a hub id: hub is never asked
 
 
 def test_safetensors_reader_by_hand(tmp_path):
     """8 bytes of header length, a JSON header, raw little-endian bytes: F32, F16 and BF16 come back."""
-    import pretrained
+    from pretrained import load as pretrained
     tensors = {"a": torch.randn(2, 3), "b": torch.randn(4).half(), "c": torch.randn(3, 1).bfloat16()}
     header, body = {"__metadata__": {"format": "pt"}}, b""
     for name, t in tensors.items():
@@ -2712,19 +2714,73 @@ def test_finetune_a_hub_model_and_its_checkpoint_loads_in_the_scripts(tmp_path, 
 # how the files stand
 
 
-SCRIPTS = {"train", "steer", "topics", "browse", "bench", "bench_generate", "bench_jobs", "gpu_report"}  # run by users
-LIBRARIES = {"cpu_threads", "model", "codebook", "codebook_fast", "triton_search", "common", "readout",
-             "distributed", "fsm_data", "tinystories_data", "hub", "pretrained"}  # scripts stand on these only; data files run too
+METHOD = {"codebook", "model", "fsm_data", "tinystories_data"}  # the reader's path (the data files also run)
+SCRIPTS = {"train", "steer", "topics", "browse", "benchmarks.search", "benchmarks.finetune", "benchmarks.generate",
+           "benchmarks.jobs", "benchmarks.gpu_report"}  # run by users
+FOLDERS = {"tuned": {"tiled", "triton_kernels"}, "pretrained": {"load", "hub", "tokenizer"},
+           "helpers": {"common", "cpu_threads", "distributed", "readout", "train_data", "checkpoints", "topic_text"},
+           "benchmarks": {"search", "finetune", "generate", "jobs", "gpu_report", "measure"}}
+MOVED = {"bench": "benchmarks.search", "bench_generate": "benchmarks.generate", "bench_jobs": "benchmarks.jobs",
+         "gpu_report": "benchmarks.gpu_report"}  # old commands, which now stop with a line naming the new one
+
+
+def local_imports(name):
+    """The repository's modules that module `name` (dotted, e.g. tuned.tiled) imports, dotted."""
+    import ast
+    file = os.path.join(HERE, *name.split("."))
+    tree = ast.parse(open(file + ("/__init__.py" if os.path.isdir(file) else ".py")).read())
+    found = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ImportFrom) and n.module:
+            found |= {f"{n.module}.{a.name}" if os.path.exists(os.path.join(HERE, n.module, a.name + ".py"))
+                      else n.module for a in n.names}
+    return {m for m in found if os.path.exists(os.path.join(HERE, *m.split(".")) + ".py")
+            or os.path.isdir(os.path.join(HERE, m))}
+
+
+def test_the_layout_puts_the_method_first_and_nothing_imports_a_script():
+    """The top level holds the method's files, the scripts and the stubs of moved commands; every other file
+    sits in a folder with an __init__.py saying what it holds. codebook.py imports only torch; no module
+    imports a script or imports in a circle."""
+    top = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith("test_")}
+    assert top == METHOD | {s for s in SCRIPTS if "." not in s} | set(MOVED), top
+    modules = set(METHOD) | SCRIPTS
+    for folder, allowed in FOLDERS.items():
+        here = {f[:-3] for f in os.listdir(os.path.join(HERE, folder)) if f.endswith(".py")}
+        assert "__init__" in here and here - {"__init__"} <= allowed, (folder, here)
+        modules |= {f"{folder}.{m}" for m in here - {"__init__"}} | {folder}
+    assert local_imports("codebook") == set() and local_imports("model") == {"codebook"}
+    graph = {m: local_imports(m) for m in modules}
+    for m, deps in graph.items():
+        assert not deps & SCRIPTS, f"{m} imports the script(s) {deps & SCRIPTS}"
+    done, path = set(), []
+
+    def visit(m):  # depth first: a module met again on the current path closes a circle
+        assert m not in path, f"an import circle: {' -> '.join(path + [m])}"
+        if m not in done:
+            path.append(m)
+            for d in graph.get(m, ()):
+                visit(d)
+            path.pop()
+            done.add(m)
+    for m in graph:
+        visit(m)
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_a_moved_command_names_the_new_one(old):
+    out = subprocess.run([sys.executable, f"{old}.py", "--quick"], capture_output=True, text=True, cwd=HERE)
+    assert out.returncode != 0 and f"python -m {MOVED[old]}" in out.stderr and out.stdout == "", out
 
 
 def test_every_script_sets_how_openmp_waits_before_torch_loads():
     """cpu_threads must come first: GNU OpenMP reads GOMP_SPINCOUNT once, when torch loads it."""
     import ast
     for name in SCRIPTS:
-        tree = ast.parse(open(os.path.join(HERE, name + ".py")).read())
+        tree = ast.parse(open(os.path.join(HERE, *name.split(".")) + ".py").read())
         first = next(n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)))
-        assert isinstance(first, ast.Import) and first.names[0].name == "cpu_threads", name
-    code = "import cpu_threads, os; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
+        assert isinstance(first, ast.Import) and first.names[0].name == "helpers.cpu_threads", name
+    code = "import helpers.cpu_threads, os; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     for extra, want in (({}, "10000 None"), ({"GOMP_SPINCOUNT": "5"}, "5 None"),
                         ({"OMP_WAIT_POLICY": "passive"}, "None passive")):  # a user's own setting is kept
@@ -2738,7 +2794,7 @@ def test_cpu_threads_keeps_the_heap_between_steps():
     """cpu_threads' mallopt: eight 4 MB tensors allocated and freed, again and again as a training step
     does, come from the kept heap, not from fresh pages (8,192 page faults a round); a user's own MALLOC_
     setting is kept (glibc's default trim threshold, 128 KB, gives the faults back)."""
-    code = ("import cpu_threads, resource, torch\n"
+    code = ("import helpers.cpu_threads, resource, torch\n"
             "for i in range(12):\n"
             "    if i == 2:\n"
             "        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
@@ -2752,14 +2808,3 @@ def test_cpu_threads_keeps_the_heap_between_steps():
                              env={**env, **extra}, check=True).stdout
         faults[name] = int(out)
     assert faults["ours"] < 200 and faults["user's"] > 4000, faults
-
-
-def test_no_script_imports_another_script():
-    import ast
-    local = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith("test_")}
-    assert local == SCRIPTS | LIBRARIES, f"classify the new file(s): {local ^ (SCRIPTS | LIBRARIES)}"
-    for name in local:
-        tree = ast.parse(open(os.path.join(HERE, name + ".py")).read())
-        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        assert not imported & SCRIPTS, f"{name}.py imports {imported & SCRIPTS}"

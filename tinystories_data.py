@@ -44,7 +44,7 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
-import hub
+from pretrained import hub
 
 DATASET = "roneneldan/TinyStories"  # on the Hugging Face hub
 DATASET_REVISION = "f54c09fd23315a6f9c86f9dc80f725de7d8f9c64"  # main since Aug 2024; it holds both sources

@@ -54,7 +54,7 @@ n_forced, codes, figures, est_ce_ratio, random, sample, why_none}}; "mean" per m
 of codes, place) the mean steered rate, CE and repeats (sweep_samples per prompt).
 """
 
-import cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torch loads it)
+import helpers.cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torch loads it)
 
 import collections
 import os
@@ -71,8 +71,8 @@ import torch.nn.functional as F
 
 import tinystories_data
 from codebook import Intervention
-from common import Progress, fail, parse_args
-from readout import code_name, flat_ids, load_codebook_model, regex_labels, tokenizer, write_json
+from helpers.common import Progress, fail, parse_args
+from helpers.readout import code_name, flat_ids, load_codebook_model, regex_labels, tokenizer, write_json
 
 RULES = ("effect", "window", "token", "lift", "inout", "passage")
 MODES = ("one", "all")

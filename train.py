@@ -32,7 +32,7 @@ Overrides are --key=value (no exec); unknown keys and bad values stop with a one
 Writes out_dir/ckpt.pt (loadable with torch.load(weights_only=True)) and out_dir/metrics.json, both atomically.
 """
 
-import cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torch loads it)
+import helpers.cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torch loads it)
 
 import dataclasses
 import json
@@ -48,10 +48,12 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tinystories_data
-import distributed
-from common import Progress, fail, load_checkpoint, parse_args, save_checkpoint, save_json
+from helpers import distributed
+from helpers.common import Progress, fail, load_checkpoint, parse_args, save_checkpoint, save_json
 from fsm_data import FSM
 from model import CB_AT, GPT, GPTConfig, model_from_checkpoint
+from pretrained.load import from_pretrained
+from tuned import use_tuned_search
 
 
 @dataclass
@@ -251,7 +253,7 @@ def load_pretrained(cfg, given):
     if not cfg.data_dir:
         fail(f"--init_from={cfg.init_from}: a pretrained language model needs token data (--data_dir)")
     try:
-        model = GPT.from_pretrained(cfg.init_from, cfg.block_size if "block_size" in given else None)
+        model = from_pretrained(cfg.init_from, cfg.block_size if "block_size" in given else None)
     except (ValueError, OSError) as e:
         fail(f"--init_from={cfg.init_from}: {' '.join(str(e).split())}")
     c = model.config

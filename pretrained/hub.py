@@ -3,7 +3,7 @@ Files from the Hugging Face hub with the standard library only: the hub's `resol
 a tqdm bar, a partial download resumed with a Range request, and each file checked against the hash
 the hub reports for it before it counts as downloaded.
 
-    import hub
+    from pretrained import hub
     path = hub.model_dir("roneneldan/TinyStories-1Layer-21M")       # a folder: config.json + weights
     path = hub.model_dir("gpt2")                                      # = openai-community/gpt2
     path = hub.hub_file("roneneldan/TinyStories", "TinyStories-valid.txt", repo_type="dataset")

@@ -1,10 +1,10 @@
 """
 The codebook search as fused Triton kernels, for CUDA: the (tokens x codes) score matrix is never written.
 
-    import triton_search
-    ids = triton_search.search(x, codebook, k)  # x (N, G, d) -> ids (N, G, k), as a brute-force topk
+    from tuned import triton_kernels
+    ids = triton_kernels.search(x, codebook, k)  # x (N, G, d) -> ids (N, G, k), as a brute-force topk
 
-codebook_fast.search calls it on a GPU when PLANS["cuda"]["fused"] names a precision. On a CPU the kernels run
+tiled.search calls it on a GPU when PLANS["cuda"]["fused"] names a precision. On a CPU the kernels run
 only under Triton's interpreter (TRITON_INTERPRET=1 before the first import of triton), which is how the
 tests check them; the CPU path stays pure torch.
 
@@ -37,7 +37,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # a CPU build of torch: codebook_fast.search stays on its torch path
+except ImportError:  # a CPU build of torch: tiled.search stays on its torch path
     triton = None
 
 # (tokens, codes, warps) of the exact kernel's programs. Its fp32 dot keeps whole operand rows per thread:
@@ -235,7 +235,7 @@ def candidates(x, u, k, precision="tf32x3", block=16, tile=(64, 64, 4), max_elem
     BM, BC, _ = tile
     if x.shape[-1] > MAX_WIDTH:
         raise ValueError(f"groups of d = {x.shape[-1]}: the fused kernels take d <= {MAX_WIDTH} "
-                         "(codebook_fast.search keeps wider ones on its torch path)")
+                         "(tiled.search keeps wider ones on its torch path)")
     pow2 = lambda v: v >= 1 and v & (v - 1) == 0  # noqa: E731
     if not (pow2(BM) and pow2(BC) and pow2(block) and BM >= 16 and BC >= 16):
         raise ValueError(f"fused tile {tile} and block {block}: tokens, codes and block must be powers of 2, "

@@ -1,7 +1,7 @@
 """
 How the CPU runtime behaves, set before torch loads: every script imports this first.
 
-    import cpu_threads  # noqa: F401  (before torch: OpenMP reads its environment when it loads)
+    import helpers.cpu_threads  # noqa: F401  (before torch: OpenMP reads its environment when it loads)
 
 OpenMP's waiting threads. torch's CPU build runs its parallel ops on GNU OpenMP threads, which spin after
 each op for GOMP_SPINCOUNT iterations (300,000 by default) before they sleep. On a machine to itself that

@@ -1,11 +1,11 @@
 """
 The tuned codebook search: the same ids as codebook.search, found faster on each kind of device, and a
-LayerNorm whose backward keeps less. CodebookLayer(fast=True), the default, uses it; fast=False runs the
-plain search of codebook.py, and a test holds the two to the same ids and gradients.
+LayerNorm whose backward keeps less. tuned.use_tuned_search(model) puts them into a model's codebook layers;
+a test holds them to codebook.py's plain ones, the same ids and gradients.
 
-    import codebook_fast
-    ids = codebook_fast.search(x, codebook, k)      # x (N, G, d), codebook (G, C, d) -> ids (N, G, k)
-    codebook_fast.PLANS["cuda"]["fused"] = "tf32x3"  # try triton_search.py's fused kernels on a GPU
+    from tuned import tiled
+    ids = tiled.search(x, codebook, k)      # x (N, G, d), codebook (G, C, d) -> ids (N, G, k)
+    tiled.PLANS["cuda"]["fused"] = "tf32x3"  # try triton_kernels.py's fused kernels on a GPU
 
 The work is one (N, d) @ (d, C) score matmul per group. What makes it slow is everything around it, and
 that differs per device. On a CPU a full (N, C) score matrix does not fit in cache, and torch.topk costs
@@ -14,49 +14,13 @@ buffer, and a tile's top-k is found through strided blocks (the k best codes lie
 best maxima, so one vectorised max pass touches every score and topk sees 1/16 of them, plus 16k
 candidates). On a GPU each op is a kernel launch: cache-sized tiles meant thousands of tiny kernels, so
 a GPU gets tiles of tens of millions of scores. Only cosine similarity is tuned here: a codebook with
-another similarity changes codebook.similarity and runs with fast=False.
+another similarity changes codebook.similarity and leaves out use_tuned_search.
 """
-
-from contextlib import contextmanager
 
 import torch
 
-import triton_search
-
-# -----------------------------------------------------------------------------
-# ids exact whatever the global matmul precision
-
-
-@contextmanager
-def exact_fp32():
-    """Matmuls in fp32 inside. torch.set_float32_matmul_precision("high"), or
-    torch.backends.cuda.matmul.allow_tf32 = True as nanoGPT's train.py sets, makes them TF32, which rounds
-    the inputs to 10 mantissa bits: ids would stop matching an fp32 search, and the fused search's proof
-    assumes fp32 re-scores. The user's setting is restored on exit."""
-    try:
-        legacy = torch.get_float32_matmul_precision()  # allow_tf32 = True reads as "high"
-    except RuntimeError:  # set through torch >= 2.9's per-backend API, which the legacy getter refuses
-        legacy = None
-    backends = [b for b in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
-                if hasattr(b, "fp32_precision")]  # torch >= 2.9
-    old = [b.fp32_precision for b in backends]
-    by_legacy = legacy not in (None, "highest")
-    if not by_legacy and all(o in ("none", "ieee") for o in old):
-        yield
-        return
-    if by_legacy:  # the same API as the user's, or torch would see them mixed and refuse to read either
-        torch.set_float32_matmul_precision("highest")
-    for b in backends:
-        b.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        if by_legacy:
-            torch.set_float32_matmul_precision(legacy)
-        for b, o in zip(backends, old):
-            if b.fp32_precision != o:
-                b.fp32_precision = o
-
+from codebook import exact_fp32
+from tuned import triton_kernels
 
 # -----------------------------------------------------------------------------
 # the plans: every per-device choice of the search, in one place
@@ -113,6 +77,11 @@ def plan_for(device):
     if i not in _free:
         _free[i] = torch.cuda.mem_get_info(i)[0]
     return device_plan("cuda", free_bytes=_free[i])
+
+
+def scatter_rows(device):
+    """Rows per step of the codes' gradient scatter on this device (CodebookLayer.scatter_rows)."""
+    return plan_for(device)["bwd_rows"]
 
 
 def topk_scores(s, k, valid, block):
@@ -175,15 +144,15 @@ def search(x, codebook, k, max_elems=None, compile=False, kind=None):
 
     x (N, G, d), codebook (G, C, d) -> ids (N, G, k) int64, the same as a brute-force fp32 topk over all
     scores (up to exact ties). The device's plan picks the way: triton_search's fused kernels where
-    it names a precision, Triton runs and d <= triton_search.MAX_WIDTH, else tiled_search.
+    it names a precision, Triton runs and d <= triton_kernels.MAX_WIDTH, else tiled_search.
     kind: follow another device kind's plan ('cpu', 'cuda'; None: x's own).
     """
     if not 1 <= k <= codebook.shape[1]:
         raise ValueError(f"search: k = {k}; valid: 1 <= k <= {codebook.shape[1]}, the number of codes")
     p = plan_for(x.device) if kind is None else device_plan(kind, torch.get_num_threads(), 1 << 34)
     with exact_fp32():
-        if p["fused"] and triton_search.available(x.device, x.shape[-1]):
-            return triton_search.search(x, codebook, k, p["fused"], p["block"], p["fused_tile"],
+        if p["fused"] and triton_kernels.available(x.device, x.shape[-1]):
+            return triton_kernels.search(x, codebook, k, p["fused"], p["block"], p["fused_tile"],
                                         max_elems or p["tile_elems"])
         return tiled_search(x, codebook, k, max_elems, compile, p)
 

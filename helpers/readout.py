@@ -5,7 +5,7 @@ write results next to the checkpoint, and the statistics of codes behind `steer.
 What steer.py (the FSM), topics.py (language models) and browse.py (the HTML code browser) share; no
 script imports another.
 
-    from readout import load_codebook_model, tokenizer, run, parse_codes, flat_ids, code_name, write_json
+    from helpers.readout import load_codebook_model, tokenizer, run, parse_codes, flat_ids, code_name, write_json
     ckpt, model = load_codebook_model("out-fsm/ckpt.pt", "cpu")   # a one-line error if it is not one
     encode, decode, render = tokenizer(ckpt)                      # FSM digits, or the LM's meta.json encoding
     codes, acts, logits = run(model, tokens, batch_size=100)      # codes {"L1.mlp": (B, T, G, k)}, in batches
@@ -25,7 +25,7 @@ import string
 import torch
 
 import tinystories_data
-from common import Progress, fail, load_checkpoint, pick_device, save_json
+from helpers.common import Progress, fail, load_checkpoint, pick_device, save_json
 from fsm_data import FSM
 from model import format_code, make_interventions, model_from_checkpoint
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import fail, pick_device
+from helpers.common import fail, pick_device
 
 
 @dataclass

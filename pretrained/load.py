@@ -1,12 +1,12 @@
 """
 Pretrained GPT-2 and GPT-Neo checkpoints, in the Hugging Face hub's format, as model.py's GPT: read
 config.json and the weights (model.safetensors or pytorch_model.bin), map them to GPTConfig fields and to
-this project's parameter names. GPT.from_pretrained is the way in:
+this project's parameter names. from_pretrained is the way in:
 
-    from model import GPT
-    model = GPT.from_pretrained("roneneldan/TinyStories-1Layer-21M")   # hub.py fetches it
-    model = GPT.from_pretrained("gpt2")                                  # gpt2, gpt2-medium, -large, -xl
-    model = GPT.from_pretrained("path/to/dir")                           # config.json + weights: offline
+    from pretrained.load import from_pretrained
+    model = from_pretrained("roneneldan/TinyStories-1Layer-21M")   # hub.py fetches it
+    model = from_pretrained("gpt2")                                  # gpt2, gpt2-medium, -large, -xl
+    model = from_pretrained("path/to/dir")                           # config.json + weights: offline
 
 What differs from this project's own models, and where it goes:
   GPT-2:   q . k / sqrt(head size), biases everywhere, the tanh GELU; its Linears are stored transposed
@@ -26,11 +26,32 @@ import struct
 
 import torch
 
+from model import GPT, GPTConfig
+
 ARCHS = ("gpt2", "gpt_neo")  # config.json's model_type
 TINYSTORIES_BLOCK = 512  # the TinyStories models' training length (their config says 2048)
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+
+
+def from_pretrained(name_or_dir, block_size=None, **overrides):
+    """A pretrained GPT-2 or GPT-Neo as this GPT, without codebooks (insert them with init_codebooks on a
+    copy built with cb_at set, as train.py --init_from does). name_or_dir: a local directory holding the
+    hub's config.json and model.safetensors or pytorch_model.bin (used as it is, offline), a hub id
+    "owner/name[@revision]", or gpt2, gpt2-medium, gpt2-large, gpt2-xl (fetched by hub.py).
+    block_size: at most the model's positions (default: all of them; the TinyStories models: 512, the
+    length they were trained at, though their config says 2048). overrides: more GPTConfig fields."""
+    args, state = load(name_or_dir, block_size)
+    model = GPT(GPTConfig(**{**args, **overrides}))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape than config.json says
+        raise ValueError(f"{name_or_dir}: weights do not fit its config.json ({' '.join(str(e).split())[:200]})")
+    missing = [k for k in missing if ".codebook." not in k and k != "lm_head.weight"]  # lm_head: tied
+    if missing or unexpected:
+        raise ValueError(f"{name_or_dir}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
 
 
 def load(name_or_dir, block_size=None):
@@ -41,7 +62,7 @@ def load(name_or_dir, block_size=None):
         if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") > 1:
             raise ValueError(f"{name_or_dir}: not a directory holding config.json and model.safetensors or "
                              f"pytorch_model.bin, nor a hub id (owner/name[@revision], gpt2..gpt2-xl)")
-        import hub  # the network only for a name that is not a local directory
+        from pretrained import hub  # the network only for a name that is not a local directory
         path = hub.model_dir(name_or_dir)  # hub.HubError (an OSError) with one line where that fails
     config = read_config(path)
     try:

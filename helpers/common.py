@@ -3,7 +3,7 @@ What every script shares, and nothing else: `--key=value` parsing into a config 
 errors, picking a device, progress that shows in a terminal and in a log, checkpoints and JSON files.
 It imports no model code (model.model_from_checkpoint rebuilds a model from a checkpoint).
 
-    from common import fail, parse_args, pick_device, Progress, save_checkpoint, load_checkpoint, save_json
+    from helpers.common import fail, parse_args, pick_device, Progress, save_checkpoint, load_checkpoint, save_json
     cfg, given = parse_args(sys.argv[1:], TrainConfig, PRESETS)   # --config=NAME picks a preset
     ckpt = load_checkpoint("out-fsm/ckpt.pt")                     # torch.load(weights_only=True)
 """

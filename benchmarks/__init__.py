@@ -1,0 +1,6 @@
+"""
+Speed and memory, printed and written as JSON; run from the repository's root as python -m benchmarks.NAME:
+search (the codebook layer against an official-style reference and the bare score matmul, and what
+codebooks cost a training step), generate (sampling with and without the KV cache), jobs (training jobs
+side by side), gpu_report (every GPU figure in one run).
+"""
