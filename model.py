@@ -152,7 +152,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.codebook = codebook  # groups = n_head: one codebook per head
 
-    def forward(self, x, interventions=(), cache=None, name="", pos0=0, kv_cache=None):
+    def forward(self, x, interventions=(), activations=None, name="", pos0=0, kv_cache=None):
         """x (B, T, C) at positions pos0 .. pos0 + T - 1; kv_cache: a KVCache holding the pos0 tokens before
         them, which this call extends with theirs."""
         B, T, C = x.size()
@@ -165,7 +165,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(name, k, v)  # (B, nh, pos0 + T, hs)
-        # with a cache, the new tokens see the cached ones: the causal mask's diagonal shifts right by pos0
+        # with a KV cache, the new tokens see the cached ones: the causal mask's diagonal shifts right by pos0
         mask = attn_mask(T, pos0, self.window, x.device)
         if self.fp32:  # GPT-Neo's unscaled scores, kept in fp32 (its weights were trained so)
             with torch.autocast(x.device.type, enabled=False):
@@ -174,8 +174,8 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # head-major: head h is y[..., h*hs:(h+1)*hs]
-        if cache is not None:
-            cache[name + ".in"] = y
+        if activations is not None:
+            activations[name + ".in"] = y
         ids = None
         if self.codebook is not None:
             y, ids = self.codebook(y, interventions, pos0)
@@ -190,13 +190,13 @@ class MLP(nn.Module):
         self.approximate = "tanh" if config.gelu == "tanh" else "none"
         self.codebook = codebook
 
-    def forward(self, x, interventions=(), cache=None, name="", pos0=0, kv_cache=None):
+    def forward(self, x, interventions=(), activations=None, name="", pos0=0, kv_cache=None):
         """As CausalSelfAttention's; kv_cache is unused: an MLP looks at one position only."""
         h = F.gelu(self.c_fc(x), approximate=self.approximate)
         y = self.c_proj(h)
-        if cache is not None:
-            cache[name + ".hidden"] = h
-            cache[name + ".in"] = y
+        if activations is not None:
+            activations[name + ".hidden"] = h
+            activations[name + ".in"] = y
         ids = None
         if self.codebook is not None:
             y, ids = self.codebook(y, interventions, pos0)
@@ -218,16 +218,16 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias)
         self.mlp = MLP(config, codebook(config.mlp_groups) if on and "mlp" in config.cb_at else None)
 
-    def forward(self, x, interventions, codes, cache, pos0=0, kv_cache=None):
+    def forward(self, x, interventions, codes, activations, pos0=0, kv_cache=None):
         for kind, module, ln in (("attn", self.attn, self.ln_1), ("mlp", self.mlp, self.ln_2)):
             name = f"L{self.layer}.{kind}"
             here = [iv for iv in interventions if iv.site == name]
-            y, ids = module(ln(x), here, cache, name, pos0, kv_cache)
+            y, ids = module(ln(x), here, activations, name, pos0, kv_cache)
             if ids is not None:
                 codes[name] = ids
             x = x + y
-        if cache is not None:
-            cache[f"L{self.layer}.resid"] = x
+        if activations is not None:
+            activations[f"L{self.layer}.resid"] = x
         return x
 
 
@@ -287,9 +287,9 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         for name, cb in self.codebooks().items():
-            cache = {}
-            self(idx, cache=cache)
-            cb.kmeans_init(cache[name + ".in"], iters=iters, match_scale=match_scale)
+            activations = {}
+            self(idx, activations=activations)
+            cb.kmeans_init(activations[name + ".in"], iters=iters, match_scale=match_scale)
         self.train(was_training)
 
     def check_intervention(self, iv):
@@ -303,10 +303,10 @@ class GPT(nn.Module):
         if not 0 <= iv.code < cb.num_codes:
             raise ValueError(f"code {iv.code} out of range for {iv.site}: valid 0..{cb.num_codes - 1}")
 
-    def forward(self, idx, targets=None, interventions=(), cache=None, kv_cache=None):
+    def forward(self, idx, targets=None, interventions=(), activations=None, kv_cache=None):
         """idx (B, T) -> logits (B, T, V), loss (CE, or None), codes {site: (B, T, G, k)}, mse (summed).
 
-        interventions: a list of codebook.Intervention (inference only). cache: pass a dict to get the
+        interventions: a list of codebook.Intervention (inference only). activations: pass a dict to get the
         activations before each codebook ("L1.mlp.in"), the MLP hidden units ("L1.mlp.hidden") and the
         residual stream after each block ("L1.resid"). kv_cache: a KVCache of the tokens before idx (which
         then sit at positions kv_cache.T onwards: outputs and Intervention positions are absolute), extended
@@ -320,7 +320,7 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # absolute positions: TokFSM needs parity
         codes = {}
         for block in self.transformer.h:
-            x = block(x, interventions, codes, cache, pos0, kv_cache)
+            x = block(x, interventions, codes, activations, pos0, kv_cache)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
         loss = None
@@ -349,7 +349,7 @@ class GPT(nn.Module):
         if any(p < 0 for iv in interventions for p in (iv.positions or ())):
             use_cache = False
         kv_cache = KVCache() if use_cache else None
-        x = idx  # what the next forward runs: everything, or with the cache the tokens not yet seen
+        x = idx  # what the next forward runs: everything, or with the KV cache the tokens not yet seen
         for _ in range(max_new_tokens):
             logits, _, _, _ = self(x, interventions=interventions, kv_cache=kv_cache)
             logits = logits[:, -1, :] / temperature

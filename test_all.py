@@ -662,11 +662,11 @@ def test_forcing_the_last_mlp_code_moves_the_residual_by_the_code_difference():
     m = tiny_model().eval()
     idx = torch.randint(11, (1, 6))
     base_cache, forced_cache = {}, {}
-    base_logits, _, codes, _ = m(idx, cache=base_cache)
+    base_logits, _, codes, _ = m(idx, activations=base_cache)
     current = int(codes["L1.mlp"][0, -1, 0, 0])
     other = (current + 1) % 12
     iv = make_interventions([f"L1.mlp:{other}"], positions=[5])
-    logits, _, codes2, _ = m(idx, interventions=iv, cache=forced_cache)
+    logits, _, codes2, _ = m(idx, interventions=iv, activations=forced_cache)
     assert int(codes2["L1.mlp"][0, -1, 0, 0]) == other
     cb = m.codebooks()["L1.mlp"].codebook[0].detach()
     moved = forced_cache["L1.resid"] - base_cache["L1.resid"]  # (1, T, C)
@@ -983,7 +983,7 @@ def test_insert_codebooks_into_a_trained_model(tmp_path):
     for name, p in plain.state_dict().items():
         assert torch.equal(p, with_cb.state_dict()[name])
     cache = {}
-    with_cb.eval()(idx, cache=cache)
+    with_cb.eval()(idx, activations=cache)
     cb = with_cb.codebooks()["L0.attn"]
     cb(cache["L0.attn.in"])
     kmeans_mse = cb.last_mse

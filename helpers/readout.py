@@ -145,7 +145,7 @@ def run(model, tokens, batch_size, keep=(), desc="forward"):
     bar = Progress(len(batches), desc)
     for x in batches:
         cache = {}
-        lg, _, c, _ = model(x.to(dev), cache=cache)
+        lg, _, c, _ = model(x.to(dev), activations=cache)
         for s, v in c.items():
             codes.setdefault(s, []).append(v.cpu())
         for k in keep:
