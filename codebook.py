@@ -104,6 +104,20 @@ def layer_norm(x, weight, bias):
     return F.layer_norm(x, x.shape[-1:], eps=1e-5) * weight + bias
 
 
+def flat_code_ids(ids, num_codes):
+    """ids (..., G, k) -> the same codes numbered across the groups, group g's code c as g * num_codes + c:
+    rows of the (G * C, d) table of all codes, and one bincount counts every code of every group."""
+    return ids + torch.arange(ids.shape[-2], device=ids.device)[:, None] * num_codes
+
+
+def usage(counts):
+    """(G, C) firings of each code -> the fraction of codes alive (fired at least once) and the entropy of
+    the codes' usage (bits, mean over groups; log2 C when every code fires equally often)."""
+    p = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    entropy = -(torch.xlogy(p, p) / math.log(2)).sum(-1).mean()
+    return dict(alive=(counts > 0).double().mean().item(), entropy_bits=entropy.item())
+
+
 # -----------------------------------------------------------------------------
 # the straight-through snap, with the reconstruction gradient for the codes
 
@@ -117,7 +131,7 @@ class _SnapToCodes(torch.autograd.Function):
     def forward(ctx, xn, codebook, ids, mse_weight, rows=None):
         G, C, d = codebook.shape
         N, _, k = ids.shape
-        flat_ids = (ids + torch.arange(G, device=ids.device)[:, None] * C).reshape(N * G, k)  # rows of (G*C, d)
+        flat_ids = flat_code_ids(ids, C).reshape(N * G, k)  # rows of the (G*C, d) table
         table = codebook.reshape(G * C, d)
         if k == 1:  # the same values; a row gather is several times faster than a bag of one
             out = table.index_select(0, flat_ids[:, 0]).view(N, G, d)
@@ -178,9 +192,9 @@ class CodebookLayer(nn.Module):
         self.codebook = nn.Parameter(torch.randn(groups, num_codes, d))  # N(0, 1): norm ~ sqrt(d), like LN output
         self.ln_weight = nn.Parameter(torch.ones(groups, d))
         self.ln_bias = nn.Parameter(torch.zeros(groups, d))
-        # firings per code, kept on the device: since the last stats read, and since the last dead-code reset
-        self.register_buffer("counts", torch.zeros(groups * num_codes))
-        self.register_buffer("fired", torch.zeros(groups * num_codes))
+        # firings per code (flat_code_ids), kept on the device: since the last stats read, since the last reset
+        self.register_buffer("uses_since_read", torch.zeros(groups * num_codes))
+        self.register_buffer("uses_since_reset", torch.zeros(groups * num_codes))
         self.register_buffer("mse_sum", torch.zeros(()))
         self.register_buffer("mse_n", torch.zeros(()))
         self.last_mse = None
@@ -210,10 +224,10 @@ class CodebookLayer(nn.Module):
         with torch.no_grad():
             self.last_mse = mse
             if self.training:
-                flat = (ids + torch.arange(G, device=ids.device)[:, None] * self.num_codes).reshape(-1)
-                ones = torch.ones_like(flat, dtype=self.counts.dtype)
-                self.counts.index_add_(0, flat, ones)
-                self.fired.index_add_(0, flat, ones)
+                flat = flat_code_ids(ids, self.num_codes).reshape(-1)
+                ones = torch.ones_like(flat, dtype=self.uses_since_read.dtype)
+                self.uses_since_read.index_add_(0, flat, ones)
+                self.uses_since_reset.index_add_(0, flat, ones)
                 self.mse_sum += mse
                 self.mse_n += 1
                 self._recent = xn.detach()
@@ -223,14 +237,11 @@ class CodebookLayer(nn.Module):
 
     @torch.no_grad()
     def stats(self, reset=True):
-        """Usage since the last call: fraction of codes alive, usage entropy (bits, mean over groups), MSE."""
-        c = self.counts.view(self.groups, self.num_codes)
-        p = c / c.sum(-1, keepdim=True).clamp_min(1)
-        entropy = -(p * torch.log2(p.clamp_min(1e-30))).sum(-1).mean()
-        out = dict(alive=(c > 0).float().mean().item(), entropy=entropy.item(),
+        """usage() since the last call (alive, entropy_bits) and the mean reconstruction MSE."""
+        out = dict(**usage(self.uses_since_read.view(self.groups, self.num_codes)),
                    mse=(self.mse_sum / self.mse_n.clamp_min(1)).item())
         if reset:
-            self.counts.zero_()
+            self.uses_since_read.zero_()
             self.mse_sum.zero_()
             self.mse_n.zero_()
         return out
@@ -244,7 +255,7 @@ class CodebookLayer(nn.Module):
         if self._recent is None:
             return 0
         G, C, d = self.codebook.shape
-        dead = (self.fired.view(G, C) == 0)
+        dead = (self.uses_since_reset.view(G, C) == 0)
         n_dead = int(dead.sum())
         for g in range(G):
             idx = dead[g].nonzero().squeeze(1)
@@ -254,7 +265,7 @@ class CodebookLayer(nn.Module):
             x = pool[torch.randint(len(pool), (len(idx),), device=pool.device)]
             noise = torch.randn_like(x) * x.norm(dim=-1, keepdim=True) / math.sqrt(d)
             self.codebook[g, idx] = x + rho * noise
-        self.fired.zero_()
+        self.uses_since_reset.zero_()
         return n_dead
 
     @torch.no_grad()
@@ -287,6 +298,12 @@ class CodebookLayer(nn.Module):
                 n = torch.zeros(C, device=pts.device).index_add_(0, assign, torch.ones_like(assign, dtype=pts.dtype))
                 cent = torch.where(n[:, None] > 0, sums / n.clamp_min(1)[:, None], cent)  # empty: keep old
             self.codebook[g] = cent
+
+    def _load_from_state_dict(self, state, prefix, *args, **kwargs):
+        for old, new in (("counts", "uses_since_read"), ("fired", "uses_since_reset")):  # older checkpoints' names
+            if prefix + old in state:
+                state[prefix + new] = state.pop(prefix + old)
+        super()._load_from_state_dict(state, prefix, *args, **kwargs)
 
     def extra_repr(self):
         return f"dim={self.dim}, num_codes={self.num_codes}, k={self.k}, groups={self.groups}"

@@ -271,7 +271,7 @@ class GPT(nn.Module):
         return out
 
     def codebook_stats(self):
-        """{site: {alive, entropy, mse}} since the last call (CodebookLayer.stats), plus 'all'."""
+        """{site: {alive, entropy_bits, mse}} since the last call (CodebookLayer.stats), plus 'all'."""
         stats = {name: cb.stats() for name, cb in self.codebooks().items()}
         if stats:
             sizes = {name: cb.groups * cb.num_codes for name, cb in self.codebooks().items()}

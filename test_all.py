@@ -38,7 +38,7 @@ from benchmarks import search as bench
 import browse
 from tuned import tiled
 from helpers import common
-from helpers import distributed
+from helpers import checkpoints, distributed, train_data
 from pretrained import hub
 from pretrained.load import from_pretrained
 from helpers import readout
@@ -242,15 +242,21 @@ def test_usage_counts_and_stats():
     expect = torch.zeros(2, 10)
     for gi in range(2):
         expect[gi] = torch.bincount(ids[..., gi, :].reshape(-1), minlength=10).float()
-    assert torch.equal(layer.counts.view(2, 10), expect)
+    assert torch.equal(layer.uses_since_read.view(2, 10), expect)
     s = layer.stats()
     assert s["alive"] == pytest.approx((expect > 0).float().mean().item())
     p = expect / expect.sum(-1, keepdim=True)
     ent = -(p * torch.log2(p.clamp_min(1e-30))).sum(-1).mean().item()
-    assert s["entropy"] == pytest.approx(ent, abs=1e-5)
-    assert layer.counts.sum() == 0  # read resets the window
+    assert s["entropy_bits"] == pytest.approx(ent, abs=1e-5)
+    assert layer.uses_since_read.sum() == 0  # read resets the window
     layer.eval()(x)
-    assert layer.counts.sum() == 0  # inference does not count
+    assert layer.uses_since_read.sum() == 0  # inference does not count
+    old = {k.replace("uses_since_read", "counts").replace("uses_since_reset", "fired"): v.clone() + 1
+           for k, v in layer.state_dict().items()}  # a checkpoint from before the buffers' names changed
+    assert "counts" in old and "fired" in old
+    again = CodebookLayer(dim=4, num_codes=10, k=2, groups=2)
+    again.load_state_dict(old)
+    assert torch.equal(again.uses_since_reset, old["fired"]) and torch.equal(again.uses_since_read, old["counts"])
 
 
 def test_dead_code_replacement():
@@ -270,7 +276,7 @@ def test_dead_code_replacement():
             # moved onto (near) one of the recent normalised inputs
             dist = (layer._recent[:, 0] - after[0, c]).norm(dim=-1).min()
             assert dist < 0.05 * after[0, c].norm()
-    assert layer.fired.sum() == 0
+    assert layer.uses_since_reset.sum() == 0
     assert layer.replace_dead_codes() == 50  # nothing fired since: all count as dead
 
 
@@ -976,10 +982,11 @@ def test_insert_codebooks_into_a_trained_model(tmp_path):
     train.train(cfg)
     ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["model_args"]["cb_at"] == "attn+mlp"
-    plain = train.build_model(cfg, 11, "none")
-    idx = FSM().sample(4, 16, torch.Generator().manual_seed(0))[:, :-1]
+    plain = train.build_model(cfg, 11, cb_at="none")
+    seqs = FSM().sample(4, 16, torch.Generator().manual_seed(0))
+    idx = seqs[:, :-1]
     torch.manual_seed(0)
-    with_cb = train.insert_codebooks(plain, cfg, 11, idx)
+    with_cb = train.insert_codebooks(plain, cfg, lambda: seqs, distributed.from_env("cpu"))
     for name, p in plain.state_dict().items():
         assert torch.equal(p, with_cb.state_dict()[name])
     cache = {}
@@ -1012,7 +1019,7 @@ def test_gradient_accumulation_matches_one_big_batch():
         torch.testing.assert_close(before[name] - pb.detach(), update, rtol=1e-4, atol=1e-7, msg=name)
     assert la.item() == pytest.approx(lb.item(), rel=1e-6) and ma.item() == pytest.approx(mb.item(), rel=1e-5)
     for ca, cb in zip(a.codebooks().values(), b.codebooks().values()):
-        assert torch.equal(ca.counts, cb.counts) and ca.counts.sum() == 8 * 15 * ca.groups
+        assert torch.equal(ca.uses_since_read, cb.uses_since_read) and ca.uses_since_read.sum() == 8 * 15 * ca.groups
 
 
 def test_weight_decay_only_on_the_weights_of_linears_and_embeddings():
@@ -1098,17 +1105,17 @@ def test_resume_restores_the_gpus_generator(monkeypatch):
     state, calls = torch.arange(16, dtype=torch.uint8), []
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": calls.append(("get", device)) or state)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.append(("set", device, s)))
-    saved = train.rng_states("cuda:1")
+    saved = checkpoints.rng_states("cuda:1")
     assert calls == [("get", "cuda:1")] and torch.equal(saved["cuda_rng"], state)
     assert torch.equal(saved["torch_rng"], torch.get_rng_state())
     torch.manual_seed(5)
-    train.restore_rng_states(saved, "cuda:1")
+    checkpoints.restore_rng_states(saved, "cuda:1")
     assert calls[-1][:2] == ("set", "cuda:1") and torch.equal(calls[-1][2], state)
     assert torch.equal(torch.get_rng_state(), saved["torch_rng"])
     calls.clear()
-    assert set(train.rng_states("cpu")) == {"torch_rng"} and calls == []
-    train.restore_rng_states(dict(torch_rng=saved["torch_rng"]), "cuda:1")  # an older or a CPU checkpoint
-    train.restore_rng_states(saved, "cpu")  # a GPU checkpoint resumed on the CPU
+    assert set(checkpoints.rng_states("cpu")) == {"torch_rng"} and calls == []
+    checkpoints.restore_rng_states(dict(torch_rng=saved["torch_rng"]), "cuda:1")  # an older or a CPU checkpoint
+    checkpoints.restore_rng_states(saved, "cpu")  # a GPU checkpoint resumed on the CPU
     assert calls == []
 
 
@@ -1205,7 +1212,7 @@ def ddp_worker(rank, world, ports, out):
 
     def recording_reduce(model, world):
         def usage():
-            return {n: (cb.counts.clone(), cb.fired.clone()) for n, cb in model.codebooks().items()}
+            return {n: (cb.uses_since_read.clone(), cb.uses_since_reset.clone()) for n, cb in model.codebooks().items()}
         before = usage()
         reduce_usage(model, world)
         reductions.append((before, usage()))
@@ -1235,7 +1242,7 @@ def test_two_gloo_processes_keep_codebooks_identical(ddp_run):
     every weight, code, LayerNorm and Adam moment ends bitwise equal on both ranks, and the counts that rank
     0 reports are the sum of both ranks' counts."""
     r0, r1 = (torch.load(ddp_run / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    usage = ("counts", "fired", "mse_sum", "mse_n")
+    usage = ("uses_since_read", "uses_since_reset", "mse_sum", "mse_n")
     assert any(name.endswith(".codebook") for name in r0["model"])
     for name, value in r0["model"].items():
         if not name.endswith(usage):
@@ -1367,6 +1374,22 @@ def test_flat_ids_separate_groups():
     codes = torch.tensor([[[[3], [3]]]])  # (B=1, T=1, G=2, k=1): code 3 in both heads
     assert readout.flat_ids(codes, 10).tolist() == [[3, 13]]
     assert readout.code_name("L1.attn", 13, 10) == "L1.attn.h1:3"
+
+
+def test_code_scores_are_the_searchs_scores():
+    """readout.code_scores: each selected code's cosine with the input in LN space (by hand), best slot
+    first as the search ranks them, the same (to rounding) in token chunks of any size."""
+    torch.manual_seed(3)
+    layer = CodebookLayer(dim=12, num_codes=40, k=3, groups=3).eval()
+    acts = torch.randn(2 * 5, 12)
+    _, ids = layer(acts.view(2, 5, 12))
+    got = readout.code_scores(layer, acts, ids)
+    xn = layer.normalize(acts)
+    unit = layer.codebook / layer.codebook.norm(dim=-1, keepdim=True)
+    want = torch.stack([(xn[p, g] * unit[g, ids.view(10, 3, 3)[p, g]]).sum(-1) for p in range(10) for g in range(3)])
+    assert torch.allclose(got.view(30, 3), want.detach(), atol=1e-5)
+    assert (got[..., :-1] >= got[..., 1:]).all()
+    assert torch.allclose(readout.code_scores(layer, acts, ids, max_elems=1), got, rtol=1e-6, atol=1e-6)
 
 
 def test_neuron_threshold_by_hand():
@@ -2646,18 +2669,18 @@ def test_bench_finetune_quick_writes_json(tmp_path):
 def test_init_from_checks_the_datas_tokens(capsys):
     """A hub GPT-2 / GPT-Neo reads gpt2 tokens: data of another encoding stop, as does another vocab."""
     meta = dict(encoding=dict(kind="bytes"), vocab_size=50257)
-    data = train.Data(None, None, None, 50257, "", dict(kind="lm", data=dict(data_dir="D", meta=meta)))
+    data = train_data.Data(None, None, None, 50257, "", dict(kind="lm", data=dict(data_dir="D", meta=meta)))
     base = dict(pretrained="gpt2", model_args=dict(vocab_size=50257))
     for vocab, kind in ((50257, "bytes"), (50000, "gpt2")):
         meta.update(encoding=dict(kind=kind), vocab_size=vocab)
         data.vocab_size = vocab
         with pytest.raises(SystemExit):
-            train.check_encoding(base, data, "gpt2")
+            checkpoints.check_encoding(base, data, "gpt2")
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "reads gpt2 tokens, vocab 50257" in err and f"vocab {vocab}" in err
     meta.update(encoding=dict(kind="gpt2"), vocab_size=50257)
     data.vocab_size = 50257
-    train.check_encoding(base, data, "gpt2")  # passes
+    checkpoints.check_encoding(base, data, "gpt2")  # passes
 
 
 def test_linear_lr_schedule():

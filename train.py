@@ -7,7 +7,7 @@ Train a transformer with codebooks. The default is the TokFSM experiment, sized 
     python train.py --config=fsm_paper              # the paper's run (batch 512, C=10k, 20k steps): a GPU
     python train.py --max_iters=4000 --resume=True  # continue out_dir/ckpt.pt up to 4000 steps
 
-On several GPUs or machines (more in distributed.py), or a big batch in steps on a small one; batch_size
+On several GPUs or machines (more in helpers/distributed.py), or a big batch in steps on a small one; batch_size
 is the global batch, split over processes and accumulation steps:
 
     torchrun --standalone --nproc_per_node=8 train.py --config=fsm_paper   # 8 GPUs (nccl; CPUs: gloo)
@@ -47,12 +47,11 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import tinystories_data
 from helpers import distributed
-from helpers.common import Progress, fail, load_checkpoint, parse_args, save_checkpoint, save_json
-from fsm_data import FSM
+from helpers.checkpoints import check_encoding, load_base, resume, write_checkpoint
+from helpers.common import Progress, fail, load_checkpoint, parse_args, save_json
+from helpers.train_data import load_data
 from model import CB_AT, GPT, GPTConfig, model_from_checkpoint
-from pretrained.load import from_pretrained
 from tuned import use_tuned_search
 
 
@@ -150,13 +149,11 @@ PRESETS = {
                         eval_interval=1000, eval_seqs=512, compile=True, dtype="bfloat16"),
 }
 
-GPT2_VOCAB = 50257  # the gpt2 BPE's tokens, which the hub's GPT-2 and GPT-Neo models read
-GPT2_KINDS = ("gpt2", "r50k_base")  # meta.json encoding kinds of those tokens
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "cb_at", "num_codes", "k", "cb_layers")
 
 
 # -----------------------------------------------------------------------------
-# configuration: parsed by common.parse_args, checked here, completed from a checkpoint
+# configuration: parsed by helpers.common.parse_args, checked here, completed from a checkpoint
 
 
 def check(cfg):
@@ -184,12 +181,13 @@ def check(cfg):
         fail(f"--device={cfg.device}: valid: auto, cpu, cuda, mps")
     if cfg.dtype not in ("float32", "bfloat16"):
         fail(f"--dtype={cfg.dtype}: valid: float32, bfloat16")
-    layers(cfg)
+    codebook_layers(cfg)
     if cfg.block_size < 2:
         fail(f"--block_size={cfg.block_size}: must be >= 2")
 
 
-def layers(cfg):
+def codebook_layers(cfg):
+    """--cb_layers as GPTConfig.cb_layers: None (all layers) or a tuple of layer numbers."""
     if cfg.cb_layers == "all":
         return None
     try:
@@ -225,147 +223,33 @@ def resolve_config(cfg, given):
     return cfg, None, None
 
 
-def load_base(cfg, given):
-    """The checkpoint that --init_from names, checked: no codebooks yet, the same kind of data.
-    With --cb_at=none it is finetuned as it is: the baseline to compare a finetune with codebooks with."""
-    if not os.path.isfile(cfg.init_from) and not cfg.init_from.endswith(".pt"):  # a hub id or directory
-        base = load_pretrained(cfg, given)
-    else:
-        try:
-            base = load_checkpoint(cfg.init_from)
-        except (FileNotFoundError, ValueError) as e:
-            fail(f"--init_from: {e}")
-    if base["model_args"]["cb_at"] != "none":
-        fail(f"--init_from inserts codebooks into a model without them: {cfg.init_from} has cb_at="
-             f"{base['model_args']['cb_at']}")
-    if base.get("kind") != ("lm" if cfg.data_dir else "fsm"):
-        fail(f"--init_from={cfg.init_from} was trained on kind={base.get('kind')!r} data")
-    shape = ("n_layer", "n_head", "n_embd", "block_size")
-    changed = [k for k in shape if k in given and getattr(cfg, k) != base["config"][k]]
-    if changed:
-        fail(f"--init_from: {', '.join(changed)} differ from the checkpoint's (its shape is kept)")
-    return base
-
-
-def load_pretrained(cfg, given):
-    """A hub model (GPT.from_pretrained) in the shape of a checkpoint without codebooks. Its block_size: the
-    model's (TinyStories: 512), or --block_size given on the command line, up to the model's positions."""
-    if not cfg.data_dir:
-        fail(f"--init_from={cfg.init_from}: a pretrained language model needs token data (--data_dir)")
-    try:
-        model = from_pretrained(cfg.init_from, cfg.block_size if "block_size" in given else None)
-    except (ValueError, OSError) as e:
-        fail(f"--init_from={cfg.init_from}: {' '.join(str(e).split())}")
-    c = model.config
-    shape = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size)
-    print(f"{cfg.init_from}: a pretrained {'GPT-Neo' if c.local_layers or not c.scale_attn else 'GPT-2'}, "
-          f"{shape}, vocab {c.vocab_size}")
-    return dict(model=model.state_dict(), model_args=dataclasses.asdict(c), config=shape, kind="lm",
-                pretrained=cfg.init_from)
-
-
-def check_encoding(base, data, name):
-    """Stop if the data's tokens are not the base model's: another vocabulary size or another encoding.
-    A hub GPT-2 / GPT-Neo of vocab 50257 reads gpt2 tokens; our own checkpoints store their data's encoding."""
-    got = data.stored["data"]["meta"].get("encoding", {})
-    if base.get("pretrained"):
-        want = dict(kind="gpt2") if base["model_args"]["vocab_size"] == GPT2_VOCAB else None  # None: vocab only
-        same = want is None or got.get("kind") in GPT2_KINDS
-    else:
-        want = base.get("data", {}).get("meta", {}).get("encoding")
-        same = want is None or (got.get("kind"), got.get("words")) == (want.get("kind"), want.get("words"))
-    if base["model_args"]["vocab_size"] != data.vocab_size or not same:
-        fail(f"--init_from={name} reads {want['kind'] if want else 'its own'} tokens, vocab "
-             f"{base['model_args']['vocab_size']}; --data_dir={data.stored['data']['data_dir']} has encoding="
-             f"{got.get('kind')}, vocab {data.vocab_size} (hub models: tinystories_data.py --encoding=gpt2)")
-
-
-# -----------------------------------------------------------------------------
-# data: walks on the FSM, or windows of token data
-
-
-@dataclass
-class Data:
-    sample: object  # sample() -> (micro, block_size + 1) int64 sequences on the device, from gen
-    gen: torch.Generator  # this rank's data stream, stored in the checkpoint
-    val: torch.Tensor  # (eval_seqs, block_size + 1) held-out sequences
-    vocab_size: int
-    about: str  # for the log
-    stored: dict  # what the checkpoint says about the data (kind: fsm or lm), for steer.py and topics.py
-    fsm: FSM = None  # None: token data
-    bayes: tuple = (0.0, 0.0)  # the FSM's Bayes-optimal loss and accuracy
-
-
-def load_data(cfg, micro, world):
-    """The data of this rank: micro sequences per sample() from its own stream (distributed.data_seed)."""
-    cuda = world.device.startswith("cuda")  # "cuda:1" under torchrun
-    if cfg.data_dir:  # token data: windows of block_size + 1 tokens, all predicted
-        try:
-            train_data, val_data, meta = tinystories_data.load_tokens(cfg.data_dir)
-            val = tinystories_data.fixed_windows(val_data, cfg.eval_seqs, cfg.block_size + 1)
-        except (OSError, ValueError) as e:
-            fail(f"--data_dir={cfg.data_dir}: {e}")
-        if len(train_data) <= cfg.block_size + 1:  # get_batch draws offsets below len - (block_size + 1)
-            fail(f"{os.path.join(cfg.data_dir, 'train.bin')} has {len(train_data)} tokens: windows of "
-                 f"block_size + 1 = {cfg.block_size + 1} at random offsets need at least {cfg.block_size + 2}")
-        gen = torch.Generator()  # token windows are drawn on the host
-
-        def sample():  # on a GPU through pinned memory, copied while the last step still runs (nanoGPT)
-            batch = tinystories_data.get_batch(train_data, micro, cfg.block_size + 1, gen)
-            return batch.pin_memory().to(world.device, non_blocking=True) if cuda else batch.to(world.device)
-        about = f"vocab {meta['vocab_size']}, {len(train_data)} train / {len(val_data)} val tokens"
-        stored = dict(kind="lm", data=dict(data_dir=os.path.abspath(cfg.data_dir), meta=meta))
-        data = Data(sample, gen, val, meta["vocab_size"], about, stored)
-    else:
-        fsm = FSM(cfg.num_states, cfg.num_edges, seed=cfg.fsm_seed)
-        val = fsm.sample(cfg.eval_seqs, cfg.block_size, torch.Generator().manual_seed(cfg.seed + 1))
-        gen = torch.Generator(device=world.device if cuda else "cpu")  # the walks are drawn where they are used
-
-        def sample():  # made where gen lives: on a GPU, no host work and no copy
-            return fsm.sample(micro, cfg.block_size, gen).to(world.device)
-        bayes = fsm.bayes(cfg.block_size)
-        about = f"Bayes-optimal loss {bayes[0]:.4f} acc {bayes[1]:.4f}"
-        stored = dict(kind="fsm", fsm=dict(num_states=cfg.num_states, num_edges=cfg.num_edges, seed=cfg.fsm_seed))
-        data = Data(sample, gen, val, fsm.vocab_size, about, stored, fsm, bayes)
-    gen.manual_seed(distributed.data_seed(cfg.seed, world.rank))
-    return data
-
-
 # -----------------------------------------------------------------------------
 # the model and its optimizer: new, resumed, or a trained model with codebooks inserted
 
 
-def build_model(cfg, vocab_size, cb_at=None):
-    return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
-                         n_head=cfg.n_head, n_embd=cfg.n_embd, cb_at=cb_at or cfg.cb_at,
-                         num_codes=cfg.num_codes, k=cfg.k, cb_layers=layers(cfg), compile=cfg.compile))
+def build_model(cfg, vocab_size=None, like=None, cb_at=None):
+    """A new GPT with cfg's codebooks (cb_at: other sites, e.g. "none" until cb_warmup) and the tuned
+    search: of cfg's shape and vocab_size, or of the architecture of the model `like` (a pretrained one's
+    attention and GELU included)."""
+    codebooks = dict(cb_at=cb_at or cfg.cb_at, num_codes=cfg.num_codes, k=cfg.k, cb_layers=codebook_layers(cfg),
+                     compile=cfg.compile)
+    config = dataclasses.replace(like.config, **codebooks) if like is not None else GPTConfig(
+        block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+        **codebooks)
+    return use_tuned_search(GPT(config))
 
 
-def with_codebooks(model, cfg):
-    """A new model of model's architecture (a pretrained one's attention and GELU included) with cfg's
-    codebooks."""
-    return GPT(dataclasses.replace(model.config, cb_at=cfg.cb_at, num_codes=cfg.num_codes, k=cfg.k,
-                                   cb_layers=layers(cfg), compile=cfg.compile))
-
-
-def insert_codebooks(model, cfg, vocab_size, idx):
-    """A copy of a trained model with codebooks added, k-means-initialised from its activations on idx."""
-    assert vocab_size == model.config.vocab_size, (vocab_size, model.config.vocab_size)
-    new = with_codebooks(model, cfg).to(idx.device)
-    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all(".codebook." in k for k in missing), (missing, unexpected)
-    new.init_codebooks(idx)
+def insert_codebooks(model, cfg, draw, world):
+    """A copy of a trained model with cfg's codebooks added, k-means-initialised once: on rank 0, from a
+    global batch of its data (draw() gives one micro-batch). The other ranks build the same model; wrapping
+    it in DDP copies rank 0's weights and codes to them."""
+    new = build_model(cfg, like=model).to(world.device)
+    if world.master:
+        missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+        assert not unexpected and all(".codebook." in k for k in missing), (missing, unexpected)
+        idx = torch.cat([draw() for _ in range(world.size * cfg.gradient_accumulation_steps)])
+        new.init_codebooks(idx[:, :-1].to(world.device))
     return new
-
-
-def insert_once(model, cfg, draw, world):
-    """insert_codebooks with the k-means run once: on rank 0, from a global batch of its data (draw() gives
-    one micro-batch). The other ranks build the same model; wrapping it in DDP copies rank 0's weights and
-    codes to them."""
-    if not world.master:
-        return with_codebooks(model, cfg).to(world.device)
-    idx = torch.cat([draw() for _ in range(world.size * cfg.gradient_accumulation_steps)])
-    return insert_codebooks(model, cfg, model.config.vocab_size, idx[:, :-1].to(world.device))
 
 
 def make_optimizer(model, cfg, device):
@@ -389,19 +273,19 @@ def init_model(cfg, ckpt, base, data, world, log):
     """-> (model, optimizer): the stored ones (with or without codebooks yet), a base model with codebooks
     inserted (--init_from), or a new model, without codebooks until cb_warmup."""
     if ckpt is not None:
-        model = GPT(GPTConfig(**ckpt["model_args"])).to(world.device)
+        model = use_tuned_search(GPT(GPTConfig(**ckpt["model_args"]))).to(world.device)
     elif base is not None:
         if data.fsm is None:
             check_encoding(base, data, cfg.init_from)
         elif base["model_args"]["vocab_size"] != data.vocab_size:
             fail(f"--init_from={cfg.init_from}: its vocab {base['model_args']['vocab_size']} is not the data's "
                  f"{data.vocab_size}")
-        model = model_from_checkpoint(base, world.device)
+        model = use_tuned_search(model_from_checkpoint(base, world.device))
         if cfg.cb_at != "none":
-            model = insert_once(model, cfg, data.sample, world)
+            model = insert_codebooks(model, cfg, data.sample, world)
             log(f"inserted codebooks ({', '.join(model.codebooks())}) into {cfg.init_from}, k-means initialised")
     else:
-        model = build_model(cfg, data.vocab_size, "none" if cfg.cb_warmup else None).to(world.device)
+        model = build_model(cfg, data.vocab_size, cb_at="none" if cfg.cb_warmup else None).to(world.device)
     optimizer = make_optimizer(model, cfg, world.device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -424,10 +308,10 @@ def load_optimizer_state(optimizer, model, saved):
         optimizer.state[p] = state
 
 
-def add_codebooks(model, optimizer, cfg, data, world):
-    """Codebooks inserted into the running model at cb_warmup -> (model, its DDP wrapper, optimizer). The
-    k-means runs on rank 0; wrapping the new model in DDP copies its weights and codes to the other ranks."""
-    new = insert_once(model, cfg, data.sample, world)
+def insert_codebooks_mid_run(model, optimizer, cfg, data, world):
+    """Codebooks inserted into the running model at cb_warmup -> (model, its DDP wrapper, optimizer), the
+    weights' Adam state kept."""
+    new = insert_codebooks(model, cfg, data.sample, world)
     ddp_model, new_optimizer = distributed.wrap(new, world), make_optimizer(new, cfg, world.device)
     # the weights keep their Adam moments and step (a fresh Adam at near-peak lr takes sign-sized steps);
     # equal on every rank, as the old optimizer was; the codes start without state
@@ -444,49 +328,6 @@ def replace_dead_codes(model, rho, world):
     n = sum(cb.replace_dead_codes(rho) for cb in model.codebooks().values()) if world.master else 0
     distributed.broadcast([cb.codebook for cb in model.codebooks().values()], world)
     return n
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: the model, the optimizer and every random stream, so that a resumed run goes on as one
-
-
-def write_checkpoint(cfg, model, optimizer, it, wall_s, data, data_rngs, world):
-    """out_dir/ckpt.pt, atomically, from rank 0, with every rank's data stream (data_rngs)."""
-    save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), dict(
-        model=model.state_dict(), optimizer=optimizer.state_dict(), iter_num=it,
-        config=dataclasses.asdict(cfg), model_args=dataclasses.asdict(model.config), data_rng=data_rngs[0],
-        data_rngs=data_rngs, world_size=world.size, wall_s=wall_s, **rng_states(world.device), **data.stored))
-
-
-def rng_states(device):
-    """The generators a resumed run continues besides the data streams: the CPU's and, on a GPU, that
-    device's (dead-code replacement draws its picks and noise there)."""
-    states = dict(torch_rng=torch.get_rng_state())
-    if device.startswith("cuda"):
-        states["cuda_rng"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def restore_rng_states(ckpt, device):
-    torch.set_rng_state(ckpt["torch_rng"])
-    if device.startswith("cuda") and "cuda_rng" in ckpt:  # none: a CPU run's checkpoint, or an older one
-        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-
-
-def resume(ckpt, cfg, data, world, log):
-    """Continue the stored run's random streams: -> (its step, its seconds so far)."""
-    restore_rng_states(ckpt, world.device)
-    saved = ckpt.get("data_rngs", [ckpt["data_rng"]])  # one per process of the stored run
-    it = ckpt["iter_num"]
-    try:
-        if world.rank < len(saved):  # a rank the stored run did not have starts its own stream
-            data.gen.set_state(saved[world.rank])
-    except RuntimeError:  # a generator of another device kind (a GPU run resumed on a CPU, or back)
-        data.gen.manual_seed(distributed.data_seed(cfg.seed + it, world.rank))
-        log("the checkpoint's data streams were drawn on another device: the data differ from an unbroken run")
-    log(f"resumed from {os.path.join(cfg.out_dir, 'ckpt.pt')} at step {it}" + ("" if len(saved) == world.size else
-        f"; it ran on {len(saved)} process(es), this on {world.size}: the data differ from an unbroken run"))
-    return it, ckpt["wall_s"]
 
 
 # -----------------------------------------------------------------------------
@@ -604,7 +445,7 @@ def train(cfg, given=()):
     ddp_model = distributed.wrap(model, world)  # the model itself in a plain run
     log(json.dumps(dataclasses.asdict(cfg)))
     log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, " +
-        (f"{world.size} processes, " if world.ddp else "") + data.about)
+        (f"{world.size} processes, " if world.ddp else "") + data.summary)
 
     t0 = t_log = time.time()
     start_it = it_log = it
@@ -614,7 +455,7 @@ def train(cfg, given=()):
     bar = Progress(cfg.max_iters, "train", initial=it, quiet=not world.master)
     while it < cfg.max_iters:
         if it >= cfg.cb_warmup and cfg.cb_at != "none" and not model.codebooks():  # codebooks: insert them
-            model, ddp_model, optimizer = add_codebooks(model, optimizer, cfg, data, world)
+            model, ddp_model, optimizer = insert_codebooks_mid_run(model, optimizer, cfg, data, world)
             bar.write(f"step {it}: inserted codebooks ({', '.join(model.codebooks())}), k-means initialised")
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:

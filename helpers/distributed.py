@@ -127,7 +127,7 @@ def wrap(model, world):
     ddp = DDP(model, device_ids=[world.local_rank] if world.device.startswith("cuda") else None, **{key: False})
     if not world.master:  # DDP copied rank 0's buffers at init: a resumed run's totals must stay on rank 0 only
         for cb in model.codebooks().values():
-            for buf in (cb.counts, cb.fired, cb.mse_sum, cb.mse_n):
+            for buf in (cb.uses_since_read, cb.uses_since_reset, cb.mse_sum, cb.mse_n):
                 buf.zero_()
     return ddp
 
@@ -137,7 +137,7 @@ def reduce_usage(model, world):
     """Sum every codebook's counts, firings and MSE sums over ranks onto rank 0, zero them on the others.
     Rank 0 then reads stats and dead codes of the global batch; the sum over ranks is unchanged, so a
     second call counts nothing twice. One collective for all codebooks."""
-    bufs = [b for cb in model.codebooks().values() for b in (cb.counts, cb.fired, cb.mse_sum, cb.mse_n)]
+    bufs = [b for cb in model.codebooks().values() for b in (cb.uses_since_read, cb.uses_since_reset, cb.mse_sum, cb.mse_n)]
     if not world.ddp or not bufs:
         return
     flat = torch.cat([b.reshape(-1) for b in bufs])

@@ -23,8 +23,10 @@ import os
 import string
 
 import torch
+import torch.nn.functional as F
 
 import tinystories_data
+from codebook import exact_fp32, flat_code_ids, similarity, usage
 from helpers.common import Progress, fail, load_checkpoint, pick_device, save_json
 from fsm_data import FSM
 from model import format_code, make_interventions, model_from_checkpoint
@@ -114,10 +116,10 @@ def tokenizer(ckpt):
 
 
 def flat_ids(codes, num_codes):
-    """(B, T, G, k) ids -> (B*T, G*k) ids distinct across groups: group g's code c is g*C + c, so that one
-    bincount counts every code of every head."""
+    """(B, T, G, k) ids -> (B*T, G*k) ids distinct across groups (codebook.flat_code_ids: group g's code c
+    is g*C + c), so that one bincount counts every code of every head."""
     B, T, G, k = codes.shape
-    return (codes + torch.arange(G)[:, None] * num_codes).reshape(B * T, G * k)
+    return flat_code_ids(codes, num_codes).reshape(B * T, G * k)
 
 
 def code_name(site, flat, num_codes):
@@ -186,27 +188,28 @@ def code_counts(codes, cb):
 
 
 def usage_stats(n):
-    """(G, C) firings -> alive fraction, usage entropy (bits, mean over groups), and codes by firings in decades."""
-    p = n / n.sum(1, keepdim=True)
-    entropy = -(torch.xlogy(p, p) / math.log(2)).sum(1).mean().item()
+    """(G, C) firings -> codebook.usage (alive fraction, entropy_bits), the most bits, log2 C, and the codes
+    by firings in decades (the histogram)."""
     hist = {"0": int((n == 0).sum())}
     for e in range(int(math.log10(max(n.max().item(), 1))) + 1):
         hist[f"{10 ** e}-{10 ** (e + 1) - 1}"] = int(((n >= 10 ** e) & (n < 10 ** (e + 1))).sum())
-    return dict(alive=(n > 0).double().mean().item(), entropy_bits=entropy, max_bits=math.log2(n.shape[1]),
-                histogram=hist)
+    return dict(**usage(n), max_bits=math.log2(n.shape[1]), histogram=hist)
 
 
 @torch.no_grad()
-def code_scores(cb, acts, codes):
-    """How strongly each firing selects its code: the score of the codebook search, the input in the layer's
-    LayerNorm space dotted with the code's unit vector. acts (B*T, D) the codebook's input, codes (B, T, G, k)
-    -> (B*T, G, k) float scores, one per selected code."""
+def code_scores(cb, acts, codes, max_elems=1 << 22):
+    """How strongly each firing selects its code: codebook.similarity, the score the search ranks by (the
+    input in the layer's LayerNorm space dotted with the code's unit vector). acts (B*T, D) the codebook's
+    input, codes (B, T, G, k) -> (B*T, G, k) float scores, one per selected code; max_elems scores at once."""
     dev = cb.codebook.device
     x = cb.normalize(acts.to(dev))  # (P, G, d)
-    unit = cb.codebook / cb.codebook.norm(dim=-1, keepdim=True)  # (G, C, d)
+    unit = F.normalize(cb.codebook, dim=-1)  # (G, C, d), as the search's
     ids = codes.reshape(x.shape[0], cb.groups, -1).to(dev)  # (P, G, k)
-    picked = unit[torch.arange(cb.groups, device=dev)[None, :, None], ids]  # (P, G, k, d)
-    return (picked * x[:, :, None]).sum(-1).cpu()
+    out, n = torch.empty(ids.shape), max(1, max_elems // (cb.groups * cb.num_codes))  # tokens a chunk
+    with exact_fp32():
+        for i in range(0, len(x), n):
+            out[i:i + n] = similarity(x[i:i + n], unit).gather(-1, ids[i:i + n]).cpu()
+    return out
 
 
 def firings_by_score(codes, scores, group, code):
