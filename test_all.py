@@ -948,6 +948,13 @@ def run_train(*args):
                           text=True, cwd=HERE, timeout=120)
 
 
+@pytest.mark.parametrize("preset", sorted(train.PRESETS))
+def test_every_preset_passes_the_checks(preset):
+    cfg, _ = common.parse_args([f"--config={preset}"], train.TrainConfig, train.PRESETS)
+    train.check(cfg)
+    assert dataclasses.asdict(cfg) == {**dataclasses.asdict(train.TrainConfig()), **train.PRESETS[preset]}
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--foo=1"], "unknown key --foo; valid: config, out_dir"),
     (["--k=abc"], "--k=abc: expected int"),

@@ -21,12 +21,13 @@ synthetic stories on a CPU: a baseline, then the paper's finetuning with and wit
     python train.py --config=stories_ft --init_from=out-stories-none/ckpt.pt --cb_at=none --out_dir=out-stories-ft-none
     python train.py --config=stories                # or: codebooks inserted half-way through one run
 
-A pretrained model from the Hugging Face hub (GPT-Neo, GPT-2), finetuned with codebooks inserted or without
+A pretrained model from the Hugging Face hub (GPT-Neo, GPT-2, Pythia), finetuned with codebooks inserted or without
 them; the tinystories preset is the paper's (TinyStories-1Layer-21M, attention codebooks k=8, C=10k), a GPU job:
 
     python train.py --config=tinystories                                           # data_dir=data/tinystories
     python train.py --config=tinystories --cb_at=none --out_dir=out-tinystories-none   # the baseline
     python train.py --init_from=gpt2 --data_dir=D --cb_at=attn --k=8                  # or owner/name[@rev], a dir
+    python train.py --config=wikitext       # the paper's Pythia-410M on WikiText-103, data_dir=data/wikitext
 
 Overrides are --key=value (no exec); unknown keys and bad values stop with a one-line error.
 Writes out_dir/ckpt.pt (loadable with torch.load(weights_only=True)) and out_dir/metrics.json, both atomically.
@@ -142,6 +143,13 @@ PRESETS = {
                         num_codes=10000, k=8, cb_warmup=0, replace_every=0, batch_size=96, max_iters=10000,
                         learning_rate=5e-4, lr_decay="linear", min_lr=0.0, warmup_iters=500, eval_interval=1000,
                         eval_seqs=512, compile=True, dtype="bfloat16"),
+    # the paper's Table 2b on one GPU: Pythia-410M (GPT-NeoX, 24 layers, d 1024, 16 heads, its own tokenizer)
+    # finetuned on WikiText-103 with attention codebooks on all 24 layers, k=8, C=10k; the official main.yaml's
+    # lr 5e-4 constant, no warm-up, 15,000 steps of 24 x 1024 tokens (docs/language_models.md: the data)
+    "wikitext": dict(out_dir="out-wikitext", data_dir="data/wikitext", init_from="EleutherAI/pythia-410m-deduped",
+                     block_size=1024, cb_at="attn", num_codes=10000, k=8, cb_warmup=0, replace_every=0,
+                     batch_size=24, max_iters=15000, learning_rate=5e-4, decay_lr=False, warmup_iters=0,
+                     eval_interval=500, eval_seqs=512, compile=True, dtype="bfloat16"),
     # from scratch: 2 layers at the paper's width, k=8 attention codebooks inserted half-way, C=10k
     "tinystories_scratch": dict(out_dir="out-tinystories-scratch", data_dir="data/tinystories", n_layer=2, n_head=16, n_embd=1024,
                         block_size=512, cb_at="attn", num_codes=10000, k=8, cb_warmup=10000, replace_every=0,
