@@ -42,7 +42,7 @@ class GPTConfig:
     cb_layers: tuple = None  # layers that carry codebooks; None = all
     mlp_groups: int = 1  # groups of the MLP codebook
     compile: bool = False  # torch.compile the codebook search
-    # what pretrained GPT-2 / GPT-Neo models need (pretrained/load.py); the defaults are this project's models
+    # what pretrained GPT-2 / GPT-Neo / GPT-NeoX models need (pretrained/load.py); the defaults are this project's
     qkv_bias: bool = True  # bias in c_attn (when bias): GPT-Neo's q, k, v projections have none
     scale_attn: bool = True  # q . k / sqrt(head size); GPT-Neo does not scale
     attn_fp32: bool = False  # attention scores in fp32 under autocast, as GPT-Neo
@@ -50,6 +50,11 @@ class GPTConfig:
     local_layers: tuple = ()  # (GPT-Neo alternates global and local layers, window 256, the token included)
     gelu: str = "exact"  # the MLP's GELU: exact (erf) or tanh (GPT-2's and GPT-Neo's gelu_new)
     ln_eps: float = 1e-5  # LayerNorm epsilon
+    learned_pos: bool = True  # a learned position embedding (wpe); GPT-NeoX has none, only rotary
+    rope_pct: float = 1.0  # the fraction of each head's dims that rotary turns, the first ones (Pythia: 0.25)
+    rope_base: float = 10000.0  # rotary's base (GPT-NeoX's rotary_emb_base)
+    parallel: bool = False  # x + attn(ln_1(x)) + mlp(ln_2(x)), GPT-NeoX's parallel residual; else one after the other
+    tie_head: bool = True  # lm_head shares wte's weight, as GPT-2; GPT-NeoX's output head is its own
 
 
 # -----------------------------------------------------------------------------
@@ -145,6 +150,8 @@ class CausalSelfAttention(nn.Module):
         assert config.n_embd % config.n_head == 0
         self.n_head = config.n_head
         self.rope = config.rope
+        self.rope_dims = int(config.n_embd // config.n_head * config.rope_pct)  # the first rope_dims of a head turn
+        self.rope_base = config.rope_base
         self.scale = None if config.scale_attn else 1.0  # None: SDPA's 1 / sqrt(head size)
         self.fp32 = config.attn_fp32
         self.window = config.local_window if layer in config.local_layers else 0  # 0: global
@@ -158,7 +165,12 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         if self.rope:  # q and k turned together, in one op
-            q, k = rotate(qkv[:, :, :2].flatten(2, 3), pos0).unflatten(2, (2, self.n_head)).unbind(2)
+            qk, r = qkv[:, :, :2].flatten(2, 3), self.rope_dims  # (B, T, 2 nh, hs)
+            if r == qk.size(-1):
+                qk = rotate(qk, pos0, self.rope_base)
+            else:  # GPT-NeoX turns the first r dims of each head only; the rest carry no position
+                qk = torch.cat([rotate(qk[..., :r], pos0, self.rope_base), qk[..., r:]], -1)
+            q, k = qk.unflatten(2, (2, self.n_head)).unbind(2)
             v = qkv[:, :, 2]
         else:
             q, k, v = qkv.unbind(2)
@@ -212,6 +224,7 @@ class Block(nn.Module):
             return CodebookLayer(config.n_embd, config.num_codes, config.k, groups, compile=config.compile)
 
         self.layer = layer
+        self.parallel = config.parallel
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias)
         self.attn = CausalSelfAttention(config, codebook(config.n_head) if on and "attn" in config.cb_at else None,
                                         layer)
@@ -219,10 +232,11 @@ class Block(nn.Module):
         self.mlp = MLP(config, codebook(config.mlp_groups) if on and "mlp" in config.cb_at else None)
 
     def forward(self, x, interventions, codes, activations, pos0=0, kv_cache=None):
+        x0 = x  # the block's input: with the parallel residual (GPT-NeoX) the MLP reads it too, not x + attn
         for kind, module, ln in (("attn", self.attn, self.ln_1), ("mlp", self.mlp, self.ln_2)):
             name = f"L{self.layer}.{kind}"
             here = [iv for iv in interventions if iv.site == name]
-            y, ids = module(ln(x), here, activations, name, pos0, kv_cache)
+            y, ids = module(ln(x0 if self.parallel else x), here, activations, name, pos0, kv_cache)
             if ids is not None:
                 codes[name] = ids
             x = x + y
@@ -238,15 +252,20 @@ class GPT(nn.Module):
             raise ValueError(f"cb_at={config.cb_at!r} is not one of {', '.join(CB_AT)}")
         if config.gelu not in ("exact", "tanh"):
             raise ValueError(f"gelu={config.gelu!r} is not one of exact, tanh")
+        rope_dims = int(config.n_embd // config.n_head * config.rope_pct)
+        if config.rope and (rope_dims < 2 or rope_dims % 2):
+            raise ValueError(f"rope_pct={config.rope_pct} turns {rope_dims} dims of a head of "
+                             f"{config.n_embd // config.n_head}; rotary needs an even number, at least 2")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd) if config.learned_pos else None,  # NeoX: rotary only
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        if config.tie_head:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):  # scaled init of the residual projections, as GPT-2
@@ -316,8 +335,9 @@ class GPT(nn.Module):
         pos0 = kv_cache.T if kv_cache is not None else 0  # the position of idx's first token
         if pos0 + T > self.config.block_size:
             raise ValueError(f"sequence of length {pos0 + T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # absolute positions: TokFSM needs parity
+        x = self.transformer.wte(idx)
+        if self.config.learned_pos:  # absolute positions: TokFSM needs parity
+            x = x + self.transformer.wpe(torch.arange(pos0, pos0 + T, dtype=torch.long, device=idx.device))
         codes = {}
         for block in self.transformer.h:
             x = block(x, interventions, codes, activations, pos0, kv_cache)

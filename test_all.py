@@ -2503,10 +2503,12 @@ def test_browse_shows_markup_tokens_as_text_in_chromium(tmp_path, capsys):
 # transformers (a test-only package), bad files, and a finetune whose checkpoint the scripts load
 
 
-def hub_dir(path, arch, vocab=61, fmt="safetensors", seed=0):
-    """A tiny random GPTNeoForCausalLM (a global and a local layer, window 5) or GPT2LMHeadModel, weights
-    perturbed from their init (LayerNorms and biases too), saved as the hub stores it: model.safetensors,
-    or a torch.save'd pytorch_model.bin with the attention-mask buffers old hub files carry."""
+def hub_dir(path, arch, vocab=61, fmt="safetensors", seed=0, **neox):
+    """A tiny random GPTNeoForCausalLM (a global and a local layer, window 5), GPT2LMHeadModel or
+    GPTNeoXForCausalLM (Pythia's settings: rotary on a quarter of each head, untied head; neox: more of its
+    config), weights perturbed from their init (LayerNorms and biases too), saved as the hub stores it:
+    model.safetensors, or a torch.save'd pytorch_model.bin with the attention-mask (and rotary) buffers old
+    hub files carry."""
     if os.environ.get("CI") == "true":  # .ci/run installs it: a skip there would hide a broken install
         import transformers as tf
     else:
@@ -2516,6 +2518,11 @@ def hub_dir(path, arch, vocab=61, fmt="safetensors", seed=0):
         config = tf.GPTNeoConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=32, num_layers=2,
                                  num_heads=4, attention_types=[[["global", "local"], 1]], window_size=5)
         hf = tf.GPTNeoForCausalLM(config)
+    elif arch == "gpt_neox":  # rotary base 500, not the default 10000: a base left unread shows
+        config = tf.GPTNeoXConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=256,
+                                  **{"rotary_pct": 0.25, "rotary_emb_base": 500, **neox})
+        hf = tf.GPTNeoXForCausalLM(config)
     else:
         config = tf.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4)
         hf = tf.GPT2LMHeadModel(config)
@@ -2527,10 +2534,20 @@ def hub_dir(path, arch, vocab=61, fmt="safetensors", seed=0):
         os.remove(path / "model.safetensors")
         state = dict(hf.state_dict())
         for i in range(2):  # what transformers' old versions saved with the weights
-            at = f"transformer.h.{i}.attn.attention." if arch == "gpt_neo" else f"transformer.h.{i}.attn."
+            at = dict(gpt_neo=f"transformer.h.{i}.attn.attention.", gpt2=f"transformer.h.{i}.attn.",
+                      gpt_neox=f"gpt_neox.layers.{i}.attention.")[arch]
             state[at + "bias"] = torch.tril(torch.ones(64, 64, dtype=torch.bool)).view(1, 1, 64, 64)
             state[at + "masked_bias"] = torch.tensor(-1e9)
+            if arch == "gpt_neox":  # Pythia's files
+                state[at + "rotary_emb.inv_freq"] = torch.ones(2)
+        if arch == "gpt_neox":  # transformers 5 calls the head lm_head, the hub's files embed_out
+            state["embed_out.weight"] = state.pop("lm_head.weight")
         torch.save(state, path / "pytorch_model.bin")
+        if arch == "gpt_neox":  # and transformers 4's config.json, as Pythia's: rotary_pct, rotary_emb_base
+            config = json.load(open(path / "config.json"))
+            rope = config.pop("rope_parameters")
+            json.dump(dict(config, rotary_pct=rope["partial_rotary_factor"], rotary_emb_base=rope["rope_theta"]),
+                      open(path / "config.json", "w"))
     return hf
 
 
@@ -2629,7 +2646,8 @@ def test_pretrained_bad_files_are_one_line_errors(tmp_path):
             open(d / "pytorch_model.bin", "wb").write(data[:len(data) // 2])
         else:
             os.remove(d / "model.safetensors")
-    wants = ["'llama' is not supported; supported: GPT-2 (gpt2) and GPT-Neo", "truncated or corrupt",
+    wants = ["'llama' is not supported; supported: GPT-2 (gpt2), GPT-Neo (gpt_neo, the TinyStories models), GPT-NeoX",
+             "truncated or corrupt",
              "unreadable, truncated or corrupt", "neither model.safetensors nor pytorch_model.bin"]
     for d, want in zip(cases, wants):
         with pytest.raises(ValueError) as e:
@@ -2738,6 +2756,151 @@ def test_finetune_a_hub_model_and_its_checkpoint_loads_in_the_scripts(tmp_path, 
     with pytest.raises(SystemExit):
         train.train(tiny_lm(tmp_path / "x", tmp_path / "data", init_from=str(tmp_path / "neo61")))
     assert "vocab 61" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # transformers takes seconds to import
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_neox_logits_loss_and_kv_cache_equal_transformers(tmp_path, parallel, fmt):
+    """A tiny Pythia-shaped GPT-NeoX (rotary on 4 of a head's 16 dims, base 500, an untied head, vocabulary
+    64 padded beyond the 61 ids it reads), parallel and sequential residual: transformers' logits and loss,
+    in one forward and token by token through the KV cache. Each setting changes the logits."""
+    hf = hub_dir(tmp_path, "gpt_neox", vocab=64, fmt=fmt, use_parallel_residual=parallel)
+    model = from_pretrained(str(tmp_path)).eval()
+    c = model.config
+    assert (c.rope, c.rope_pct, c.rope_base, c.learned_pos, c.parallel, c.tie_head, c.gelu, c.block_size,
+            c.vocab_size, c.cb_at) == (True, 0.25, 500.0, False, parallel, False, "exact", 64, 64, "none")
+    assert "transformer.wpe.weight" not in model.state_dict()
+    assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    idx = torch.randint(0, 61, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = hf(idx, labels=idx)
+        logits, loss, _, _ = model(idx[:, :-1], idx[:, 1:])
+        full = model(idx)[0]
+        cache = KVCache()
+        cached = torch.cat([model(idx[:, :25], kv_cache=cache)[0]] +
+                           [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(25, 40)], 1)
+    assert full.shape == (3, 40, 64)  # the padded ids get logits too
+    assert (logits - theirs.logits[:, :-1]).abs().max().item() < 1e-5
+    assert abs(loss.item() - theirs.loss.item()) < 1e-5
+    assert (full - theirs.logits).abs().max().item() < 1e-5
+    assert (cached - theirs.logits).abs().max().item() < 1e-5
+    for change in (dict(rope_pct=1.0), dict(rope_base=10000.0), dict(parallel=not parallel)):
+        other = GPT(dataclasses.replace(c, **change)).eval()
+        other.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert (other(idx)[0] - theirs.logits).abs().max().item() > 1e-3, change
+
+
+@pytest.mark.slow  # transformers takes seconds to import
+def test_neox_from_shards_equals_one_file(tmp_path):
+    """pythia-6.9b and -12b come in shards that an index.json lists, as safetensors or .bin: the same model."""
+    from pretrained import load as pretrained
+    hub_dir(tmp_path / "one", "gpt_neox")
+    state = pretrained.read_safetensors(str(tmp_path / "one" / "model.safetensors"))
+    names = sorted(state)
+    idx = torch.randint(0, 61, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = from_pretrained(str(tmp_path / "one")).eval()(idx)[0]
+    for index, shard in (("model.safetensors.index.json", "model-0000{}-of-00002.safetensors"),
+                         ("pytorch_model.bin.index.json", "pytorch_model-0000{}-of-00002.bin")):
+        d = tmp_path / index.split(".")[1]
+        d.mkdir()
+        shutil.copy(tmp_path / "one" / "config.json", d)
+        weight_map = {}
+        for i, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+            tensors = {n: state[n] for n in part}
+            if shard.endswith(".bin"):
+                torch.save(tensors, d / shard.format(i + 1))
+            else:
+                from safetensors.torch import save_file
+                save_file(tensors, str(d / shard.format(i + 1)))
+            weight_map.update({n: shard.format(i + 1) for n in part})
+        json.dump(dict(metadata={}, weight_map=weight_map), open(d / index, "w"))
+        with torch.no_grad():
+            assert torch.equal(from_pretrained(str(d)).eval()(idx)[0], want)
+        os.remove(d / shard.format(2))
+        with pytest.raises(ValueError, match="lists 2 shards, 1 not in"):
+            from_pretrained(str(d))
+
+
+@pytest.mark.slow  # transformers takes seconds to import
+def test_neox_codebooks_sit_where_ours_do_and_the_kv_cache_samples_the_rerun(tmp_path):
+    """Per-head codebooks on attention's outputs before c_proj, one on the MLP's output before the residual
+    add; in the parallel residual the MLP reads ln_2 of the block's input. Cached generation equals the
+    rerun, with and without codebooks."""
+    hub_dir(tmp_path, "gpt_neox")
+    base = from_pretrained(str(tmp_path))
+    cb = GPT(dataclasses.replace(base.config, cb_at="attn+mlp", num_codes=16, k=2))
+    cb.load_state_dict(base.state_dict(), strict=False)
+    idx = torch.randint(0, 61, (4, 32), generator=torch.Generator().manual_seed(3))
+    cb.init_codebooks(idx, iters=2)
+    assert list(cb.codebooks()) == ["L0.attn", "L0.mlp", "L1.attn", "L1.mlp"]
+    assert cb.codebooks()["L0.attn"].groups == 4 and cb.codebooks()["L1.mlp"].groups == 1
+    acts = {}
+    with torch.no_grad():
+        _, _, codes, _ = cb.eval()(idx, activations=acts)
+        block, x = cb.transformer.h[0], cb.transformer.wte(idx)  # no learned positions
+        mlp_out = block.mlp.c_proj(F.gelu(block.mlp.c_fc(block.ln_2(x))))
+    assert codes["L0.attn"].shape == (4, 32, 4, 2) and codes["L1.mlp"].shape == (4, 32, 1, 2)
+    assert (acts["L0.mlp.in"] - mlp_out).abs().max().item() < 1e-5
+    for model in (base.eval(), cb):
+        runs = [model.generate(torch.tensor([[1, 2, 3]] * 2), 30, generator=torch.Generator().manual_seed(0),
+                               use_cache=use) for use in (True, False)]
+        assert torch.equal(*runs)
+
+
+@pytest.mark.slow
+def test_finetune_a_neox_and_its_checkpoint_loads_in_the_scripts(tmp_path, capsys):
+    """A tiny hub-format GPT-NeoX (parallel residual, partial rotary, untied head) of the data's vocabulary,
+    finetuned with codebooks at attention and MLP: steer.py usage / search / show, topics.py and browse.py
+    read its checkpoint as they read our own."""
+    td.prepare(str(tmp_path / "data"), synthetic=True, num_stories=300, seed=0, val_every=10)
+    vocab = json.load(open(tmp_path / "data" / "meta.json"))["vocab_size"]
+    hub_dir(tmp_path / "neox", "gpt_neox", vocab=vocab)
+    m = train.train(tiny_lm(tmp_path / "cb", tmp_path / "data", init_from=str(tmp_path / "neox"), cb_at="attn+mlp",
+                            max_iters=4, eval_interval=4))
+    assert set(m["alive"]) == {"L0.attn", "L0.mlp", "L1.attn", "L1.mlp", "all"}
+    path = str(tmp_path / "cb" / "ckpt.pt")
+    ckpt, model = readout.load_codebook_model(path)
+    c = model.config
+    assert (c.parallel, c.learned_pos, c.tie_head, c.rope_pct, c.rope_base, c.block_size) == \
+        (True, False, False, 0.25, 500.0, 64)
+    flags = [f"--ckpt={path}", "--n_seqs=4", "--batch_size=4", "--device=cpu"]
+    usage = steer.main(["usage"] + flags)
+    assert set(usage) == {"L0.attn", "L0.mlp", "L1.attn", "L1.mlp"}
+    found = steer.main(["search", "e", "--top=3"] + flags)
+    assert found["matches"] > 0 and found["codes"]
+    shown = steer.main(["show", found["codes"][0]["code"], "--top=2"] + flags)
+    assert shown["firings"] == found["codes"][0]["fired"]
+    out = topics.main([f"--ckpt={path}", "--device=cpu", "--samples=1", "--max_new_tokens=8", "--prompts=|Once",
+                       "--n_stories=20", "--max_codes=2", "--max_ce_ratio=10", "--controls=False"])
+    assert all(out[t][mode]["n_codes"] <= 2 for t in td.TOPIC_STORY for mode in ("one", "all"))
+    data = page_of(browse.main([f"--ckpt={path}", "--device=cpu", "--n_seqs=3", f"--out={tmp_path / 'neox.html'}"]))
+    assert data["meta"]["kind"] == "lm" and len(data["seqs"]) == 3
+    capsys.readouterr()
+
+
+def test_pythia_config_maps_and_unsupported_neox_settings_are_one_line():
+    """pythia-70m's config.json (transformers 4's names): 70,426,624 parameters, as EleutherAI count them
+    (untied head, no position embedding); settings this GPT does not compute stop with one line."""
+    from pretrained import load as pretrained
+    c = dict(model_type="gpt_neox", hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+             intermediate_size=2048, max_position_embeddings=2048, vocab_size=50304, hidden_act="gelu",
+             rotary_pct=0.25, rotary_emb_base=10000, use_parallel_residual=True, tie_word_embeddings=False,
+             layer_norm_eps=1e-5, rope_scaling=None)
+    args = pretrained.map_config(c, "EleutherAI/pythia-70m")
+    assert (args["block_size"], args["rope_pct"], args["parallel"], args["tie_head"], args["learned_pos"]) == \
+        (2048, 0.25, True, False, False)
+    with torch.device("meta"):
+        assert sum(p.numel() for p in GPT(GPTConfig(**args)).parameters()) == 70_426_624
+    bad = dict(c, attention_bias=False, hidden_act="relu", rope_scaling=dict(rope_type="linear", factor=2.0))
+    with pytest.raises(ValueError) as e:
+        pretrained.map_config(bad, "x")
+    assert all(w in str(e.value) for w in ("attention_bias=False", "hidden_act=relu", "rope_type=linear"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="rotary_pct=0.05 .3 of a head's 64 dims; needs an even number"):
+        pretrained.map_config(dict(c, rotary_pct=0.05), "x")
 
 
 # -----------------------------------------------------------------------------

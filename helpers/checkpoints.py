@@ -89,7 +89,8 @@ def load_pretrained(cfg, given):
         fail(f"--init_from={cfg.init_from}: {' '.join(str(e).split())}")
     c = model.config
     shape = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size)
-    print(f"{cfg.init_from}: a pretrained {'GPT-Neo' if c.local_layers or not c.scale_attn else 'GPT-2'}, "
+    arch = "GPT-NeoX" if not c.learned_pos else "GPT-Neo" if c.local_layers or not c.scale_attn else "GPT-2"
+    print(f"{cfg.init_from}: a pretrained {arch}, "
           f"{shape}, vocab {c.vocab_size}")
     return dict(model=model.state_dict(), model_args=dataclasses.asdict(c), config=shape, kind="lm",
                 pretrained=cfg.init_from)

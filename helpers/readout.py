@@ -27,14 +27,15 @@ import torch.nn.functional as F
 
 import tinystories_data
 from codebook import exact_fp32, flat_code_ids, similarity, usage
-from helpers.common import Progress, fail, load_checkpoint, pick_device, save_json
 from fsm_data import FSM
+from helpers.common import Progress, fail, load_checkpoint, pick_device, save_json
 from model import format_code, make_interventions, model_from_checkpoint
+from tuned import use_tuned_search
 
 
 def load_codebook_model(path, device="cpu"):
-    """-> (checkpoint dict, model in eval mode on device); a one-line error for anything that is not a
-    train.py checkpoint with codebooks."""
+    """-> (checkpoint dict, model in eval mode on device, with the tuned search); a one-line error for
+    anything that is not a train.py checkpoint with codebooks."""
     try:
         ckpt = load_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
@@ -42,7 +43,7 @@ def load_codebook_model(path, device="cpu"):
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
         fail(f"{path} is not a checkpoint written by train.py")
     try:
-        model = model_from_checkpoint(ckpt, pick_device(device)).eval()
+        model = use_tuned_search(model_from_checkpoint(ckpt, pick_device(device))).eval()
     except (KeyError, TypeError, RuntimeError) as e:
         fail(f"{path}: the weights do not fit its model_args ({type(e).__name__})")
     if not model.codebooks():
