@@ -49,7 +49,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from helpers.common import Progress, fail, parse_value
+from helpers.common import Progress, exit_on_help, fail, parse_flags
 from codebook import Intervention
 from helpers.readout import (code_counts, code_name, code_scores, firings_by_score, flat_ids, load_codebook_model, need_fsm,
                      pair_counts, parse_codes, regex_labels, run, sample_sequences, search_codes, tokenizer,
@@ -92,23 +92,14 @@ def parse_args(argv):
     if argv and argv[0] == "topics":  # it was a command of this script until topics.py took it over
         fail("topic steering moved to its own script: python topics.py --ckpt=PATH [--key=value ...]")
     if not argv or argv[0] not in COMMANDS:
+        exit_on_help(argv, __doc__, FLAGS)  # --help before a command: this text and every flag
         fail(f"usage: python steer.py COMMAND [ARG] --ckpt=PATH [--key=value ...]; commands: {', '.join(COMMANDS)}")
     cmd, rest = argv[0], argv[1:]
     arg_name, allowed = COMMANDS[cmd]
-    cfg, positional = {k: FLAGS[k] for k in allowed}, []
-    if "--help" in rest or "-h" in rest:
-        print(f"python steer.py {cmd} {arg_name or ''} " + " ".join(f"--{k}={v!r}" for k, v in cfg.items()))
-        sys.exit(0)
-    for a in rest:
-        if not a.startswith("--"):
-            positional.append(a)
-            continue
-        key, eq, text = a[2:].partition("=")
-        if not eq:
-            fail(f"bad argument {a!r}: expected --key=value")
-        if key not in allowed:
-            fail(f"unknown flag --{key} for {cmd}; valid: {', '.join(allowed)}")
-        cfg[key] = parse_value(key, text, FLAGS[key])
+    defaults = {k: FLAGS[k] for k in allowed}
+    usage = f"python steer.py {cmd} {arg_name + ' ' if arg_name else ''}--ckpt=PATH [--key=value ...]"
+    given, positional = parse_flags(rest, defaults, usage, positional=True, where=f" for {cmd}")
+    cfg = {**defaults, **given}
     if len(positional) != bool(arg_name):
         fail(f"{cmd} takes {'one argument, ' + arg_name if arg_name else 'no argument'}; got {positional or 'none'}")
     if not cfg["ckpt"]:

@@ -34,6 +34,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks import finetune
 from benchmarks import search as bench
 import browse
 from tuned import tiled
@@ -41,7 +42,7 @@ from helpers import common
 from helpers import checkpoints, distributed, train_data
 from pretrained import hub
 from pretrained.load import from_pretrained
-from helpers import readout
+from helpers import readout, topic_text
 import steer
 import tinystories_data as td
 import topics
@@ -512,12 +513,12 @@ def interpreter_unusable():
 @pytest.mark.skipif(bool(interpreter_unusable()), reason=interpreter_unusable())
 def test_fused_search_under_triton_interpreter():
     """The fused kernels, their proof and the exact search of what is not proven, against brute force;
-    then bench.py's layer row with --fused."""
+    then benchmarks.search's layer row with --fused."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE, env=env)
              for argv in ([sys.executable, "-c", "import test_all; test_all.fused_checks()"],
-                          [sys.executable, "bench.py", "--quick", "--device=cpu", "--fused=tf32x3",
-                           "--fused_tile=128,128,4", "--row=tiny:layer"])]  # a row as bench.py spawns it
+                          [sys.executable, "-m", "benchmarks.search", "--quick", "--device=cpu", "--fused=tf32x3",
+                           "--fused_tile=128,128,4", "--row=tiny:layer"])]  # a row as the search spawns it
     (_, checks_err), (row_out, row_err) = (p.communicate(timeout=300) for p in procs)  # both at once: 2 cores
     assert procs[0].returncode == 0, checks_err[-3000:]
     assert procs[1].returncode == 0, row_err[-3000:]
@@ -791,7 +792,7 @@ def test_fsm_state_accuracy_samples_the_same_with_the_cache(monkeypatch):
 
 @pytest.mark.slow
 def test_bench_generate_quick_writes_json(tmp_path):
-    out, result = run_quick("bench_generate.py", tmp_path)
+    out, result = run_quick("benchmarks.generate", tmp_path)
     assert "speed-up" in out
     assert set(result["workloads"]) == {"topics", "steer", "fsm"}
     for row in result["workloads"].values():
@@ -804,7 +805,7 @@ def test_bench_generate_quick_writes_json(tmp_path):
 def test_bench_jobs_runs_a_spin_count_with_codebook_steps(tmp_path):
     """One codebook step (--cb_warmup=0) alone and in a pair, under a spin count given as a number."""
     path = tmp_path / "jobs.json"
-    cmd = [sys.executable, os.path.join(HERE, "bench_jobs.py"), "--steps=1", "--settings=20000",
+    cmd = [sys.executable, "-m", "benchmarks.jobs", "--steps=1", "--settings=20000",
            "--train_args=--cb_warmup=0 --num_codes=32 --batch_size=8 --eval_seqs=8 --state_seqs=4", f"--out={path}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=180)
     assert proc.returncode == 0, proc.stderr
@@ -812,7 +813,7 @@ def test_bench_jobs_runs_a_spin_count_with_codebook_steps(tmp_path):
     assert result["train_args"][:2] == ["--cb_warmup=0", "--num_codes=32"] and list(result["settings"]) == ["20000"]
     row = result["settings"]["20000"]
     assert row["alone_s"] > 0 and row["pair_over_alone"] == pytest.approx(row["pair_s"] / row["alone_s"])
-    bad = subprocess.run(cmd[:2] + ["--settings=fast"], capture_output=True, text=True, cwd=HERE, timeout=60)
+    bad = subprocess.run(cmd[:3] + ["--settings=fast"], capture_output=True, text=True, cwd=HERE, timeout=60)
     assert bad.returncode != 0 and "a spin count" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
@@ -956,7 +957,7 @@ def test_every_preset_passes_the_checks(preset):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--foo=1"], "unknown key --foo; valid: config, out_dir"),
+    (["--foo=1"], "unknown flag --foo; valid: config, out_dir"),
     (["--k=abc"], "--k=abc: expected int"),
     (["--num_codes=8", "--k=9"], "--k=9: must be <= num_codes=8"),
     (["--cb_at=everything"], "--cb_at=everything: valid: none, attn, mlp, attn+mlp"),
@@ -972,6 +973,28 @@ def test_bad_config_is_one_line_error(args, msg, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("parse,argv,want", [
+    (lambda a: common.parse_args(a, train.TrainConfig, train.PRESETS, doc="train doc"), ["--k=2", "--help"],
+     ["train doc", "presets (--config=NAME, the first is the default): fsm, fsm_paper", "--config='fsm'", "--k=1"]),
+    (browse.parse_args, ["-h"], ["python browse.py --ckpt=", "flags and defaults: --ckpt='' --device='auto'"]),
+    (steer.parse_args, ["show", "--help"], ["python steer.py show CODE --ckpt=PATH", "--top=10 --context=24"]),
+    (steer.parse_args, ["--help"], ["python steer.py states", "flags and defaults: --ckpt=''", "--top_k=0"]),
+], ids=["train", "browse", "steer show", "steer"])
+def test_help_prints_the_flags_and_their_defaults(parse, argv, want, capsys):
+    """--help goes through helpers.common for every script: the text, then every flag with its default."""
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and all(w in out for w in want), out
+
+
+def test_a_bool_flag_alone_means_true(capsys):
+    assert common.parse_flags(["--synthetic", "--n=2"], dict(synthetic=False, n=1), "")[0] == dict(synthetic=True, n=2)
+    with pytest.raises(SystemExit):
+        common.parse_flags(["--n"], dict(n=1), "")
+    assert "bad argument '--n': expected --key=value" in capsys.readouterr().err
 
 @pytest.mark.slow
 def test_bad_checkpoint_is_one_line_error_and_kept(tmp_path):
@@ -1654,7 +1677,7 @@ def test_topic_scorer_by_hand():
     # 6 story tokens, 2 topics; codes 0..4. Token rows: the codes firing there (2 per token).
     ids = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 4], [1, 4], [2, 3]])
     member = torch.tensor([[1, 0], [1, 0], [1, 0], [0, 1], [0, 1], [0, 0]], dtype=torch.bool)
-    rin, rout = topics.topic_rates(ids, member, 5)
+    rin, rout = topic_text.topic_rates(ids, member, 5)
     assert torch.allclose(rin[0], torch.tensor([1.0, 2 / 3, 1 / 3, 0.0, 0.0], dtype=torch.double))
     assert torch.allclose(rout[0], torch.tensor([0.0, 1 / 3, 1 / 3, 2 / 3, 2 / 3], dtype=torch.double))
     assert torch.allclose(rin[1], torch.tensor([0.0, 0.5, 0.0, 0.5, 1.0], dtype=torch.double))
@@ -1681,10 +1704,10 @@ def test_topic_scorer_by_hand():
     assert ok[0].tolist() == [True, True, True, False] and score[0, 0].item() == 1.0  # in all 4 of its passages
     # the window before a match, within a passage
     match = torch.tensor([[0], [0], [0], [1], [0]], dtype=torch.bool)
-    assert topics.window_before(match, 2)[:, 0].tolist() == [False, True, True, False, False]
+    assert topic_text.window_before(match, 2)[:, 0].tolist() == [False, True, True, False, False]
     # passages where a code fires: each pair once
-    inside, every = topics.passage_counts(torch.tensor([[0, 1], [0, 2], [1, 2]]), torch.tensor([0, 0, 1]),
-                                          torch.tensor([[True], [False]]), 3)
+    inside, every = topic_text.passage_counts(torch.tensor([[0, 1], [0, 2], [1, 2]]), torch.tensor([0, 0, 1]),
+                                              torch.tensor([[True], [False]]), 3)
     assert every.tolist() == [1, 2, 2] and inside.tolist() == [[1, 1, 1]]
     # the modes: all sets each of the code's head's k slots
     c = topics.Candidate("L0.attn.h1:5", "L0.attn", 1, 5, 1.0, {})
@@ -1696,9 +1719,9 @@ def test_topic_scorer_by_hand():
                                 random.Random(0), near=1)
     assert got in ([("L0.attn", 1, 1)], [("L0.attn", 1, 3)])
     texts = ["The Dragon flew.", "a dragonfly", "no topic here", "the KING smiled", "looking"]
-    assert topics.mention_rate(texts, "dragon") == 0.4
-    assert topics.mention_rate(texts, r"\b(prince|crown|king|castle)") == 0.2
-    assert topics.mention_rate(texts, "prince|crown|king|castle") == 0.4  # the paper's substring match
+    assert topic_text.mention_rate(texts, "dragon") == 0.4
+    assert topic_text.mention_rate(texts, r"\b(prince|crown|king|castle)") == 0.2
+    assert topic_text.mention_rate(texts, "prince|crown|king|castle") == 0.4  # the paper's substring match
 
 
 def test_gpt2_offline_is_a_one_line_error(tmp_path, monkeypatch):
@@ -1793,7 +1816,7 @@ def test_topic_labels_come_from_the_tokens_read(tmp_path):
     train.train(tiny_lm(tmp_path / "cb", tmp_path / "data", init_from=str(tmp_path / "plain" / "ckpt.pt"), max_iters=1))
     ckpt, model = readout.load_codebook_model(str(tmp_path / "cb" / "ckpt.pt"))
     cfg = topics.TopicsConfig(ckpt="x", topics="dragon=dragon")
-    scan = topics.scan_passages(model, cfg, ckpt, readout.tokenizer(ckpt)[1])
+    scan = topic_text.scan_passages(model, cfg, ckpt, readout.tokenizer(ckpt)[1])
     assert scan.n_passages == 15 and len(scan.probe) == 5  # every fourth passage probes
     assert scan.base_rate[0] == pytest.approx(1 / 15)  # the 48-token window sees "dragon" in one passage only
 
@@ -1863,18 +1886,18 @@ def test_continuation_ce_is_the_models_own_loss(lm):
 
 
 def test_repeated_ngrams_by_hand():
-    assert topics.repeated_ngrams([1, 2, 3, 1, 2, 3]) == 0.25  # 123 231 312 123: the last repeats
-    assert topics.repeated_ngrams([1, 2, 3, 4, 5]) == 0.0
-    assert topics.repeated_ngrams([7, 7, 7, 7, 7]) == 2 / 3
-    assert topics.repeated_ngrams([1, 2]) == 0.0
+    assert topic_text.repeated_ngrams([1, 2, 3, 1, 2, 3]) == 0.25  # 123 231 312 123: the last repeats
+    assert topic_text.repeated_ngrams([1, 2, 3, 4, 5]) == 0.0
+    assert topic_text.repeated_ngrams([7, 7, 7, 7, 7]) == 2 / 3
+    assert topic_text.repeated_ngrams([1, 2]) == 0.0
 
 
 # -----------------------------------------------------------------------------
-# bench.py and gpu_report.py
+# benchmarks/: search.py, finetune.py and gpu_report.py
 
 
 def test_reference_matches_layer():
-    """bench.py's official-style reference and CodebookLayer: same ids, outputs and gradients."""
+    """benchmarks.search's official-style reference and CodebookLayer: same ids, outputs and gradients."""
     torch.manual_seed(0)
     N, G, d, C, k = 64, 4, 8, 50, 3
     layer = CodebookLayer(G * d, C, k, G)
@@ -1900,10 +1923,10 @@ def test_reference_matches_layer():
     assert layer.codebook.grad.abs().sum() > 0
 
 
-def run_quick(script, tmp_path):
-    """A bench script's --quick run into tmp_path -> (its stdout, the JSON it wrote)."""
-    path = tmp_path / (script[:-3] + ".json")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, script), "--quick", f"--out={path}"],
+def run_quick(module, tmp_path):
+    """A benchmark's --quick run (python -m module) into tmp_path -> (its stdout, the JSON it wrote)."""
+    path = tmp_path / (module.split(".")[-1] + ".json")
+    proc = subprocess.run([sys.executable, "-m", module, "--quick", f"--out={path}"],
                           capture_output=True, text=True, cwd=HERE, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout, json.loads(path.read_text())
@@ -1911,7 +1934,7 @@ def run_quick(script, tmp_path):
 
 @pytest.mark.slow
 def test_bench_quick_writes_json(tmp_path):
-    out, result = run_quick("bench.py", tmp_path)
+    out, result = run_quick("benchmarks.search", tmp_path)
     assert "train_overhead" in out
     shape = result["shapes"]["tiny"]
     assert set(shape["rows"]) == {"reference", "layer", "plain", "matmul"}  # --quick skips the compiled row
@@ -1930,17 +1953,30 @@ def test_bench_quick_writes_json(tmp_path):
 
 
 def test_bench_trains_train_pys_preset():
-    """bench.py writes the default fsm preset out (it may not import train.py): the two must agree."""
+    """benchmarks.search writes the default fsm preset out (it may not import train.py): the two must agree."""
     defaults = dataclasses.asdict(train.TrainConfig(**train.PRESETS["fsm"]))
     assert {k: defaults[k] for k in bench.TRAIN} == bench.TRAIN
 
 
+def test_bench_finetune_is_a_script_of_its_own():
+    """The search's --finetune names the finetune's own command; that one takes its flags and --quick's
+    single step, and rejects the search's flags with the list of its own."""
+    with pytest.raises(SystemExit) as e:
+        bench.parse(["--finetune", "--quick"])
+    assert "python -m benchmarks.finetune" in str(e.value.code) and "\n" not in str(e.value.code)
+    cfg = finetune.parse(["--quick", "--finetune_batch=2"])
+    assert (cfg.quick, cfg.train_steps, cfg.finetune_batch) == (True, 1, 2)
+    with pytest.raises(SystemExit) as e:
+        finetune.parse(["--shapes=tiny"])
+    assert "--shapes=tiny" in str(e.value.code) and "--finetune_batch=" in str(e.value.code)
+
+
 @pytest.mark.slow
 def test_gpu_report_small_runs_every_step(tmp_path):
-    """gpu_report.py --size=small: every step in its own process, figures parsed, one JSON named after the
-    device (as bench.py names it); the fused search may be skipped where it cannot run, saying why."""
+    """benchmarks.gpu_report --size=small: every step in its own process, figures parsed, one JSON named after
+    the device (as benchmarks.search names it); the fused search may be skipped where it cannot run, saying why."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a CPU skips the fused search
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "gpu_report.py"), "--size=small",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_report", "--size=small",
                            f"--out_dir={tmp_path}", f"--work_dir={tmp_path / 'work'}"],
                           capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -1955,7 +1991,7 @@ def test_gpu_report_small_runs_every_step(tmp_path):
     assert len(report["load_before"]) == len(report["load_after"]) == 3
     for run, step in steps.items():
         assert step["wall_s"] > 0 and os.path.exists(step["log"]) and step["tail"]
-        if step["status"] == "skipped":  # only the fused search, only with bench.py's one-line reason
+        if step["status"] == "skipped":  # only the fused search, only with the search's one-line reason
             assert run == "bench_fused" and step["rc"] != 0 and "needs Triton" in step["reason"]
         else:
             assert step["status"] == "ok" and step["rc"] == 0, step
@@ -2064,7 +2100,8 @@ def test_hub_download_full_then_cached(fake_hub, tmp_path):
     assert open(os.path.join(path, "model.safetensors"), "rb").read() == WEIGHT_BYTES + b"model.safetensors"
     assert [p for p, _ in fake_hub.log] == ["/owner/tiny/resolve/main/config.json",
                                             "/owner/tiny/resolve/main/model.safetensors",
-                                            "/cdn/owner/tiny/resolve/main/model.safetensors"]
+                                            "/cdn/owner/tiny/resolve/main/model.safetensors",
+                                            "/owner/tiny/resolve/main/tokenizer.json"]  # a 404: none
     assert cached_files(tmp_path) == ["models--owner--tiny/main/config.json",
                                       "models--owner--tiny/main/model.safetensors"]  # nothing .incomplete
     n = len(fake_hub.log)
@@ -2353,7 +2390,7 @@ def test_browse_tokens_are_text_not_markup():
     p.feed(page)
     assert len(p.data_blocks) == 1 and json.loads(p.data_blocks[0])["vocab"] == tricky and p.scripts == 2
     assert "<b>" not in page.split("<script")[0].split("<title>")[1]  # the title escaped as well
-    assert "</" not in browse.SCRIPT  # the page's own script cannot end its element early
+    assert "</" not in browse.read_page()[1]  # the page's own script cannot end its element early
 
 
 def test_browse_bad_input_is_one_line_error(page, tmp_path, capsys):
@@ -2365,6 +2402,10 @@ def test_browse_bad_input_is_one_line_error(page, tmp_path, capsys):
             browse.main(argv)
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err and msg in err, (argv, err)
+    with pytest.raises(SystemExit) as e:  # the page's own file, read at run time
+        browse.read_page(str(tmp_path / "browse_page.html"))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "needs browse_page.html beside it" in err, err
 
 
 @pytest.mark.slow
@@ -2679,7 +2720,7 @@ def test_safetensors_reader_by_hand(tmp_path):
 @pytest.mark.slow
 def test_bench_finetune_quick_writes_json(tmp_path):
     path = tmp_path / "finetune.json"
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--finetune", "--quick",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.finetune", "--quick",
                            f"--out={path}"], capture_output=True, text=True, cwd=HERE, timeout=120)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(path.read_text())
@@ -2901,6 +2942,187 @@ def test_pythia_config_maps_and_unsupported_neox_settings_are_one_line():
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="rotary_pct=0.05 .3 of a head's 64 dims; needs an even number"):
         pretrained.map_config(dict(c, rotary_pct=0.05), "x")
+
+
+# -----------------------------------------------------------------------------
+# pretrained/tokenizer.py: a model's tokenizer.json as a tiktoken encoding, held to the tokenizers package
+# (a test-only package); tinystories_data.py --encoding=HUB_ID_OR_DIR; hub.py fetching it with the model
+
+TOK_STRINGS = ["Once upon a time, there was a cat.", "<|endoftext|>The cat sat.<|endoftext|>",
+               "<|padding|><|padding|>x", "a  b   c    d" + " " * 30 + "e", "tabs\t\tand\nnew\n\n\nlines \r\n end",
+               "   leading and trailing   ", "\u6f22\u5b57\u304b\u306a\u3002\u732b",
+               "emoji \U0001f600\U0001f44d\U0001f3fd \U0001f469\u200d\U0001f4bb",
+               "caf\u00e9 cafe\u0301 a\u0316\u0301 n\u0303o", "it's they're we'll I'd", "\u00a0\u2003\u3000|x \u200b",
+               "<|endoftext", "endoftext|>", "", " ", "\n", "x" * 300]
+
+
+def train_bpe_tokenizer(path, vocab_size=400):
+    """A small byte-level BPE tokenizer.json trained by the tokenizers package, made as Pythia's is: NFC,
+    ByteLevel pre-tokenizer and decoder, <|endoftext|> 0 and <|padding|> 1 special, runs of spaces added
+    as tokens that are not special. -> the tokenizers.Tokenizer."""
+    tk = pytest.importorskip("tokenizers")
+    rng = random.Random(0)
+    words = ("the cat sat on a mat dog ran happy it's don't caf\u00e9 na\u00efve \u6f22\u5b57 \u304b\u306a "
+             "\U0001f600 \U0001f44d\U0001f3fd 123 4567 x=1; (y)").split()
+    words += ["".join(rng.choice(["ka", "to", "ri", "mu", "sen", "lo", "qua", "st", "ng"]) for _ in range(3))
+              for _ in range(200)]  # made-up words: enough pairs for a few hundred merges
+    text = [" ".join(rng.choice(words) for _ in range(12)) + rng.choice(["\n", "\t", "  ", "   \n\n"])
+            for _ in range(300)]
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.normalizer = tk.normalizers.NFC()
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk.decoders.ByteLevel()
+    tok.train_from_iterator(text, tk.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"], show_progress=False,
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_tokens([" " * n for n in (8, 4, 3, 2)])
+    tok.save(str(path))
+    return tok
+
+
+def test_tokenizer_json_encodes_and_decodes_every_string_as_tokenizers_does(tmp_path):
+    import tokenizers
+    import unicodedata
+    from pretrained import tokenizer
+    theirs = train_bpe_tokenizer(tmp_path / "tokenizer.json")
+    enc = tokenizer.load(str(tmp_path / "tokenizer.json"))
+    assert len(json.load(open(tmp_path / "tokenizer.json"))["model"]["merges"]) > 100  # a real BPE, not bytes
+    plain = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    plain.encode_special_tokens = True  # tokenizers' "ordinary": special tokens are text, added ones still found
+    for s in TOK_STRINGS:
+        ids = theirs.encode(s, add_special_tokens=False).ids
+        assert enc.encode(s, allowed_special="all") == ids, s
+        assert enc.encode_ordinary(s) == plain.encode(s, add_special_tokens=False).ids, s
+        assert enc.decode(ids) == theirs.decode(ids, skip_special_tokens=False) == unicodedata.normalize("NFC", s)
+    assert enc.encode_ordinary_batch(TOK_STRINGS) == [enc.encode_ordinary(s) for s in TOK_STRINGS]
+    assert enc.encode("a" + " " * 10 + "b", disallowed_special=()) == theirs.encode("a" + " " * 10 + "b").ids
+    assert enc.eot_token == 0 and enc.special_tokens_set == {"<|endoftext|>", "<|padding|>"}
+    with pytest.raises(ValueError, match="disallowed special token"):
+        enc.encode("a<|padding|>")  # as tiktoken's encode: special text is refused unless allowed
+    rng = random.Random(1)  # any ids, partial UTF-8 characters and added tokens among them, decode alike
+    for _ in range(200):
+        ids = [rng.randrange(enc.n_vocab) for _ in range(rng.randint(1, 12))]
+        assert enc.decode(ids) == theirs.decode(ids, skip_special_tokens=False), ids
+    assert enc.decode([5, enc.n_vocab + 3, 6]) == enc.decode([5, 6])  # no token there (a padded row): nothing
+    # the merges as older tokenizers wrote them, "a b" strings: the same encoding
+    spec = json.load(open(tmp_path / "tokenizer.json"))
+    spec["model"]["merges"] = [" ".join(m) for m in spec["model"]["merges"]]
+    old = tokenizer.from_json(json.dumps(spec).encode())
+    assert [old.encode(s, allowed_special="all") for s in TOK_STRINGS] == [enc.encode(s, allowed_special="all")
+                                                                           for s in TOK_STRINGS]
+
+
+def test_tokenizer_json_of_another_kind_stops_with_one_line(tmp_path):
+    from pretrained import tokenizer
+    train_bpe_tokenizer(tmp_path / "tokenizer.json")
+    good = json.load(open(tmp_path / "tokenizer.json"))
+    vocab, merges = good["model"]["vocab"], good["model"]["merges"]
+    a, b = "".join(merges[10]), "".join(merges[11])
+    swapped = copy.deepcopy(good)
+    swapped["model"]["vocab"][a], swapped["model"]["vocab"][b] = vocab[b], vocab[a]
+    orphan = copy.deepcopy(good)
+    orphan["model"]["vocab"]["zzq"] = max(vocab.values()) + 1
+    cases = {
+        "WordPiece tokenizer": dict(good, model=dict(type="WordPiece", vocab={"[UNK]": 0, "a": 1}, unk_token="[UNK]")),
+        "Unigram tokenizer": dict(good, model=dict(type="Unigram", vocab=[["a", -1.0]])),
+        "not JSON": b"\x80 not json",
+        "no model.vocab": dict(version="1.0"),
+        "pre-tokenizer is Metaspace": dict(good, pre_tokenizer=dict(type="Metaspace", replacement="\u2581")),
+        "add_prefix_space true": dict(good, pre_tokenizer=dict(good["pre_tokenizer"], add_prefix_space=True)),
+        "decoder is WordPiece": dict(good, decoder=dict(type="WordPiece")),
+        "normalizer is Lowercase": dict(good, normalizer=dict(type="Lowercase")),
+        "not in the byte-level alphabet": dict(good, model=dict(good["model"], vocab={**vocab, "\u2581the": 9999})),
+        "not above the previous merge's": swapped,
+        "made by no merge": orphan,
+        "byte 0x41 is not a token": dict(good, model=dict(good["model"], vocab={k: v for k, v in vocab.items()
+                                                                                 if k != "A"}, merges=[])),
+    }
+    for want, spec in cases.items():
+        data = spec if isinstance(spec, bytes) else json.dumps(spec).encode()
+        with pytest.raises(ValueError) as e:
+            tokenizer.from_json(data, where="x/tokenizer.json")
+        msg = str(e.value)
+        assert want in msg and "\n" not in msg and msg.startswith("x/tokenizer.json: ") and "valid: " in msg, msg
+    # a Split pre-tokenizer with a regex (as Llama 3's), the pattern GPT-2's: the same ids as ByteLevel's
+    split = dict(good, pre_tokenizer=dict(type="Sequence", pretokenizers=[
+        dict(type="Split", pattern=dict(Regex=tokenizer.BYTE_LEVEL_PAT), behavior="Isolated", invert=False),
+        dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=False)]))
+    enc, by_split = tokenizer.load(str(tmp_path / "tokenizer.json")), tokenizer.from_json(json.dumps(split).encode())
+    assert [by_split.encode_ordinary(s) for s in TOK_STRINGS] == [enc.encode_ordinary(s) for s in TOK_STRINGS]
+    gaps = copy.deepcopy(split)
+    gaps["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+"  # drops all but letters
+    with pytest.raises(ValueError, match="leaves characters unmatched"):
+        tokenizer.from_json(json.dumps(gaps).encode())
+
+
+def test_tinystories_data_with_a_tokenizer_json_end_to_end(tmp_path):
+    """--encoding=DIR: the tokens are tokenizers' ids after an <|endoftext|> each; meta.json records the
+    file (path, source, sha256) and readout.tokenizer rebuilds the encoding from it, from the source
+    directory once the recorded path is gone, and refuses a file of another hash."""
+    import unicodedata
+    src = tmp_path / "model"
+    src.mkdir()
+    theirs = train_bpe_tokenizer(src / "tokenizer.json")
+    docs = [s for s in TOK_STRINGS if s.strip() and "<|" not in s and "|>" not in s]
+    (tmp_path / "in.txt").write_text("<|endoftext|>".join(docs))
+    meta = td.prepare(str(tmp_path / "data"), input=str(tmp_path / "in.txt"), encoding=str(src), val_every=2)
+    spec = meta["encoding"]
+    assert spec == dict(kind="hf", source=str(src), path=str(src / "tokenizer.json"),
+                        sha256=hashlib.sha256((src / "tokenizer.json").read_bytes()).hexdigest())
+    assert meta["eot"] == 0 and meta["vocab_size"] == theirs.get_vocab_size()
+    assert json.load(open(tmp_path / "data" / "meta.json")) == meta
+    assert not [f for f in os.listdir(tmp_path / "data") if f.endswith(".tmp")]
+    train_tokens, val_tokens, _ = td.load_tokens(str(tmp_path / "data"))
+    docs = td.read_docs(str(tmp_path / "in.txt"))
+    want = [t for d in docs[0::2] for t in [0] + theirs.encode(d, add_special_tokens=False).ids]
+    assert train_tokens.tolist() == want
+    encode, decode, render = readout.tokenizer(dict(kind="lm", data=dict(meta=meta)))  # as steer, topics, browse
+    for d in docs:
+        ids = encode(d)
+        assert ids == [0] + theirs.encode(d, add_special_tokens=False).ids
+        assert td.make_encoding(spec).decode(ids[1:]) == theirs.decode(ids[1:]) == unicodedata.normalize("NFC", d)
+    assert render(encode(docs[0])) == "|" + docs[0] and decode(encode("a  b"))[2] == "  "  # an added token
+    assert td.make_encoding(spec).decode(val_tokens.tolist()).split("<|endoftext|>")[1] == docs[1]
+    moved = dict(spec, path=str(tmp_path / "gone" / "tokenizer.json"))  # rebuilt from the source directory
+    assert td.make_encoding(moved).encode_ordinary(docs[0]) == theirs.encode(docs[0]).ids
+    (src / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes() + b"\n")
+    with pytest.raises(ValueError, match="not the tokenizer.json the data was made with"):
+        td.make_encoding(spec)
+    for bad, why in (("no/such-model-dir-or-id-here!", "valid: gpt2, bytes, words"),
+                     (str(tmp_path), "a local directory without tokenizer.json")):
+        with pytest.raises((ValueError, OSError), match=why):
+            td.prepare(str(tmp_path / "d2"), input=str(tmp_path / "in.txt"), encoding=bad)
+    no_eot = json.load(open(src / "tokenizer.json"))
+    no_eot["added_tokens"] = [t for t in no_eot["added_tokens"] if t["content"] != "<|endoftext|>"]
+    no_eot["model"]["vocab"].pop("<|endoftext|>")
+    (tmp_path / "other.json").write_text(json.dumps(no_eot))
+    with pytest.raises(ValueError, match=r"no special token <\|endoftext\|>"):
+        td.prepare(str(tmp_path / "d3"), input=str(tmp_path / "in.txt"), encoding=str(tmp_path / "other.json"))
+
+
+def test_hub_fetches_the_tokenizer_json_with_the_model_and_the_data_records_it(fake_hub, tmp_path, monkeypatch):
+    train_bpe_tokenizer(tmp_path / "tokenizer.json")
+    data = (tmp_path / "tokenizer.json").read_bytes()
+    add_model(fake_hub)
+    fake_hub.files["/owner/tiny/resolve/main/tokenizer.json"] = data  # in git: its ETag is the blob's sha1
+    path = hub.model_dir("owner/tiny")
+    assert open(os.path.join(path, "tokenizer.json"), "rb").read() == data
+    n = len(fake_hub.log)
+    assert hub.tokenizer_file("owner/tiny") == os.path.join(path, "tokenizer.json") and len(fake_hub.log) == n
+    add_model(fake_hub, repo="owner/plain")  # a repository without one: the model still downloads
+    assert sorted(os.listdir(hub.model_dir("owner/plain"))) == ["config.json", "model.safetensors"]
+    with pytest.raises(hub.HubError) as e:
+        hub.tokenizer_file("owner/plain")
+    assert "tokenizer.json: no such file" in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "in.txt").write_text("One story.\n\nAnother story.\n\nA third one.")
+    meta = td.prepare(str(tmp_path / "data"), input=str(tmp_path / "in.txt"), encoding="owner/tiny", val_every=3)
+    assert meta["encoding"]["source"] == "owner/tiny@main" and meta["encoding"]["path"].startswith(str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # later, offline: rebuilt from the cache
+    enc = td.make_encoding(meta["encoding"])
+    assert td.load_tokens(str(tmp_path / "data"))[0].tolist() == [0, *enc.encode_ordinary("One story."), 0,
+                                                                  *enc.encode_ordinary("Another story.")]
+    with pytest.raises(hub.HubUnreachable, match="offline, pass a local directory holding tokenizer.json"):
+        hub.tokenizer_file("owner/unseen")
 
 
 # -----------------------------------------------------------------------------

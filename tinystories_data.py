@@ -10,6 +10,7 @@ split: its topic id, -1 for none, and the offset of its first token).
     python tinystories_data.py --synthetic --data_dir=data/stories    # offline: 7 topics + none, 20k stories
     python tinystories_data.py --input=FILE --data_dir=data/file --encoding=words
     python tinystories_data.py --input=FILE --encoding=PATH/gpt2.tiktoken   # gpt2 tokens, offline
+    python tinystories_data.py --encoding=EleutherAI/pythia-70m --data_dir=data/tinystories_pythia  # its tokens
     python tinystories_data.py --input=DIR --encoding=words --passage_words=150   # real text, in passages
 
 --source picks the stories files of the hub dataset roneneldan/TinyStories (at a pinned commit): v2 =
@@ -25,7 +26,11 @@ or in the environment variable GPT2_TIKTOKEN, e.g. whisper/assets/gpt2.tiktoken 
 source archive; meta.json says gpt2 either way); bytes (256 byte tokens + EOT, offline); words (bytes +
 the --words most frequent GPT-2 pre-tokenizer pieces of the training text as whole tokens, offline: a
 piece in the vocabulary is one token, any other text falls back to bytes; the synthetic corpus uses it
-with all its pieces). meta.json holds what make_encoding() needs to rebuild it. Unlike the official code,
+with all its pieces); a model's own tokenizer.json (a byte-level BPE: Pythia's, GPT-2's), as
+--encoding=HUB_ID (hub.py fetches it into the hub cache), --encoding=DIR holding one, or its path, read by
+pretrained/tokenizer.py into a tiktoken encoding that gives the ids the tokenizers package gives.
+meta.json holds what make_encoding() needs to rebuild it (for a tokenizer.json: its path, its source, to
+fetch it again from, and its sha256, which it must match). Unlike the official code,
 which concatenates the stories without separators, every document here follows an <|endoftext|> token.
 """
 
@@ -44,7 +49,7 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
-from pretrained import hub
+from pretrained import hub, tokenizer
 
 DATASET = "roneneldan/TinyStories"  # on the Hugging Face hub
 DATASET_REVISION = "f54c09fd23315a6f9c86f9dc80f725de7d8f9c64"  # main since Aug 2024; it holds both sources
@@ -63,8 +68,12 @@ TOPICS = dict(dragon="dragon", slide="slide", friend="friend", flower="flower", 
 
 
 def make_encoding(spec, ranks_file=""):
-    """{'kind': 'gpt2' | 'bytes' | 'words', 'words': [...]} (meta.json's 'encoding') -> tiktoken.Encoding.
-    gpt2 comes from ranks_file, else from the file named by $GPT2_TIKTOKEN, else from tiktoken's download."""
+    """{'kind': 'gpt2' | 'bytes' | 'words' | 'hf', ...} (meta.json's 'encoding') -> tiktoken.Encoding.
+    gpt2 comes from ranks_file, else from the file named by $GPT2_TIKTOKEN, else from tiktoken's download;
+    hf from a tokenizer.json (hf_spec)."""
+    if spec["kind"] == "hf":
+        path = spec["path"] if os.path.isfile(spec["path"]) else hub.tokenizer_file(spec["source"])
+        return tokenizer.load(path, spec["sha256"])
     if spec["kind"] == "gpt2":
         if ranks_file or os.environ.get(GPT2_TIKTOKEN):
             return gpt2_from_file(ranks_file or os.environ[GPT2_TIKTOKEN])
@@ -80,6 +89,24 @@ def make_encoding(spec, ranks_file=""):
         ranks.setdefault(w.encode("utf-8"), len(ranks))
     return tiktoken.Encoding(name=f"codebook-{spec['kind']}", pat_str=GPT2_PAT, mergeable_ranks=ranks,
                              special_tokens={EOT: len(ranks)})
+
+
+def hf_spec(name):
+    """--encoding=HUB_ID, DIR or PATH/tokenizer.json -> meta.json's spec: kind hf, the file's absolute path
+    (in the hub cache for a hub id), its source (a hub id at its revision, or the local path) and sha256."""
+    if not os.path.exists(name) and not re.fullmatch(r"[\w.-]+/[\w.-]+(@.+)?", name):
+        raise ValueError(f"--encoding={name}: valid: gpt2, bytes, words, a path to a gpt2.tiktoken, or a model's "
+                         f"tokenizer.json (a hub id owner/name[@revision], a directory holding it, or its path)")
+    if os.path.isfile(name):
+        path, source = os.path.abspath(name), os.path.abspath(name)
+    elif os.path.isdir(name):
+        path, source = os.path.abspath(hub.tokenizer_file(name)), os.path.abspath(name)
+    else:
+        repo, revision = hub.parse_name(name)
+        path, source = hub.tokenizer_file(repo, revision), f"{repo}@{revision}"
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return dict(kind="hf", source=source, path=path, sha256=digest)
 
 
 def gpt2_from_file(path):
@@ -124,7 +151,7 @@ def write_split(path, enc, docs, chunk=4096):
     if enc.n_vocab > 65536:
         raise ValueError(f"vocab {enc.n_vocab} does not fit uint16")
     offsets, n = [], 0
-    with open(path, "wb") as f:
+    with open(path + ".tmp", "wb") as f:
         batch = []
         for doc in tqdm(docs, desc=os.path.basename(path), unit="doc", disable=None):
             batch.append(doc)
@@ -137,13 +164,16 @@ def write_split(path, enc, docs, chunk=4096):
         tokens, offs = encode_docs(enc, batch)
         f.write(tokens.tobytes())
         offsets.append(offs + n)
+    os.replace(path + ".tmp", path)
     return np.concatenate(offsets)
 
 
 def write_meta(data_dir, enc, spec, **extra):
     meta = dict(encoding=spec, vocab_size=enc.n_vocab, eot=enc.eot_token, **extra)
-    with open(os.path.join(data_dir, "meta.json"), "w") as f:
+    path = os.path.join(data_dir, "meta.json")
+    with open(path + ".tmp", "w") as f:
         json.dump(meta, f, indent=1)
+    os.replace(path + ".tmp", path)  # atomic: a crash leaves the old meta.json whole
     return meta
 
 
@@ -352,10 +382,16 @@ def synthetic_corpus(n, seed=0, p_none=0.3):
 def prepare(data_dir, input="", synthetic=False, encoding="gpt2", words=4096, val_every=20,
             num_stories=20000, seed=0, source="v2", passage_words=0):
     """Write train.bin, val.bin, meta.json (and labels.npz for the synthetic corpus) into data_dir.
-    encoding: gpt2, bytes, words, or a path to a gpt2.tiktoken (then the gpt2 encoding, from that file)."""
-    ranks_file = ""
-    if encoding not in ("gpt2", "bytes", "words") and (encoding.endswith(".tiktoken") or os.path.isfile(encoding)):
+    encoding: gpt2, bytes, words, a path to a gpt2.tiktoken (then the gpt2 encoding, from that file), or a
+    model's tokenizer.json: a hub id, a directory holding it, or its path (hf_spec)."""
+    ranks_file, spec, builtin = "", None, encoding in ("gpt2", "bytes", "words")
+    if not builtin and (encoding.endswith(".tiktoken") or os.path.isfile(encoding)) and not encoding.endswith(".json"):
         ranks_file, encoding = encoding, "gpt2"
+    elif not builtin:  # a model's tokenizer.json: fetched and checked before the data is read
+        spec = hf_spec(encoding)
+        if EOT not in make_encoding(spec).special_tokens_set:
+            raise ValueError(f"--encoding={encoding}: its tokenizer has no special token {EOT}, which separates "
+                             f"the documents here")
     if source not in SOURCES:
         raise ValueError(f"--source={source}: valid: {', '.join(SOURCES)}")
     os.makedirs(data_dir, exist_ok=True)
@@ -366,7 +402,7 @@ def prepare(data_dir, input="", synthetic=False, encoding="gpt2", words=4096, va
         splits = dict(train=docs[n_val:], val=docs[:n_val])
         labels = dict(train_topic=topics[n_val:], val_topic=topics[:n_val])
         extra = dict(source="synthetic", seed=seed, topics=list(TOPIC_STORY), patterns=SYNTHETIC_TOPICS)
-        encoding = "words"
+        encoding, spec = "words", None
     elif input:
         if not os.path.exists(input):
             raise ValueError(f"--input={input}: no such file or directory")
@@ -385,14 +421,12 @@ def prepare(data_dir, input="", synthetic=False, encoding="gpt2", words=4096, va
         splits = {s: iter_docs(p) for s, p in paths.items()}
         extra = dict(source=f"{DATASET}@{DATASET_REVISION}: {', '.join(SOURCES[source])}", topics=list(TOPICS),
                      patterns=TOPICS)
-    spec = dict(kind=encoding)
+    spec = spec or dict(kind=encoding)
     if encoding == "words":  # fitted on (the first 100k documents of) the training split
         sample = splits["train"]
         if not isinstance(sample, list):
             sample = itertools.islice(iter_docs(paths["train"]), 100000)
         spec["words"] = fit_words(sample, words)
-    elif encoding not in ("gpt2", "bytes"):
-        raise ValueError(f"--encoding={encoding}: valid: gpt2, bytes, words, or a path to a gpt2.tiktoken")
     enc = make_encoding(spec, ranks_file)
     offsets = {s: write_split(os.path.join(data_dir, f"{s}.bin"), enc, docs) for s, docs in splits.items()}
     if labels is not None:

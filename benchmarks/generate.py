@@ -3,10 +3,10 @@ How much the KV cache speeds up generation: model.generate with use_cache=False 
 at every new token) and use_cache=True, side by side in one run, on two workloads, checking that both
 sample the same tokens.
 
-    python bench_generate.py                                  # untrained models of the two shapes, ~1 min on 2 cores
-    python bench_generate.py --threads=1 --out=bench_generate.json
-    python bench_generate.py --ckpt=out-stories-ft/ckpt.pt --fsm_ckpt=out-fsm/ckpt.pt   # trained ones
-    python bench_generate.py --quick --out=/tmp/bench_generate.json   # seconds: the smoke test (--config=quick)
+    python -m benchmarks.generate                             # untrained models of the two shapes, ~1 min on 2 cores
+    python -m benchmarks.generate --threads=1 --out=bench_generate.json
+    python -m benchmarks.generate --ckpt=out-stories-ft/ckpt.pt --fsm_ckpt=out-fsm/ckpt.pt   # trained ones
+    python -m benchmarks.generate --quick --out=/tmp/bench_generate.json   # seconds: the smoke test (--config=quick)
 
 Workloads:
   topics  topics.py's default protocol, one condition: 4 prompts (each after EOT) x 10 samples, 200 new
@@ -23,6 +23,7 @@ Workloads:
 Prints per workload the seconds without and with the cache and the speed-up (without / with); --out also
 writes them as JSON, with same_samples (the tokens of the two runs are equal). Exit status 1 if they
 differ. Times are wall clock of one run each, after a short warm-up; on a shared machine they are noisy.
+Every model, untrained or loaded, takes the tuned search (tuned.use_tuned_search), as the scripts' do.
 """
 
 import helpers.cpu_threads  # noqa: F401  (first: OpenMP's threads wait as in the scripts timed: GOMP_SPINCOUNT=10000)
@@ -38,6 +39,7 @@ from codebook import Intervention
 from helpers.common import fail, parse_args, save_json
 from model import GPT, GPTConfig
 from helpers.readout import load_codebook_model, tokenizer
+from tuned import use_tuned_search
 
 
 @dataclass
@@ -65,7 +67,7 @@ PRESETS = {"default": {},  # --quick is --config=quick: tiny workloads, seconds,
 
 def untrained(seed, **shape):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(**shape)).eval()
+    return use_tuned_search(GPT(GPTConfig(**shape))).eval()
 
 
 def pick_codes(model, n, per_group):

@@ -2,17 +2,18 @@
 Re-measure every GPU figure of the README in one go, one step after another, each in its own process with
 its output logged, into one JSON named after the device (results/gpu_report_NVIDIA_H200.json):
 
-    python gpu_report.py                         # on a GPU: the README's commands, below
-    python gpu_report.py --size=small            # any machine, under a minute on 2 cores: the smoke test
-    python gpu_report.py --steps=bench,bench_fused --out_dir=/tmp/r   # some steps only, in the order given
-    python gpu_report.py --k="fused or gloo"     # the test step on a pytest -k selection (--m=... for -m)
+    python -m benchmarks.gpu_report                     # on a GPU: the README's commands, below
+    python -m benchmarks.gpu_report --size=small        # any machine, under a minute on 2 cores: the smoke test
+    python -m benchmarks.gpu_report --steps=bench,bench_fused --out_dir=/tmp/r   # some steps, in the order given
+    python -m benchmarks.gpu_report --k="fused or gloo" # the test step on a pytest -k selection (--m=... for -m)
 
 The steps, in this order (the figures first: GPU time is often short), at --size=full (W is --work_dir, a
 new temporary directory unless given; --size=small runs each with tiny shapes, a handful of steps and CPU
-processes under torchrun):
+processes under torchrun; every command runs from the repository's root):
 
-    bench        python bench.py --compile=False --reps=3 --budget=4 --out=W/bench.json
-    bench_fused  python bench.py --compile=False --reps=3 --budget=4 --fused=tf32x3 --out=W/bench_fused.json
+    bench        python -m benchmarks.search --compile=False --reps=3 --budget=4 --out=W/bench.json
+    bench_fused  python -m benchmarks.search --compile=False --reps=3 --budget=4 --fused=tf32x3
+                     --out=W/bench_fused.json
     fsm_paper    python train.py --config=fsm_paper --max_iters=300 --eval_interval=300 --out_dir=W/fsm_paper
     tinystories  python train.py --config=tinystories_scratch --data_dir=W/random_tokens --cb_warmup=10 --max_iters=110
                      --eval_seqs=128 --out_dir=W/tinystories   # 4M uniform ids below 50,257 as train.bin
@@ -21,10 +22,10 @@ processes under torchrun):
     tests        python -m pytest -q -p no:cacheprovider test_all.py -k "not gpu_report"
 
 What each gives (under "steps" in the JSON, with its command, rc, wall_s, log path and the log's tail):
-pytest's closing line and counts; bench.py's rows and ratios per shape, from its JSON; step_ms (the last
+pytest's closing line and counts; benchmarks.search's rows and ratios per shape, from its JSON; step_ms (the last
 log interval, evaluation left out), tokens_per_s, val_loss and the rest of train.py's metrics.json. Where
 the fused search cannot run (no NVIDIA GPU from Ampere on, no Triton, a CPU without TRITON_INTERPRET=1)
-bench.py --fused stops with a one-line error, and the step is recorded as skipped with that line. A
+benchmarks.search --fused stops with a one-line error, and the step is recorded as skipped with that line. A
 failing step is recorded and the next one runs; the JSON is rewritten (atomically) after every step, and
 the exit status is 1 if any step failed. The trainings' ckpt.pt are removed afterwards (--keep_ckpt=True).
 """
@@ -49,7 +50,7 @@ import torch
 
 from helpers.common import cpu_name, fail, parse_args, save_json
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # every step runs from here
 
 
 @dataclass
@@ -77,7 +78,7 @@ SIZES = {
                   "--log_interval=25"],
         tokens=(4_000_000, 262_144)),  # train, val
     "small": dict(
-        bench=["--quick", "--shapes=none"],  # the training row: bench.py's layer rows have their own test
+        bench=["--quick", "--shapes=none"],  # the training row: the search's layer rows have their own test
         fsm_paper=["--max_iters=4", "--eval_interval=4", "--eval_seqs=8", "--state_seqs=4", "--batch_size=8",
                    "--n_layer=1", "--num_codes=64", "--compile=False", "--log_interval=2"],
         tinystories=["--cb_warmup=2", "--max_iters=6", "--eval_seqs=8", "--n_layer=1", "--n_head=2", "--n_embd=32",
@@ -90,7 +91,7 @@ SIZES = {
 
 
 def commands(cfg, work):
-    """-> {step: argv}, run in this directory."""
+    """-> {step: argv}, run in the repository's root."""
     py, size = sys.executable, SIZES[cfg.size]
     sel = cfg.k or ("test_jsd" if cfg.size == "small" else "")
     tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_all.py",  # no recursion into this script
@@ -98,8 +99,8 @@ def commands(cfg, work):
     train = [py, "train.py"]
     return dict(
         tests=tests,
-        bench=[py, "bench.py", *size["bench"], f"--out={work}/bench.json"],
-        bench_fused=[py, "bench.py", *size["bench"], "--fused=tf32x3", f"--out={work}/bench_fused.json"],
+        bench=[py, "-m", "benchmarks.search", *size["bench"], f"--out={work}/bench.json"],
+        bench_fused=[py, "-m", "benchmarks.search", *size["bench"], "--fused=tf32x3", f"--out={work}/bench_fused.json"],
         fsm_paper=[*train, "--config=fsm_paper", *size["fsm_paper"], f"--out_dir={work}/fsm_paper"],
         tinystories=[*train, "--config=tinystories_scratch", f"--data_dir={work}/random_tokens", *size["tinystories"],
                      f"--out_dir={work}/tinystories"],
@@ -172,7 +173,7 @@ FIGURES = dict(tests=test_figures, bench=bench_figures("bench"), bench_fused=ben
 
 
 def run_step(name, argv, work, cfg):
-    """Run argv here with its output in work/logs/name.log -> the step's record."""
+    """Run argv in the repository's root with its output in work/logs/name.log -> the step's record."""
     log_path = os.path.join(work, "logs", f"{name}.log")
     for stale in (os.path.join(work, f"{name}.json"), os.path.join(work, name, "metrics.json")):
         if os.path.exists(stale):  # a reused work_dir: figures come from this run or from none
@@ -182,7 +183,7 @@ def run_step(name, argv, work, cfg):
         log.write(f"$ {shlex.join(argv)}\n")
         log.flush()
         # a session of its own, so that a step past its time goes with its children (torchrun's workers)
-        proc = subprocess.Popen(argv, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=cfg.timeout or None)
         except subprocess.TimeoutExpired:
@@ -194,7 +195,7 @@ def run_step(name, argv, work, cfg):
                   tail=text.splitlines()[-cfg.tail:], load_after=os.getloadavg())
     if rc is None:
         return dict(record, status="failed", error=f"killed after --timeout={cfg.timeout:g} s")
-    refused = re.search(r"^error: --fused=.*needs Triton.*$", text, re.M)  # bench.py's line where it cannot run
+    refused = re.search(r"^error: --fused=.*needs Triton.*$", text, re.M)  # the search's line where it cannot run
     if name == "bench_fused" and rc != 0 and refused:
         return dict(record, status="skipped", reason=refused.group(0))
     try:
@@ -222,7 +223,7 @@ def machine():
     except ImportError:
         triton_version = None
     try:  # read only; absent where the tree is a copy without .git
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 env=dict(os.environ, GIT_OPTIONAL_LOCKS="0")).stdout.strip() or None
     except OSError:
         commit = None
@@ -266,7 +267,7 @@ def main(cfg):
     path = os.path.join(cfg.out_dir, "gpu_report_" + re.sub(r"[^A-Za-z0-9.-]+", "_", info["device_name"]).strip("_")
                         + ".json")
     report = dict(info, size=cfg.size, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                  command=shlex.join(["python", "gpu_report.py", *sys.argv[1:]]), work_dir=work,
+                  command=shlex.join(["python", "-m", "benchmarks.gpu_report", *sys.argv[1:]]), work_dir=work,
                   load_before=os.getloadavg(), complete=False, steps={})
     print(f"{info['device']} ({info['device_name']}), torch {torch.__version__}, triton "
           f"{info['versions']['triton']}, CUDA {torch.version.cuda}, {info['threads']} threads; "

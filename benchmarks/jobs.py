@@ -1,10 +1,10 @@
 """
 Two jobs at once on a CPU: how much slower a training run gets beside a second one, with OpenMP's threads
-spinning as cpu_threads.py sets them (GOMP_SPINCOUNT=10000), as OpenMP's default, or passive.
+spinning as helpers/cpu_threads.py sets them (GOMP_SPINCOUNT=10000), as OpenMP's default, or passive.
 
-    python bench_jobs.py                          # each setting: one run alone, then two side by side
-    python bench_jobs.py --settings=ours,default --steps=30
-    python bench_jobs.py --settings=ours,20000,default --train_args=--cb_warmup=0   # steps with codebooks;
+    python -m benchmarks.jobs                     # each setting: one run alone, then two side by side
+    python -m benchmarks.jobs --settings=ours,default --steps=30
+    python -m benchmarks.jobs --settings=ours,20000,default --train_args=--cb_warmup=0   # steps with codebooks;
                                                   # a number is a GOMP_SPINCOUNT to try
 
 A run is `python train.py --max_iters=STEPS` on the default preset (plain steps: its codebooks come at
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from helpers.common import fail, parse_args, save_json
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where train.py is
 SETTINGS = {  # what each setting puts in a run's environment (None: removed)
     "ours": dict(OMP_WAIT_POLICY=None, GOMP_SPINCOUNT="10000"),
     "default": dict(OMP_WAIT_POLICY=None, GOMP_SPINCOUNT="300000"),  # GNU OpenMP's own default
@@ -48,7 +48,7 @@ def setting(name):
 def run(env, steps, out_dirs, train_args=()):
     """Wall seconds of len(out_dirs) identical training runs started together."""
     t0 = time.time()
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), f"--max_iters={steps}",
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), f"--max_iters={steps}",
                                "--eval_interval=1000", "--eval_seqs=64", "--state_seqs=8", f"--out_dir={d}",
                                *train_args],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

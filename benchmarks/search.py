@@ -2,14 +2,15 @@
 Speed and memory of the codebook layer, side by side with an official-style reference and the bare
 score matmul, plus what codebooks cost a training step.
 
-    python bench.py                                # CPU: three shapes + training, a few minutes on 2 cores;
-                                                   # GPU: the four GPU shapes (the paper's batches) + training
-    python bench.py --out=bench.json               # also write the table, with its ratios, as JSON
-    python bench.py --quick --out=/tmp/bench.json  # tiny shapes, seconds: the smoke test
-    python bench.py --shapes=lm --compile=False --threads=1 --reps=3
-    python bench.py --shapes=lm_gpu --tile_elems=67108864   # try another tiled.PLANS setting
-    python bench.py --fused=tf32x3 --out=bench_fused.json   # GPU: the fused Triton search (triton_search.py)
-    python bench.py --finetune --out=bench_finetune.json    # only: a finetune step of TinyStories-1Layer-21M
+    python -m benchmarks.search                  # CPU: three shapes + training, a few minutes on 2 cores;
+                                                 # GPU: the four GPU shapes (the paper's batches) + training
+    python -m benchmarks.search --out=bench.json               # also write the table, with its ratios, as JSON
+    python -m benchmarks.search --quick --out=/tmp/bench.json  # tiny shapes, seconds: the smoke test
+    python -m benchmarks.search --shapes=lm --compile=False --threads=1 --reps=3
+    python -m benchmarks.search --shapes=lm_gpu --tile_elems=67108864  # try another tiled.PLANS setting
+    python -m benchmarks.search --fused=tf32x3 --out=bench_fused.json  # GPU: the fused Triton search
+                                                                       # (tuned/triton_kernels.py)
+A finetune step of TinyStories-1Layer-21M has a script of its own: python -m benchmarks.finetune.
 
 Rows, per shape (N tokens, G groups of width d, C codes per group, k codes per token):
   reference  an official-style codebook (taufeeque9/codebook-features, written again here): one head at
@@ -18,10 +19,11 @@ Rows, per shape (N tokens, G groups of width d, C codes per group, k codes per t
              is straight-through for the input and gives the codes the output gradient plus the MSE
              gradient, both by autograd (the official 'aeloss'). Without the official per-call host
              copies (code counts, mse.item()), which would only slow it down.
-  layer      codebook.CodebookLayer, eager, with its tuned search (fast=True, codebook_fast.py);
-  plain      CodebookLayer(fast=False): codebook.py's plain search and LayerNorm (plain_vs_layer: its time
-             over the tuned layer's); compiled: CodebookLayer(compile=True), the tuned search compiled.
-             With --fused (or a plan whose `fused` is set) on a GPU, the search is triton_search's; the
+  layer      codebook.CodebookLayer, eager, with the tuned search (tuned.use_tuned_search(layer): the search,
+             LayerNorm and scatter of tuned/tiled.py);
+  plain      CodebookLayer as it is: codebook.py's plain search and LayerNorm (plain_vs_layer: its time
+             over the tuned layer's); compiled: CodebookLayer(compile=True) with the tuned search, compiled.
+             With --fused (or a plan whose `fused` is set) on a GPU, the search is tuned/triton_kernels.py's; the
              row then also gives `unproven`, the fraction of (token, group) rows its proof left to the
              exact kernel.
   matmul     the bare score matmul, the irreducible work: per head, (N, d) @ (d, C) into one preallocated
@@ -35,40 +37,30 @@ wall clock, with torch.cuda.synchronize() around each call on CUDA. Inputs requi
 network; "fwd" is the forward alone (autograd recording), "fwd+bwd" adds backward() of a fixed random
 output gradient; parameter and input gradients are set to None before each call.
 Memory: "peak MB" is how far one forward + backward raises peak memory above what the process holds just
-before (parameters, inputs; the gradients the call creates count). On CPU: the resident set's high-water
-mark (VmHWM), reset through /proc/self/clear_refs after malloc_trim has handed freed heap back to the OS;
-on CUDA: torch.cuda.max_memory_allocated above torch.cuda.memory_allocated. For the matmul row the (N, C)
-buffer is allocated inside the measured call.
+before (parameters, inputs; the gradients the call creates count), as benchmarks/measure.py's peak_mb
+takes it. For the matmul row the (N, C) buffer is allocated inside the measured call.
 Training: train.py's default, the fsm preset, 2 layers (its sizes and optimiser written out in TRAIN below,
-which a test keeps equal to that preset; --quick shrinks it): microseconds per token of a training step (forward,
-backward, grad clip, AdamW with train.py's parameter groups; data sampling excluded),
-the best of --train_steps steps after 2 warm-up steps, with the preset's codebooks and with cb_at=none
-(both models in one process, steps alternating); train_overhead = codebook / plain. Between the steps, the
-model's codebook layers alone (forward + backward), their searches alone, and the searches' bare score
-matmuls (timed as the matmul rows): train_overhead_floor = 1 + (layers - searches + matmuls) / the plain
-step's time, the overhead if a search cost no more than scoring every code at that speed.
+which a test keeps equal to that preset; --quick shrinks it): microseconds per token of a training step
+(forward, backward, grad clip, AdamW with train.py's parameter groups; data sampling excluded), the best of
+--train_steps steps after 2 warm-up steps, with the preset's codebooks and with cb_at=none (both models in
+one process, steps alternating, both given the tuned search as train.py does); train_overhead = codebook /
+plain. Between the steps, the model's codebook layers alone (forward + backward), their searches alone, and
+the searches' bare score matmuls (timed as the matmul rows): train_overhead_floor = 1 + (layers - searches
++ matmuls) / the plain step's time, the overhead if a search cost no more than scoring every code at that
+speed.
 Every row runs in a fresh subprocess (`--row=...`), one after another, with OMP_WAIT_POLICY=passive
 unless set: on a machine shared with other work, OpenMP's spinning threads otherwise wait a scheduler
 time slice (~7 ms here) at every parallel op when another process holds a core, which swamps everything
 (it made a 2-thread search 40x slower than a 1-thread one). Wall-clock timings on a shared machine are
 noisy: compare rows of one run, not runs.
-Finetune (--finetune, nothing else): a train.py --config=tinystories step at TinyStories-1Layer-21M's shape
-(GPT-Neo as GPT.from_pretrained maps it, random weights, vocab 50,257, block 512, fp32) at a small batch
-(--finetune_batch), without and with the paper's attention codebooks (16 heads, C=10k, k=8), beside the
-tinystories_scratch preset's shape; seconds a step, memory, and the projection to the paper's 100k steps
-of batch 96, here and on one H200 (from that preset's H200 figure in results/README.md, section 3).
 """
 
 import helpers.cpu_threads  # noqa: F401  (first: OpenMP reads its environment when torch loads it)
 
 import copy
-import ctypes
 import dataclasses
-import gc
-import json
 import os
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -77,12 +69,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers.common import cpu_name, parse_value, save_json
-from tuned import tiled
-from tuned import triton_kernels
+from benchmarks.measure import fmt, parse_flags, peak_mb, pick_device, print_row, ratio, spawn, timed
 from codebook import CodebookLayer
 from fsm_data import FSM
+from helpers.common import cpu_name, save_json
 from model import GPT, GPTConfig
+from tuned import tiled, triton_kernels, use_tuned_search
 
 
 @dataclass
@@ -105,8 +97,6 @@ class BenchConfig:
     fused: str = ""  # the fused Triton search (CUDA): tf32x3, tf32, ieee, or none ("": keep the plan's)
     fused_tile: str = ""  # its program's tokens,codes,warps, e.g. 64,64,4 ("": keep the plan's)
     row: str = ""  # internal: run one row (shape:variant, or train) here and print it as JSON
-    finetune: bool = False  # only the finetune rows (FINETUNE below) instead of the table
-    finetune_batch: int = 4  # sequences of 512 tokens per timed finetune step
 
 
 # (N tokens, G groups, d width, C codes, k)
@@ -133,18 +123,9 @@ VARIANTS = ("reference", "layer", "plain", "compiled", "matmul")
 
 
 def parse(argv):
-    fields = {f.name: f for f in dataclasses.fields(BenchConfig)}
-    values = {}
-    for arg in argv:
-        key, _, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if key not in fields:
-            sys.exit(f"error: bad argument {arg!r}; valid: " + ", ".join(f"--{k}=" for k in fields))
-        default = fields[key].default
-        bare = isinstance(default, bool) and "=" not in arg  # --quick alone means --quick=True
-        values[key] = parse_value(key, "True" if bare else text, default)
-    if values.get("quick"):
-        values = {**QUICK, **values}
-    cfg = BenchConfig(**values)
+    if any(arg == "--finetune" or arg.startswith("--finetune=") for arg in argv):
+        sys.exit("error: --finetune: the finetune rows are a script of their own, python -m benchmarks.finetune")
+    cfg = parse_flags(argv, BenchConfig, QUICK)
     if cfg.fused not in ("", "none", "tf32x3", "tf32", "ieee"):
         sys.exit(f"error: --fused={cfg.fused!r}; valid: tf32x3, tf32, ieee, none")
     if cfg.fused not in ("", "none") and not triton_kernels.available(torch.device(pick_device(cfg.device))):
@@ -218,53 +199,7 @@ class Reference(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# measuring
-
-
-def pick_device(name):
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
-
-
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
-def peak_mb(fn, device):
-    """How far one call of fn raises peak memory above what the process holds before it (MB)."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS, so reuse cannot hide growth
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set
-    except OSError:
-        return None  # not Linux with glibc: no honest number
-    base = _status_kb("VmRSS")
-    fn()
-    return (_status_kb("VmHWM") - base) / 1024
+# the rows, each run in a process of its own (run_row)
 
 
 def score_matmuls(N, G, d, C, device):
@@ -293,7 +228,9 @@ def layer_row(cfg, shape, variant, device):
         reps = max(1, min(cfg.reps, int(cfg.budget / max(timed(lambda: fwd(buf), device), 1e-9))))
         return dict(fwd_ms=1e3 * min(timed(lambda: fwd(buf), device) for _ in range(reps)),
                     peak_mb=mem, reps=reps)
-    layer = CodebookLayer(G * d, C, k, G, compile=variant == "compiled", fast=variant != "plain").to(device)
+    layer = CodebookLayer(G * d, C, k, G, compile=variant == "compiled").to(device)
+    if variant in ("layer", "compiled"):  # plain: codebook.py's own search; reference: its own loop
+        use_tuned_search(layer)
     model = Reference(layer).to(device) if variant == "reference" else layer
     x = torch.randn(N, G * d, device=device, requires_grad=True)
     grad = torch.randn(N, G * d, device=device)
@@ -343,9 +280,9 @@ def train_row(cfg, device):
     models = {}
     for cb_at in ("none", tc["cb_at"]):
         torch.manual_seed(tc["seed"])
-        model = GPT(GPTConfig(block_size=tc["block_size"], vocab_size=fsm.vocab_size, n_layer=tc["n_layer"],
-                              n_head=tc["n_head"], n_embd=tc["n_embd"], cb_at=cb_at, num_codes=tc["num_codes"],
-                              k=tc["k"])).to(device)
+        model = use_tuned_search(GPT(GPTConfig(block_size=tc["block_size"], vocab_size=fsm.vocab_size,
+                                               n_layer=tc["n_layer"], n_head=tc["n_head"], n_embd=tc["n_embd"],
+                                               cb_at=cb_at, num_codes=tc["num_codes"], k=tc["k"]))).to(device)
         # train.py's groups: weight decay on the weights of Linears and embeddings only, never on codes,
         # LayerNorms (the codebooks' (G, d) ones included) or biases
         weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
@@ -422,37 +359,11 @@ def run_row(cfg):
         plan["fused_tile"] = tuple(int(v) for v in cfg.fused_tile.split(","))
     what, _, arg = cfg.row.partition(":")
     out = train_row(cfg, device) if what == "train" else layer_row(cfg, what, arg, device)
-    print("ROW " + json.dumps(out), flush=True)
-
-
-def spawn(cfg, row):
-    args = [f"--{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg) if f.name not in ("row", "out")]
-    env = dict(os.environ)
-    if cfg.omp_wait and "OMP_WAIT_POLICY" not in env:
-        env["OMP_WAIT_POLICY"] = cfg.omp_wait
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *args, f"--row={row}"],
-                          capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-    if proc.returncode or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        print(f"row {row} failed (exit {proc.returncode}): " + " | ".join(tail), file=sys.stderr)
-        return None
-    return json.loads(lines[-1][4:])
+    print_row(out)
 
 
 # -----------------------------------------------------------------------------
 # the table
-
-
-def ratio(a, b):
-    return a / b if a is not None and b else None
-
-
-def fmt(v, spec, unit=""):
-    """v formatted by spec plus unit, or '-' right-aligned to the same width."""
-    if v is None:
-        return "-".rjust(len(format(0.0, spec) + unit))
-    return format(v, spec) + unit
 
 
 def main(cfg):
@@ -468,7 +379,7 @@ def main(cfg):
           f"{'peak MB':>8} {'speedup':>8} {'vs matmul':>9} {'memory':>7}")
     for name in shape_names(cfg):
         N, G, d, C, k = SHAPES[name]
-        rows = {v: spawn(cfg, f"{name}:{v}") for v in variants}
+        rows = {v: spawn("benchmarks.search", cfg, f"{name}:{v}") for v in variants}
         ref, mm = rows.get("reference") or {}, rows.get("matmul") or {}
         entry = dict(N=N, G=G, d=d, C=C, k=k, rows=rows, ratios={})
         for v in variants:
@@ -479,7 +390,7 @@ def main(cfg):
                           memory_vs_reference=ratio(r.get("peak_mb"), ref.get("peak_mb")))
             if v in ("layer", "compiled"):
                 entry["ratios"].update({(k_ if v == "layer" else f"compiled_{k_}"): val for k_, val in ratios.items()})
-            if v == "plain":  # what the tuned search (fast=True) gains over codebook.py's plain one
+            if v == "plain":  # what the tuned search (use_tuned_search) gains over codebook.py's plain one
                 entry["ratios"]["plain_vs_layer"] = ratio(total, (rows.get("layer") or {}).get("fwdbwd_ms"))
             head = f"{name:6} {N:6d} {f'{G} x {d}':>8} {C:7d} {k:2d}" if v == variants[0] else " " * 33
             print(f"{head}  {v:10} {fmt(r.get('fwd_ms'), '9.1f')} {fmt(total, '11.1f')} {fmt(r.get('peak_mb'), '8.1f')} "
@@ -496,7 +407,7 @@ def main(cfg):
             print(" " * 35 + "goals (speedup >= 3x, vs matmul <= 2x, memory <= 0.5x): " +
                   ", ".join(f"{key} {'met' if ok else 'MISSED'}" for key, ok in met.items()), flush=True)
         result["shapes"][name] = entry
-    trained = spawn(cfg, "train") or {}
+    trained = spawn("benchmarks.search", cfg, "train") or {}
     plain, coded = trained.get("plain"), trained.get("codebook")
     overhead = ratio((coded or {}).get("us_per_token"), (plain or {}).get("us_per_token"))
     parts = {key: (trained.get(key) or {}).get("us_per_token") for key in ("codebook_layers", "searches", "score_matmuls")}
@@ -527,108 +438,9 @@ def main(cfg):
     return result
 
 
-# -----------------------------------------------------------------------------
-# finetuning a pretrained model (train.py --config=tinystories): a step at TinyStories-1Layer-21M's shape
-
-
-# GPT-Neo as GPT.from_pretrained maps it (its one layer is global), random weights: the work is the same
-FINETUNE = dict(n_layer=1, n_head=16, n_embd=1024, vocab_size=50257, block_size=512, rope=False, qkv_bias=False,
-                scale_attn=False, attn_fp32=True, gelu="tanh")
-FINETUNE_CB = dict(cb_at="attn", num_codes=10000, k=8)  # the paper's per-head attention codebooks
-# the tinystories_scratch preset (2 layers at that width), timed on an H200 (results/README.md, section 3)
-SCRATCH = dict(n_layer=2, n_head=16, n_embd=1024, vocab_size=50257, block_size=512, cb_at="attn", num_codes=10000,
-               k=8)
-SCRATCH_H200 = dict(ms_per_step=119, batch=32)  # bf16, batch 32 x 512
-QUICK_FINETUNE = dict(n_head=2, n_embd=64, vocab_size=1000, block_size=64, num_codes=256)
-PAPER_STEPS, PRESET_STEPS, PAPER_BATCH = 100_000, 10_000, 96
-
-
-def finetune_row(cfg, device):
-    """Seconds per AdamW step (the best of train_steps after a warm-up step) and memory, for the finetune
-    without codebooks, with them, and the tinystories_scratch preset's shape (for the GPU projection). The
-    three models' steps alternate, so that a change in the machine's load hits them alike."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    small = QUICK_FINETUNE if cfg.quick else {}
-    shapes = dict(finetune_none={**FINETUNE, "cb_at": "none", **small},
-                  finetune_attn={**FINETUNE, **FINETUNE_CB, **small}, scratch_attn={**SCRATCH, **small})
-    steps, out = {}, {}
-    for name, shape in shapes.items():
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(**shape)).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, fused=device == "cuda")
-        seq = torch.randint(0, shape["vocab_size"], (cfg.finetune_batch, shape["block_size"] + 1), device=device)
-
-        def step(model=model, optimizer=optimizer, seq=seq):
-            _, loss, _, _ = model(seq[:, :-1], seq[:, 1:])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-
-        timed(step, device)  # Adam's state is made here, before the peak below is taken
-        steps[name] = step
-        out[name] = dict(step_peak_mb=peak_mb(step, device), params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-                         batch=cfg.finetune_batch, config=shape)
-    times = {name: [] for name in shapes}
-    for _ in range(cfg.train_steps):
-        for name, step in steps.items():
-            times[name].append(timed(step, device))
-    for name in shapes:
-        out[name].update(s_per_step=min(times[name]), steps=len(times[name]))
-    rss = _status_kb("VmHWM") if device == "cpu" else None  # all three models, their Adam states, a step
-    return dict(rows=out, process_peak_mb=rss / 1024 if rss else torch.cuda.max_memory_allocated() / 2**20
-                if device == "cuda" else None, load=os.getloadavg())
-
-
-def finetune_main(cfg):
-    """The finetune rows, in a subprocess, and their projection to the paper's run; as JSON with --out."""
-    device = pick_device(cfg.device)
-    dev_name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
-    load_before = os.getloadavg()
-    got = spawn(cfg, "finetune")
-    if got is None:
-        sys.exit("error: the finetune row failed (above)")
-    rows = got["rows"]
-    b = cfg.finetune_batch
-    print(f"device {device} ({dev_name}), torch {torch.__version__}; a finetune step, batch {b} x "
-          f"{rows['finetune_attn']['config']['block_size']}, fp32")
-    for name, r in rows.items():
-        print(f"{name:14} {r['params_m']:6.1f}M params ({16 * r['params_m']:5.0f} MB of fp32 weights, grads, Adam "
-              f"moments)  {r['s_per_step']:8.3f} s/step  step peak {fmt(r['step_peak_mb'], '6.0f')} MB above them")
-    print(f"process peak {fmt(got['process_peak_mb'], '.0f')} MB (the three models together); load average "
-          "before {:.2f} {:.2f} {:.2f}, at the end {:.2f} {:.2f} {:.2f}".format(*load_before, *got["load"]))
-    projection = {}
-    for name in ("finetune_none", "finetune_attn"):
-        s96 = rows[name]["s_per_step"] * PAPER_BATCH / b  # time is about linear in the batch
-        # the H200's figure for the scratch preset, scaled by this machine's finetune / scratch ratio per token
-        gpu_ms = SCRATCH_H200["ms_per_step"] / SCRATCH_H200["batch"] * PAPER_BATCH * \
-            rows[name]["s_per_step"] / rows["scratch_attn"]["s_per_step"]
-        projection[name] = dict(here_s_per_step_b96=s96, here_days_100k=s96 * PAPER_STEPS / 86400,
-                                here_days_10k=s96 * PRESET_STEPS / 86400, h200_ms_per_step_b96=gpu_ms,
-                                h200_hours_100k=gpu_ms * PAPER_STEPS / 3.6e6, h200_hours_10k=gpu_ms * PRESET_STEPS / 3.6e6)
-        p = projection[name]
-        print(f"projected, {name}, batch {PAPER_BATCH}: here {s96:.1f} s/step ({p['here_days_100k']:.0f} days for "
-              f"{PAPER_STEPS:,} steps, {p['here_days_10k']:.1f} for {PRESET_STEPS:,}); one H200 (bf16) about "
-              f"{gpu_ms:.0f} ms/step ({p['h200_hours_100k']:.1f} h, {p['h200_hours_10k']:.1f} h)")
-    print("projection: time linear in the batch; the H200's 119 ms/step for tinystories_scratch (batch 32, bf16) "
-          "scaled by this run's finetune / scratch_attn time per token. Not measured on a GPU.")
-    result = dict(device=device, device_name=dev_name, torch=torch.__version__, config=dataclasses.asdict(cfg),
-                  rows=rows, process_peak_mb=got["process_peak_mb"], load_before=load_before, load_after=got["load"],
-                  projection=projection)
-    if cfg.out:
-        save_json(cfg.out, result)
-        print(f"wrote {cfg.out}")
-    return result
-
-
 if __name__ == "__main__":
     config = parse(sys.argv[1:])
-    if config.row == "finetune":
-        print("ROW " + json.dumps(finetune_row(config, pick_device(config.device))), flush=True)
-    elif config.row:
+    if config.row:
         run_row(config)
-    elif config.finetune:
-        finetune_main(config)
     else:
         main(config)

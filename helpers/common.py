@@ -1,10 +1,12 @@
 """
-What every script shares, and nothing else: `--key=value` parsing into a config dataclass, one-line
-errors, picking a device, progress that shows in a terminal and in a log, checkpoints and JSON files.
+What every script shares, and nothing else: `--key=value` and `--help` parsing (into a config dataclass
+or a dict of flags), one-line errors, picking a device, progress that shows in a terminal and in a log,
+checkpoints and JSON files.
 It imports no model code (model.model_from_checkpoint rebuilds a model from a checkpoint).
 
-    from helpers.common import fail, parse_args, pick_device, Progress, save_checkpoint, load_checkpoint, save_json
+    from helpers.common import fail, parse_args, parse_flags, pick_device, Progress, save_checkpoint, save_json
     cfg, given = parse_args(sys.argv[1:], TrainConfig, PRESETS)   # --config=NAME picks a preset
+    given, rest = parse_flags(sys.argv[1:], FLAGS, __doc__)       # FLAGS a dict: {flag: default}
     ckpt = load_checkpoint("out-fsm/ckpt.pt")                     # torch.load(weights_only=True)
 """
 
@@ -26,7 +28,7 @@ def fail(msg):
 
 
 # -----------------------------------------------------------------------------
-# --key=value, checked: no exec, unknown keys rejected with the list of valid ones
+# --key=value and --help, checked: no exec, unknown flags rejected with the list of valid ones
 
 
 def parse_value(key, text, default):
@@ -43,28 +45,52 @@ def parse_value(key, text, default):
         fail(f"--{key}={text}: expected {type(default).__name__}")
 
 
-def parse_args(argv, cls, presets):
-    """['--config=fsm', '--k=4'] -> (cls instance, the keys given on the command line). The first preset
-    is the default; a preset's values sit between the dataclass defaults and the command line."""
-    fields = {f.name: f.default for f in dataclasses.fields(cls)}
-    pairs = []
+def exit_on_help(argv, doc, defaults):
+    """--help or -h anywhere in argv: print doc, then every flag with its default, and exit 0."""
+    if "--help" in argv or "-h" in argv:
+        flags = " ".join(f"--{k}={v!r}" for k, v in defaults.items())
+        print(doc.strip() + (f"\n\nflags and defaults: {flags}" if flags else ""))
+        sys.exit(0)
+
+
+def parse_flags(argv, defaults, doc, positional=False, where=""):
+    """['--top=5', 'L1.mlp:3'] -> ({key: value} of the flags given, each parsed as the type of its default;
+    the other arguments, in order). A bool flag alone means True (--synthetic). An argument not starting
+    with -- is an error unless positional; where (e.g. ' for show') goes into the unknown-flag error."""
+    exit_on_help(argv, doc, defaults)
+    given, rest = {}, []
     for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
+        if positional and not arg.startswith("--"):
+            rest.append(arg)
+            continue
+        key, eq, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if not eq and isinstance(defaults.get(key), bool):
+            text = "True"  # a bool flag alone: --synthetic
+        elif not eq:
             fail(f"bad argument {arg!r}: expected --key=value")
-        pairs.append(arg[2:].split("=", 1))
-    preset = dict(pairs).get("config", next(iter(presets)))
+        if key not in defaults:
+            fail(f"unknown flag --{key}{where}; valid: {', '.join(defaults)}")
+        given[key] = parse_value(key, text, defaults[key])
+    return given, rest
+
+
+def parse_args(argv, cls, presets, doc=None):
+    """['--config=fsm', '--k=4'] -> (cls instance, the keys given on the command line). The first preset
+    is the default; a preset's values sit between the dataclass defaults and the command line. --help
+    prints doc (by default the docstring of the script being run) and the flags."""
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    if doc is None:
+        doc = getattr(sys.modules.get("__main__"), "__doc__", None) or ""
+    first = next(iter(presets))
+    preset = next((a[len("--config="):] for a in reversed(argv) if a.startswith("--config=")), first)
     if preset not in presets:
         fail(f"--config={preset}: unknown preset; valid: {', '.join(presets)}")
-    values = dict(fields, **presets[preset])
-    given = set()
-    for key, text in pairs:
-        if key == "config":
-            continue
-        if key not in fields:
-            fail(f"unknown key --{key}; valid: config, {', '.join(fields)}")
-        values[key] = parse_value(key, text, fields[key])
-        given.add(key)
-    return cls(**values), given
+    # --help shows the values a run starts from: the preset's over the dataclass defaults
+    exit_on_help(argv, doc.strip() + f"\n\npresets (--config=NAME, the first is the default): {', '.join(presets)}",
+                 {"config": preset, **fields, **presets[preset]})
+    given, _ = parse_flags(argv, dict(config=first, **fields), doc)
+    given.pop("config", None)
+    return cls(**{**fields, **presets[preset], **given}), set(given)
 
 
 def pick_device(name):

@@ -6,6 +6,7 @@ the hub reports for it before it counts as downloaded.
     from pretrained import hub
     path = hub.model_dir("roneneldan/TinyStories-1Layer-21M")       # a folder: config.json + weights
     path = hub.model_dir("gpt2")                                      # = openai-community/gpt2
+    path = hub.tokenizer_file("EleutherAI/pythia-70m")                # its tokenizer.json
     path = hub.hub_file("roneneldan/TinyStories", "TinyStories-valid.txt", repo_type="dataset")
 
 Where things go:
@@ -39,6 +40,7 @@ from tqdm import tqdm
 
 GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # short names: openai-community/<name>
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # in this order; the first one the repository has
+TOKENIZER = "tokenizer.json"  # fetched with the weights where the repository has one (pretrained/tokenizer.py)
 OFFLINE = "offline, pass a local directory holding config.json and model.safetensors or pytorch_model.bin"
 TIMEOUT = 60  # seconds without a byte before a connection counts as dropped
 
@@ -232,10 +234,10 @@ def model_dir(name, revision=None):
 
     name: a local directory (returned as it is, once checked), 'owner/name', 'owner/name@revision', or
     gpt2 / gpt2-medium / gpt2-large / gpt2-xl (openai-community/...). From the hub: config.json first,
-    then model.safetensors, or pytorch_model.bin where the repository has no .safetensors (a 404).
-    A cached folder is returned without a request. Raises HubError with a one-line message: a bad name,
-    an unknown repository or revision (no config.json), no weights file, a corrupt download; and
-    HubUnreachable, its message saying what works offline, when there is no connection."""
+    then model.safetensors, or pytorch_model.bin where the repository has no .safetensors (a 404), then
+    tokenizer.json where the repository has one (none is no error). A cached folder is returned without
+    a request. Raises HubError with a one-line message: a bad name, an unknown repository or revision (no
+    config.json), no weights file, a corrupt download; and HubUnreachable, its message saying what works offline, when there is no connection."""
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")) or not any(
                 os.path.exists(os.path.join(name, w)) for w in WEIGHTS):
@@ -250,10 +252,34 @@ def model_dir(name, revision=None):
         for w in WEIGHTS:
             try:
                 hub_file(repo, w, revision)
-                return folder
+                break
             except HubError as e:
                 if e.status != 404:
                     raise
-        raise HubError(f"{repo}@{revision}: neither {' nor '.join(WEIGHTS)} in the repository")
+        else:
+            raise HubError(f"{repo}@{revision}: neither {' nor '.join(WEIGHTS)} in the repository")
+        try:
+            hub_file(repo, TOKENIZER, revision)
+        except HubError as e:
+            if e.status != 404:
+                raise
+        return folder
     except HubUnreachable as e:
         raise HubUnreachable(f"{e}; {OFFLINE}") from None
+
+
+def tokenizer_file(name, revision=None):
+    """The path of a model's tokenizer.json: name a local directory holding one, or a hub id as for model_dir
+    (fetched into the cache unless it is there; a folder model_dir fetched already has it)."""
+    if os.path.isdir(name):
+        path = os.path.join(name, TOKENIZER)
+        if not os.path.isfile(path):
+            raise HubError(f"{name}: a local directory without {TOKENIZER}")
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+(@.+)?", name) and name.partition("@")[0] not in GPT2:
+        raise HubError(f"{name!r}: expected a hub id owner/name[@revision] or a local directory holding {TOKENIZER}")
+    repo, revision = parse_name(name, revision)
+    try:
+        return hub_file(repo, TOKENIZER, revision)
+    except HubUnreachable as e:
+        raise HubUnreachable(f"{e}; offline, pass a local directory holding {TOKENIZER}") from None
