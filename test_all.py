@@ -2747,6 +2747,23 @@ def test_init_from_checks_the_datas_tokens(capsys):
     meta.update(encoding=dict(kind="gpt2"), vocab_size=50257)
     data.vocab_size = 50257
     checkpoints.check_encoding(base, data, "gpt2")  # passes
+    # a Pythia reads its own tokenizer.json: 50277 tokens in 50304 rows, that file and no other
+    pythia = dict(pretrained="EleutherAI/pythia-70m", model_args=dict(vocab_size=50304), tokenizer_sha256="ab")
+    for vocab, sha, ok in ((50277, "ab", True), (50304, "ab", True), (50305, "ab", False), (50277, "cd", False)):
+        meta.update(encoding=dict(kind="hf", sha256=sha), vocab_size=vocab)
+        data.vocab_size = vocab
+        if ok:
+            checkpoints.check_encoding(pythia, data, "EleutherAI/pythia-70m")
+            continue
+        with pytest.raises(SystemExit):
+            checkpoints.check_encoding(pythia, data, "EleutherAI/pythia-70m")
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "tokenizer.json's tokens, vocab 50304" in err and "--encoding=HUB_ID" in err
+    meta.update(encoding=dict(kind="gpt2"), vocab_size=50257)  # gpt2 tokens are not Pythia's
+    data.vocab_size = 50257
+    with pytest.raises(SystemExit):
+        checkpoints.check_encoding(pythia, data, "EleutherAI/pythia-70m")
+    assert "vocab 50304" in capsys.readouterr().err
 
 
 def test_linear_lr_schedule():
@@ -3082,6 +3099,7 @@ def test_tinystories_data_with_a_tokenizer_json_end_to_end(tmp_path):
         assert ids == [0] + theirs.encode(d, add_special_tokens=False).ids
         assert td.make_encoding(spec).decode(ids[1:]) == theirs.decode(ids[1:]) == unicodedata.normalize("NFC", d)
     assert render(encode(docs[0])) == "|" + docs[0] and decode(encode("a  b"))[2] == "  "  # an added token
+    assert decode([meta["vocab_size"], meta["vocab_size"] + 26]) == ["\ufffd"] * 2  # padded rows of a head
     assert td.make_encoding(spec).decode(val_tokens.tolist()).split("<|endoftext|>")[1] == docs[1]
     moved = dict(spec, path=str(tmp_path / "gone" / "tokenizer.json"))  # rebuilt from the source directory
     assert td.make_encoding(moved).encode_ordinary(docs[0]) == theirs.encode(docs[0]).ids

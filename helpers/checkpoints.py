@@ -5,6 +5,7 @@ starts from, one of our checkpoints without codebooks or a pretrained hub model,
 """
 
 import dataclasses
+import hashlib
 import os
 
 import torch
@@ -93,20 +94,43 @@ def load_pretrained(cfg, given):
     print(f"{cfg.init_from}: a pretrained {arch}, "
           f"{shape}, vocab {c.vocab_size}")
     return dict(model=model.state_dict(), model_args=dataclasses.asdict(c), config=shape, kind="lm",
-                pretrained=cfg.init_from)
+                pretrained=cfg.init_from, tokenizer_sha256=tokenizer_sha256(cfg.init_from))
+
+
+def tokenizer_sha256(name):
+    """The sha256 of the tokenizer.json beside a pretrained model (a local directory, or the hub cache's
+    folder that from_pretrained just filled: no request), None where it has none."""
+    from pretrained import hub
+    try:
+        path = os.path.join(name if os.path.isdir(name) else hub.model_dir(name), hub.TOKENIZER)
+    except OSError:
+        return None
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def check_encoding(base, data, name):
-    """Stop if the data's tokens are not the base model's: another vocabulary size or another encoding.
-    A hub GPT-2 / GPT-Neo of vocab 50257 reads gpt2 tokens; our own checkpoints store their data's encoding."""
+    """Stop if the data's tokens are not the base model's: another vocabulary or another encoding. A hub
+    GPT-2 / GPT-Neo of vocab 50257 reads gpt2 tokens; a hub model's own tokenizer.json (kind hf) must be
+    the file the model came with (by sha256, where the model's folder has one), its ids below the model's
+    vocab (Pythia pads 50277 tokens to 50304 rows); our own checkpoints store their data's encoding."""
     got = data.checkpoint_fields["data"]["meta"].get("encoding", {})
-    if base.get("pretrained"):
-        want = dict(kind="gpt2") if base["model_args"]["vocab_size"] == GPT2_VOCAB else None  # None: vocab only
+    vocab = base["model_args"]["vocab_size"]
+    fits = data.vocab_size <= vocab if got.get("kind") == "hf" else data.vocab_size == vocab
+    if base.get("pretrained") and got.get("kind") == "hf":
+        want = dict(kind="its tokenizer.json's")
+        same = base.get("tokenizer_sha256") in (None, got.get("sha256"))
+    elif base.get("pretrained"):
+        want = dict(kind="gpt2") if vocab == GPT2_VOCAB else None  # None: vocab only
         same = want is None or got.get("kind") in GPT2_KINDS
     else:
         want = base.get("data", {}).get("meta", {}).get("encoding")
-        same = want is None or (got.get("kind"), got.get("words")) == (want.get("kind"), want.get("words"))
-    if base["model_args"]["vocab_size"] != data.vocab_size or not same:
+        same = want is None or (got.get("kind"), got.get("words"), got.get("sha256")) == (
+            want.get("kind"), want.get("words"), want.get("sha256"))
+    if not fits or not same:
         fail(f"--init_from={name} reads {want['kind'] if want else 'its own'} tokens, vocab "
-             f"{base['model_args']['vocab_size']}; --data_dir={data.checkpoint_fields['data']['data_dir']} has encoding="
-             f"{got.get('kind')}, vocab {data.vocab_size} (hub models: tinystories_data.py --encoding=gpt2)")
+             f"{vocab}; --data_dir={data.checkpoint_fields['data']['data_dir']} has encoding="
+             f"{got.get('kind')}, vocab {data.vocab_size} "
+             f"(hub models: tinystories_data.py --encoding=gpt2, or --encoding=HUB_ID for the model's own tokenizer)")

@@ -87,9 +87,14 @@ def tokenizer(ckpt):
         def encode(text):
             return [meta["eot"]] + enc.encode_ordinary(text)
 
+        def piece(i):  # an id the tokenizer lacks (a padded row of Pythia's head) shows as U+FFFD
+            try:
+                return enc.decode_single_token_bytes(i).decode("utf-8", "replace") or "\ufffd"
+            except KeyError:
+                return "\ufffd"
+
         def decode(ids):  # a character split over byte tokens shows as U+FFFD
-            return ["|" if i == meta["eot"] else enc.decode_single_token_bytes(i).decode("utf-8", "replace")
-                    for i in ids]
+            return ["|" if i == meta["eot"] else piece(i) for i in ids]
 
         def render(ids, pos0=0, mark=None):
             return "".join(f"[{s}]" if p == mark else s for p, s in enumerate(decode(ids), pos0))
