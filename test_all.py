@@ -1,8 +1,8 @@
 """
-The test suite: offline, CPU, tiny shapes, fixed seeds. One section per file, in the order a reader meets
-them: codebook.py, codebook_fast.py and triton_search.py, model.py, fsm_data.py, common.py, train.py,
-distributed.py, readout.py and steer.py, tinystories_data.py and topics.py, bench.py and gpu_report.py,
-hub.py, browse.py, pretrained.py.
+The test suite: offline, CPU, tiny shapes, fixed seeds. One section per file or folder, in the order of
+the README's file table: codebook.py, model.py, fsm_data.py, tinystories_data.py (with topics.py, whose
+tests need its data), train.py, steer.py (with helpers/readout.py), browse.py, tuned/, pretrained/ (load,
+hub, tokenizer), helpers/ (common, distributed), benchmarks/, and last how the files stand (the layout).
 
     python -m pytest -q test_all.py                  # everything (what CI runs)
     python -m pytest -q test_all.py -m "not slow"    # the fast loop: no subprocess runs, compiles or gloo
@@ -295,336 +295,6 @@ def test_kmeans_init_finds_clusters():
 
 
 # -----------------------------------------------------------------------------
-# tuned/: the tuned search (tiled.py, triton_kernels.py), held to the plain one
-
-
-@pytest.mark.parametrize("k,groups,C", [(1, 1, 300), (1, 4, 3000), (3, 4, 300), (8, 2, 3000)])
-def test_tuned_and_plain_layers_give_the_same_ids_and_gradients(k, groups, C):
-    """use_tuned_search (tiled.py: tiles, block maxima, lean LayerNorm, scatter in rows) against the plain
-    layer (codebook.py's search and F.layer_norm), on the CPU plan with C large enough for block maxima."""
-    torch.manual_seed(5)
-    plain = CodebookLayer(64, C, k=k, groups=groups, max_elems=1 << 14)  # several token and code tiles
-    with torch.no_grad():
-        plain.ln_weight.uniform_(0.5, 1.5)
-        plain.ln_bias.normal_()
-    fast = use_tuned_search(copy.deepcopy(plain))
-    assert fast.search is tiled.search and plain.search is search and plain.scatter_rows is None
-    x, g = torch.randn(2, 150, 64), torch.randn(2, 150, 64)
-    runs = []
-    for layer in (fast, plain):
-        xi = x.clone().requires_grad_(True)
-        y, ids = layer(xi)
-        (y * g).sum().backward()
-        runs.append((ids, y, layer.last_mse, xi.grad, layer.codebook.grad, layer.ln_weight.grad, layer.ln_bias.grad))
-    assert torch.equal(runs[0][0], runs[1][0])
-    for a, b in zip(runs[0][1:], runs[1][1:]):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
-    assert runs[0][5].abs().sum() > 0  # the LN affine gets a gradient (through the reconstruction term)
-
-
-@pytest.mark.slow
-def test_compiled_searches_give_the_same_ids():
-    """compile=True: torch.compile of the plain search's top_codes and of the tuned search's tile top-k."""
-    torch.manual_seed(1)
-    x, cb = torch.randn(200, 4, 16), torch.randn(4, 2500, 16)
-    for k in (1, 4):
-        want = brute_topk(x, cb, k)
-        assert torch.equal(search(x, cb, k, max_elems=1 << 16, compile=True), want)
-        assert torch.equal(tiled.search(x, cb, k, 1 << 16, compile=True), want)
-
-
-@pytest.mark.parametrize("N,G,C,k,max_elems", [(200, 4, 301, 1, 1 << 11), (200, 4, 2500, 4, 1 << 16),
-                                               (16384, 16, 10000, 8, 1 << 26), (5, 1, 3, 3, 1)])
-def test_tile_plans_stay_within_their_budget(N, G, C, k, max_elems):
-    """plan: tiles of (groups, tokens, codes) of at most max_elems scores (or one row of k codes), whole
-    blocks, and block maxima only where a row has at least 64 blocks (top-1: from k1_blocks codes)."""
-    for k1_blocks in (256, 2048):
-        g, n, c, block = plan(N, G, C, k, max_elems, 16, k1_blocks)
-        assert 1 <= g <= G and 1 <= n <= N and k <= c and c % block == 0
-        assert g * n * c <= max(max_elems, c)
-        wide = c >= k1_blocks and N * G * c >= 1 << 17 if k == 1 else c >= 1024
-        assert (block > 1) == (wide and c >= 64 * k)
-    # top-1 over 1024 codes: block maxima for a training batch, a plain max for a generation step's 4 tokens
-    assert plan(8128, 4, 1024, 1, 1 << 20, 16, 1024)[3] == 16 and plan(4, 4, 1024, 1, 1 << 20, 16, 1024)[3] == 1
-    if max_elems == 1 << 11:  # the search test's shapes leave remainders of codes and of tokens
-        assert C % c and N % n
-
-
-def test_device_plans_scale_with_the_machine():
-    """A CPU's tile grows with its threads; a GPU's is capped at 1/8 of its free memory (fp32 scores), so
-    that the LM shape of bench.py is a few large tiles there instead of hundreds of cache-sized ones."""
-    from tuned.tiled import device_plan
-    one, four = device_plan("cpu", threads=1), device_plan("cpu", threads=4)
-    assert four["tile_elems"] == 4 * one["tile_elems"]
-    assert device_plan("cuda", free_bytes=1 << 30)["tile_elems"] == (1 << 30) // 8 // 4
-    assert device_plan("mps") == device_plan("cuda")
-
-    def tiles(p, k=8, N=16384, G=16, C=10000):
-        g, n, c, _ = plan(N, G, C, k, p["tile_elems"], p["block"])
-        return -(-G // g) * -(-N // n) * -(-C // c)
-    assert tiles(device_plan("cuda", free_bytes=80 << 30)) < 50 < 100 < tiles(device_plan("cpu", threads=2))
-
-
-@pytest.mark.parametrize("G", [1, 3])
-def test_group_layernorm_gradients(G):
-    """The hand-written LayerNorm backward (one fused kernel for G = 1, vectorised over groups otherwise)
-    against finite differences, with and without a gradient for the input."""
-    from tuned.tiled import _GroupLayerNorm
-    torch.manual_seed(0)
-    x = torch.randn(20, G, 6, dtype=torch.float64, requires_grad=True)
-    w, b = (torch.randn(G, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    assert torch.autograd.gradcheck(_GroupLayerNorm.apply, (x, w, b))
-    assert torch.autograd.gradcheck(lambda w, b: _GroupLayerNorm.apply(x.detach(), w, b), (w, b))
-
-
-def tf32(a):
-    """Round to TF32 as a tensor core may: keep 10 mantissa bits, dropping the rest (truncation)."""
-    return (a.view(torch.int32) & ~((1 << 13) - 1)).view(torch.float32)
-
-
-@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
-def test_fused_error_bound_holds_for_emulated_tensor_cores(precision):
-    """triton_search's proof rests on eps_rel: the score error of the candidate pass, emulated here in
-    float64 (tf32x3: hi = tf32(a), lo = tf32(a - hi), a.b ~ hi.hi + hi.lo + lo.hi), stays within the
-    bound. For tf32 the rounding dominates and the bound is within 16x of the worst error seen; for
-    tf32x3 the bound is mostly the fp32 accumulation, which this float64 emulation does not have."""
-    from tuned import triton_kernels
-    torch.manual_seed(0)
-    for d in (16, 32, 128):
-        x = torch.randn(4096, d) * torch.rand(4096, 1) * 10
-        u = F.normalize(torch.randn(512, d) + 3 * torch.randn(1, d), dim=-1)  # correlated: scores near |x|
-        exact = x.double() @ u.double().T
-        if precision == "tf32":
-            approx = tf32(x).double() @ tf32(u).double().T
-        else:
-            xh, uh = tf32(x), tf32(u)
-            xl, ul = tf32(x - xh), tf32(u - uh)
-            approx = xh.double() @ uh.double().T + xh.double() @ ul.double().T + xl.double() @ uh.double().T
-        err = ((approx - exact).abs() / x.double().norm(dim=-1, keepdim=True)).max().item()
-        bound = triton_kernels.eps_rel(d, precision)
-        assert err <= bound, (d, err, bound)
-        if precision == "tf32":
-            assert bound < 16 * err, (d, err, bound)
-
-
-def fused_checks():
-    """Run by the test below in a process with TRITON_INTERPRET=1: the fused kernels on CPU tensors."""
-    from tuned import triton_kernels
-    assert triton_kernels.available(torch.device("cpu"))
-    for kind in ("cpu", "cuda"):
-        tiled.PLANS[kind].update(fused="tf32x3", fused_tile=(16, 32, 4))
-    torch.manual_seed(0)
-    # (N, G, d, C, k): d not a power of 2; C not a multiple of the tile; fewer blocks than k; C < a tile
-    for N, G, d, C, k in [(70, 3, 24, 257, 1), (40, 2, 16, 257, 4), (33, 1, 8, 40, 5), (40, 2, 16, 20, 2)]:
-        x = torch.randn(N, G, d)
-        cb = torch.randn(G, C, d) * torch.rand(G, C, 1)
-        ids, proven = triton_kernels.candidates(x, triton_kernels.unit(cb), k, "tf32x3", 16, (16, 32, 4))
-        ids, proven = ids.transpose(0, 1), proven.T  # (N, G, k), (N, G)
-        assert proven.float().mean() > 0.9, (N, G, d, C, k)
-        assert torch.equal(ids[proven], brute_topk(x, cb, k)[proven]), (N, G, d, C, k)
-        assert torch.equal(tiled.search(x, cb, k, kind="cuda"), brute_topk(x, cb, k))
-        if k > 1:  # 10 tokens a chunk (k = 1 holds no block maxima: one chunk whatever max_elems)
-            chunked = tiled.search(x, cb, k, max_elems=G * 17 * 10, kind="cuda")
-            assert torch.equal(chunked, brute_topk(x, cb, k))
-    # the candidate pass's exact re-score runs no matmul that TF32 could round (its proof assumes fp32)
-    torch.set_float32_matmul_precision("high")
-    with MatmulPrecisionSpy() as spy:
-        for k in (1, 3):
-            triton_kernels.candidates(x, triton_kernels.unit(cb), k, "tf32x3", 16, (16, 32, 4))
-    torch.set_float32_matmul_precision("highest")
-    assert spy.seen == [], spy.seen
-    # the k = 1 kernel's running top 3, merged over 32 tiles of 16 codes, against a sort
-    xs, u = torch.randn(40, 1, 16), triton_kernels.unit(torch.randn(1, 500, 16))
-    arg, third = torch.empty(2, 1, 40, dtype=torch.int32), torch.empty(1, 40)
-    triton_kernels._top1_kernel[(3, 1)](xs, u, arg, third, 40, 500, 16, 16, 16, PREC="ieee", D=16, BM=16, BC=16)
-    top = torch.einsum("nd,cd->nc", xs[:, 0], u[0]).topk(3, dim=-1)
-    assert torch.equal(arg[:, 0].T.long(), top.indices[:, :2]) and torch.allclose(third[0], top.values[:, 2])
-    # the exact kernel: only tokens marked redo (here the even ones), K passes in (score desc, id asc) order;
-    # codes 7 and 300 are the same code twice: an exact tie, which goes to the lower id first
-    cbx = torch.randn(2, 500, 16)
-    cbx[:, 300] = cbx[:, 7]
-    xs = torch.randn(40, 2, 16)
-    xs[0] = cbx[:, 7]
-    u = triton_kernels.unit(cbx)
-    for K in (1, 4):
-        ids = torch.full((2, 40, K), -7, dtype=torch.long)
-        redo = (torch.arange(40) % 2 == 0).expand(2, 40).contiguous()
-        triton_kernels._exact_kernel[(3, 2)](xs, u, redo, ids, 40, 500, 16, xs.stride(0), xs.stride(1), K,
-                                            D=16, BM=16, BC=16)
-        want = brute_topk(xs, cbx, K).transpose(0, 1)  # (G, N, K)
-        assert torch.equal(ids[:, 2::2], want[:, 2::2]) and (ids[:, 1::2] == -7).all()
-        assert ids[0, 0, 0] == 7 and (K == 1 or ids[0, 0, 1] == 300)
-    # near-ties at the k-th place, across blocks: not proven, so searched again exactly
-    N, G, d, C = 48, 2, 16, 200
-
-    def at_cos(v, c):  # a code at cosine c from v, of a random norm
-        w = torch.randn(d)
-        w = F.normalize(w - (w @ v) * v / (v @ v), dim=0)
-        return (c * F.normalize(v, dim=0) + math.sqrt(1 - c * c) * w) * (0.5 + torch.rand(()))
-
-    x = torch.randn(N, G, d)
-    for k in (1, 2):
-        cb = torch.randn(G, C, d)
-        for g in range(G):
-            for t in range(8):  # token t: codes t, 100 + t, 150 + t (three blocks) 5e-6 apart, from the k-th place
-                for code, cos in ((t, 0.99), (100 + t, 0.99 - 5e-6), (150 + t, 0.99 - 1e-5)):
-                    cb[g, code] = at_cos(x[t, g], cos)
-                if k == 2:
-                    cb[g, 50 + t] = at_cos(x[t, g], 0.999)
-        ids, proven = triton_kernels.candidates(x, triton_kernels.unit(cb), k, "tf32x3", 16, (16, 32, 4))
-        scores = torch.einsum("ngd,gcd->ngc", x, F.normalize(cb, dim=-1)).topk(k + 2, dim=-1).values
-        gap = scores[..., k - 1] - scores[..., k + 1]  # k + 1 candidates are scored exactly, so the (k+2)-th
-        assert (gap[:8] < triton_kernels.eps_rel(d, "tf32x3") * x[:8].norm(dim=-1)).all()  # near-ties indeed
-        assert not proven.T[:8].any() and proven.T[8:].float().mean() > 0.9, k  # sent to the exact search
-        assert torch.equal(tiled.search(x, cb, k, kind="cuda"), brute_topk(x, cb, k))
-    # inputs whose last dimension is not contiguous, as a view can hand them over
-    x, cb = torch.randn(40, 16, 2).transpose(1, 2), torch.randn(2, 100, 16)  # (N, G, d), stride (32, 1, 2)
-    for k in (1, 3):
-        assert torch.equal(tiled.search(x, cb, k, kind="cuda"), brute_topk(x, cb, k)), k
-        assert tiled.search(x[:0], cb, k, kind="cuda").shape == (0, 2, k)  # no tokens: no ids, no error
-    # groups wider than the kernels take stay on the torch path
-    x, cb = torch.randn(20, 1, triton_kernels.MAX_WIDTH + 32), torch.randn(1, 50, triton_kernels.MAX_WIDTH + 32)
-    assert torch.equal(tiled.search(x, cb, 2, kind="cuda"), brute_topk(x, cb, 2))
-    with pytest.raises(ValueError, match="the fused kernels take d <= "):
-        triton_kernels.search(x, cb, 2)
-    # the layer on the fused path: the same ids and output as on the torch path
-    torch.manual_seed(1)
-    layer = CodebookLayer(dim=32, num_codes=100, k=3, groups=2)
-    inp = torch.randn(2, 9, 32)
-    y, ids = layer(inp)
-    tiled.PLANS["cpu"]["fused"] = None
-    y2, ids2 = layer(inp)
-    assert torch.equal(ids, ids2) and torch.equal(y, y2)
-
-
-def interpreter_unusable():
-    """Why Triton's interpreter cannot run here, or "". Before Triton 3.7 it turns 1-element arrays into
-    ints the way numpy 2.4 forbids (triton-lang/triton#9171), and torch 2.11 brings Triton 3.6."""
-    if importlib.util.find_spec("triton") is None:
-        return "needs triton (pip install triton): its interpreter runs the CUDA kernels on the CPU"
-    version = lambda name: tuple(int(v) for v in re.findall(r"\d+", importlib.metadata.version(name))[:2])  # noqa: E731
-    if version("triton") < (3, 7) and version("numpy") >= (2, 4):
-        return (f"Triton {importlib.metadata.version('triton')}'s interpreter fails with numpy "
-                f"{np.__version__}: needs Triton >= 3.7 or numpy < 2.4")
-    return ""
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(bool(interpreter_unusable()), reason=interpreter_unusable())
-def test_fused_search_under_triton_interpreter():
-    """The fused kernels, their proof and the exact search of what is not proven, against brute force;
-    then benchmarks.search's layer row with --fused."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE, env=env)
-             for argv in ([sys.executable, "-c", "import test_all; test_all.fused_checks()"],
-                          [sys.executable, "-m", "benchmarks.search", "--quick", "--device=cpu", "--fused=tf32x3",
-                           "--fused_tile=128,128,4", "--row=tiny:layer"])]  # a row as the search spawns it
-    (_, checks_err), (row_out, row_err) = (p.communicate(timeout=300) for p in procs)  # both at once: 2 cores
-    assert procs[0].returncode == 0, checks_err[-3000:]
-    assert procs[1].returncode == 0, row_err[-3000:]
-    layer = json.loads(row_out.split("ROW ")[-1])
-    assert layer["fused"] == "tf32x3" and 0 <= layer["unproven"] < 0.05 and layer["fwdbwd_ms"] > 0
-
-
-def gpu_usage(kernel, constexprs, warps, arch=90, stages=3):
-    """(registers, stack bytes) per thread and shared memory bytes per program of a Triton kernel compiled
-    for an NVIDIA GPU on this CPU (arch 90: an H100; 80: an A100; 86/89: RTX 30/40 cards): triton.compile
-    needs no GPU, and the cuobjdump that comes with Triton reads the cubin."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    pointers = dict(arg_ptr="*i32", j_ptr="*i32", redo_ptr="*i1", ids_ptr="*i64")
-    sig = {a: "constexpr" if a in constexprs else pointers.get(a, "*fp32" if a.endswith("_ptr") else "i32")
-           for a in kernel.arg_names}
-    k = triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", arch, 32),
-                       options=dict(num_warps=warps, num_stages=stages))
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        out = subprocess.run([path, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", out).groups()
-    return int(regs), int(stack), k.metadata.shared
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
-def test_fused_kernels_compiled_for_nvidia_gpus_fit():
-    """What a CPU can say about the kernels on a GPU, compiled at the CUDA plan's tile:
-    - for an H100 (sm_90), with Triton's default 3 pipeline stages, at the bench's code widths up to
-      MAX_WIDTH: the candidate kernels hold everything in registers (no stack), the exact kernel
-      (EXACT_TILE) spills at most 64 bytes, and all fit the H100's 227 KB of shared memory;
-    - at twice MAX_WIDTH they spill, which is why wider groups stay on the torch search;
-    - for an RTX 30/40 card (sm_86, 99 KB a block), at MAX_WIDTH 3 stages do not fit and 2 do, so
-      triton_kernels._launch finds a count that runs."""
-    from tuned import triton_kernels
-    from tuned.tiled import PLANS
-    BM, BC, warps = PLANS["cuda"]["fused_tile"]
-    B, W = PLANS["cuda"]["block"], triton_kernels.MAX_WIDTH
-    bm, bc, w = triton_kernels.EXACT_TILE
-    top1 = lambda d: (triton_kernels._top1_kernel, dict(PREC="tf32x3", D=d, BM=BM, BC=BC), warps)  # noqa: E731
-    block_max = (triton_kernels._block_max_kernel, dict(PREC="tf32x3", D=W, BM=BM, BC=BC, B=B), warps)
-    for d in (32, 64, W):
-        _, stack, shared = gpu_usage(*top1(d))
-        assert stack == 0 and shared <= 227 * 1024, ("top1", d, stack, shared)
-        _, stack, shared = gpu_usage(triton_kernels._exact_kernel, dict(D=d, BM=bm, BC=bc), w)
-        assert stack <= 64 and shared <= 227 * 1024, ("exact", d, stack, shared)
-    for kernel, c, wp in (block_max, (triton_kernels._rerank_kernel, dict(D=W, BM=BM, B=B), warps)):
-        _, stack, shared = gpu_usage(kernel, c, wp)
-        assert stack == 0 and shared <= 227 * 1024, (kernel.__name__, stack, shared)
-    assert gpu_usage(*top1(2 * W))[1] > 0
-    for kernel, c, wp in (top1(W), block_max):
-        shared = [gpu_usage(kernel, c, wp, arch=86, stages=s)[2] for s in (3, 2)]
-        assert shared[0] > 99 * 1024 >= shared[1], (kernel.__name__, shared)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
-def test_fused_launch_takes_fewer_stages_where_shared_memory_is_short():
-    """triton_kernels._launch on a kernel that fits only with `fits` stages (Triton raises OutOfResources
-    before it launches): it tries 3, 2, 1, keeps the count that ran, and raises when none fits."""
-    import triton
-    from tuned import triton_kernels
-
-    class Kernel:  # stands for a Triton kernel: kernel[grid](*args, num_stages=s, **meta)
-        def __init__(self, fits):
-            self.fits, self.tried = fits, []
-
-        def __getitem__(self, grid):
-            return self
-
-        def __call__(self, *args, num_stages, **meta):
-            self.tried.append(num_stages)
-            if num_stages > self.fits:
-                raise triton.runtime.OutOfResources(num_stages * 48 * 1024, self.fits * 48 * 1024, "shared memory")
-
-    x = torch.zeros(1)  # the key's device
-    for fits, first in ((3, [3]), (2, [3, 2]), (1, [3, 2, 1])):
-        kernel = Kernel(fits)
-        triton_kernels._launch(kernel, (1, 1), x, D=128, BM=64)
-        triton_kernels._launch(kernel, (1, 1), x, D=128, BM=64)  # the count found is kept
-        assert kernel.tried == first + [fits], (fits, kernel.tried)
-        triton_kernels._launch(kernel, (1, 1), x, D=64, BM=64)  # another tile: tried afresh
-        assert kernel.tried[len(first) + 1] == 3
-    with pytest.raises(triton.runtime.OutOfResources):
-        triton_kernels._launch(Kernel(0), (1, 1), x, D=128, BM=64)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
-def test_fused_search_runs_on_gpus_with_tf32_tensor_cores(monkeypatch):
-    """triton_kernels.available: CUDA from sm_80 (Ampere) on, groups up to MAX_WIDTH; a Turing GPU (T4,
-    sm_75), the CPU without the interpreter and wider groups keep the torch search."""
-    from tuned import triton_kernels
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    cuda, W = torch.device("cuda"), triton_kernels.MAX_WIDTH
-    for capability, want in (((7, 5), False), ((8, 0), True), ((8, 9), True), ((9, 0), True)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert triton_kernels.available(cuda) == want and triton_kernels.available(cuda, W) == want, capability
-        assert not triton_kernels.available(cuda, W + 1)
-    assert not triton_kernels.available(torch.device("cpu"))
-
-
-# -----------------------------------------------------------------------------
 # model.py: codebook sites, code addresses, forcing
 
 
@@ -879,695 +549,6 @@ def test_fsm_walks_have_the_fsm_statistics(device):
     assert starts.min() > 10 and starts.max() < 80
     tokens = fsm.sample(8, 128, torch.Generator(device=device).manual_seed(1))
     assert tokens.device.type == device and fsm.state_accuracy(tokens.cpu()) == 1.0
-
-
-# -----------------------------------------------------------------------------
-# common.py: progress
-
-
-def test_progress_in_a_log_prints_lines(capsys):
-    """With stderr not a terminal (as under pytest, or nohup), progress is a plain line with rate and ETA."""
-    bar = common.Progress(10, "train", every=0.0)
-    bar.set_postfix(loss="1.0")
-    for _ in range(10):
-        bar.update()
-    bar.close()
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 10 and lines[-1].startswith("train: 10/10 (100%)")
-    assert "it/s" in lines[0] and "ETA" in lines[0] and lines[0].endswith("loss 1.0")
-
-
-# -----------------------------------------------------------------------------
-# train.py: checkpoints, resume, bad input, codebook insertion, the optimizer
-
-
-def tiny_cfg(tmp_path, **kw):
-    base = dict(out_dir=str(tmp_path), n_layer=1, n_head=2, n_embd=16, block_size=16, num_codes=16,
-                batch_size=4, max_iters=4, eval_interval=2, eval_seqs=8, state_seqs=4, warmup_iters=1,
-                replace_every=3, log_interval=1, cb_warmup=0, device="cpu")  # tiny: the CPU, also beside a GPU
-    base.update(kw)
-    return train.TrainConfig(**base)
-
-
-def test_train_checkpoint_round_trip(tmp_path):
-    m = train.train(tiny_cfg(tmp_path))
-    saved = json.load(open(tmp_path / "metrics.json"))
-    assert saved["step_ms"] > 0
-    for key in ("val_loss", "val_acc", "state_acc", "bayes_loss", "bayes_acc", "alive", "mse", "iters",
-                "wall_s", "tokens_per_s", "config"):
-        assert key in saved
-    assert saved["iters"] == 4 and set(saved["alive"]) == {"L0.attn", "L0.mlp", "all"} and m["val_loss"] > 0
-    ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"))  # weights_only=True inside
-    model = model_from_checkpoint(ckpt).eval()
-    fsm = FSM()
-    val = fsm.sample(8, 16, torch.Generator().manual_seed(ckpt["config"]["seed"] + 1))
-    logits, loss, _, _ = model(val[:, :-1], val[:, 1:])
-    assert loss.item() == pytest.approx(saved["val_loss"], rel=1e-5)
-    again = model_from_checkpoint(common.load_checkpoint(str(tmp_path / "ckpt.pt"))).eval()
-    assert torch.equal(again(val[:, :-1])[0], logits)
-
-
-def test_resume_gives_the_same_model(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    # a constant learning rate: with decay_lr the schedule depends on max_iters, which resume changes.
-    # On the CPU even with a GPU present: bitwise equality is a CPU property (CUDA's index_add_ and
-    # LayerNorm backward add in a varying order).
-    train.train(tiny_cfg(a, max_iters=6, decay_lr=False, device="cpu"))
-    train.train(tiny_cfg(b, max_iters=4, decay_lr=False, device="cpu"))
-    cfg, given = common.parse_args([f"--out_dir={b}", "--resume=True", "--max_iters=6"], train.TrainConfig,
-                                   train.PRESETS)
-    train.train(cfg, given)
-    sa = torch.load(a / "ckpt.pt", weights_only=True)
-    sb = torch.load(b / "ckpt.pt", weights_only=True)
-    assert sb["iter_num"] == 6
-    for key, value in sa["model"].items():
-        assert torch.equal(value, sb["model"][key]), key
-
-
-def run_train(*args):
-    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True,
-                          text=True, cwd=HERE, timeout=120)
-
-
-@pytest.mark.parametrize("preset", sorted(train.PRESETS))
-def test_every_preset_passes_the_checks(preset):
-    cfg, _ = common.parse_args([f"--config={preset}"], train.TrainConfig, train.PRESETS)
-    train.check(cfg)
-    assert dataclasses.asdict(cfg) == {**dataclasses.asdict(train.TrainConfig()), **train.PRESETS[preset]}
-
-
-@pytest.mark.parametrize("args,msg", [
-    (["--foo=1"], "unknown flag --foo; valid: config, out_dir"),
-    (["--k=abc"], "--k=abc: expected int"),
-    (["--num_codes=8", "--k=9"], "--k=9: must be <= num_codes=8"),
-    (["--cb_at=everything"], "--cb_at=everything: valid: none, attn, mlp, attn+mlp"),
-    (["--config=huge"], "unknown preset; valid: fsm, fsm_paper"),
-    (["--compile=maybe"], "expected True or False"),
-    (["--cb_layers=0,9"], "layers must be in 0..1"),
-    (["max_iters=3"], "expected --key=value"),
-])
-def test_bad_config_is_one_line_error(args, msg, capsys):
-    with pytest.raises(SystemExit) as e:
-        cfg, _ = common.parse_args(args, train.TrainConfig, train.PRESETS)
-        train.check(cfg)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert msg in err and err.count("\n") == 1
-
-
-@pytest.mark.parametrize("parse,argv,want", [
-    (lambda a: common.parse_args(a, train.TrainConfig, train.PRESETS, doc="train doc"), ["--k=2", "--help"],
-     ["train doc", "presets (--config=NAME, the first is the default): fsm, fsm_paper", "--config='fsm'", "--k=1"]),
-    (browse.parse_args, ["-h"], ["python browse.py --ckpt=", "flags and defaults: --ckpt='' --device='auto'"]),
-    (steer.parse_args, ["show", "--help"], ["python steer.py show CODE --ckpt=PATH", "--top=10 --context=24"]),
-    (steer.parse_args, ["--help"], ["python steer.py states", "flags and defaults: --ckpt=''", "--top_k=0"]),
-], ids=["train", "browse", "steer show", "steer"])
-def test_help_prints_the_flags_and_their_defaults(parse, argv, want, capsys):
-    """--help goes through helpers.common for every script: the text, then every flag with its default."""
-    with pytest.raises(SystemExit) as e:
-        parse(argv)
-    out = capsys.readouterr().out
-    assert e.value.code == 0 and all(w in out for w in want), out
-
-
-def test_a_bool_flag_alone_means_true(capsys):
-    assert common.parse_flags(["--synthetic", "--n=2"], dict(synthetic=False, n=1), "")[0] == dict(synthetic=True, n=2)
-    with pytest.raises(SystemExit):
-        common.parse_flags(["--n"], dict(n=1), "")
-    assert "bad argument '--n': expected --key=value" in capsys.readouterr().err
-
-@pytest.mark.slow
-def test_bad_checkpoint_is_one_line_error_and_kept(tmp_path):
-    r = run_train(f"--out_dir={tmp_path}", "--resume=True")
-    assert r.returncode == 2 and "no checkpoint at" in r.stderr and "Traceback" not in r.stderr
-    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
-    r = run_train(f"--out_dir={tmp_path}", "--resume=True")
-    assert r.returncode == 2 and "unreadable" in r.stderr and r.stderr.count("\n") == 1
-    assert (tmp_path / "ckpt.pt").read_bytes() == b"not a checkpoint"  # never overwritten
-
-
-def test_insert_codebooks_into_a_trained_model(tmp_path):
-    """cb_warmup: the plain weights carry over unchanged, the codes are k-means centroids."""
-    cfg = tiny_cfg(tmp_path, cb_warmup=3, max_iters=5, replace_every=0, num_codes=8)
-    train.train(cfg)
-    ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"))
-    assert ckpt["model_args"]["cb_at"] == "attn+mlp"
-    plain = train.build_model(cfg, 11, cb_at="none")
-    seqs = FSM().sample(4, 16, torch.Generator().manual_seed(0))
-    idx = seqs[:, :-1]
-    torch.manual_seed(0)
-    with_cb = train.insert_codebooks(plain, cfg, lambda: seqs, distributed.from_env("cpu"))
-    for name, p in plain.state_dict().items():
-        assert torch.equal(p, with_cb.state_dict()[name])
-    cache = {}
-    with_cb.eval()(idx, activations=cache)
-    cb = with_cb.codebooks()["L0.attn"]
-    cb(cache["L0.attn.in"])
-    kmeans_mse = cb.last_mse
-    with torch.no_grad():
-        cb.codebook.normal_()  # the default N(0, 1) init, same LN
-    cb(cache["L0.attn.in"])
-    assert kmeans_mse < 0.2 * cb.last_mse
-
-
-def test_gradient_accumulation_matches_one_big_batch():
-    """Two micro-steps of batch B give the update of one step of 2B, codebooks included: their
-    reconstruction gradient is added inside the backward, outside the loss, so train_step scales it too.
-    Plain SGD with lr 1, so that the update is the gradient itself (Adam's first step is about its sign)."""
-    model = tiny_model()
-    x = FSM().sample(8, 16, torch.Generator().manual_seed(0))
-    runs = []
-    for batches in ([x], [x[:4], x[4:]]):
-        m = copy.deepcopy(model)
-        before = {n: p.detach().clone() for n, p in m.named_parameters()}
-        loss, mse = train.train_step(m, torch.optim.SGD(m.parameters(), lr=1.0), batches, grad_clip=1e9)
-        runs.append((m, before, loss, mse))
-    (a, before, la, ma), (b, _, lb, mb) = runs
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        update = before[name] - pa.detach()
-        assert update.abs().sum() > 0, name  # every parameter moves, the codes and their LayerNorms too
-        torch.testing.assert_close(before[name] - pb.detach(), update, rtol=1e-4, atol=1e-7, msg=name)
-    assert la.item() == pytest.approx(lb.item(), rel=1e-6) and ma.item() == pytest.approx(mb.item(), rel=1e-5)
-    for ca, cb in zip(a.codebooks().values(), b.codebooks().values()):
-        assert torch.equal(ca.uses_since_read, cb.uses_since_read) and ca.uses_since_read.sum() == 8 * 15 * ca.groups
-
-
-def test_weight_decay_only_on_the_weights_of_linears_and_embeddings():
-    """By name, not by shape: the codebooks' LayerNorm affine is (G, d), yet a LayerNorm, so no decay."""
-    model = tiny_model()
-    cfg = train.TrainConfig(learning_rate=5e-3, cb_lr=1e-2, weight_decay=0.1)
-    names = {p: n for n, p in model.named_parameters()}
-    decay, rest, codes = ({names[p] for p in g["params"]} for g in train.make_optimizer(model, cfg, "cpu").param_groups)
-    weights = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding))}
-    assert decay == weights & set(names.values()) and "transformer.wte.weight" in decay  # tied with lm_head
-    assert codes == {n for n in names.values() if n.endswith(".codebook")} and len(codes) == 4
-    assert rest == set(names.values()) - decay - codes
-    assert {"transformer.h.0.attn.codebook.ln_weight", "transformer.h.1.mlp.codebook.ln_bias",
-            "transformer.h.0.ln_1.weight", "transformer.h.0.attn.c_attn.bias"} <= rest
-    groups = train.make_optimizer(model, cfg, "cpu").param_groups
-    assert [(g["weight_decay"], g["lr_mult"]) for g in groups] == [(0.1, 1.0), (0.0, 1.0), (0.0, 2.0)]
-
-
-def test_train_step_keeps_the_codebooks_own_mse_weight():
-    """A codebook's mse_weight w scales its codes' reconstruction gradient; split over micro-batches, the
-    update is that of one batch with the same w, and w is the user's again after the step."""
-    x = FSM().sample(8, 16, torch.Generator().manual_seed(0))
-    model = tiny_model()
-    for cb in model.codebooks().values():
-        cb.mse_weight = 0.25
-    by_hand = copy.deepcopy(model)
-    by_hand(x[:, :-1], x[:, 1:])[1].backward()  # the loss, and inside the backward 0.25 x the codes' MSE
-    train.train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), [x[:4], x[4:]], grad_clip=1e9)
-    for (name, p), q in zip(by_hand.named_parameters(), model.parameters()):
-        if name.endswith(".codebook"):
-            torch.testing.assert_close(p.detach() - q.detach(), p.grad, rtol=1e-4, atol=1e-7, msg=name)
-    assert [cb.mse_weight for cb in model.codebooks().values()] == [0.25] * 4
-
-
-def test_inserting_codebooks_keeps_the_adam_state_of_the_weights(tmp_path, monkeypatch):
-    """At cb_warmup the new model's weights keep their Adam moments and step count (at near-peak learning
-    rate a fresh Adam would take sign-sized steps); the codes start without state."""
-    seen, train_step = [], train.train_step
-
-    def recording(model, optimizer, *args):
-        def state():
-            return {n: {k: v.clone() for k, v in optimizer.state[p].items()}
-                    for n, p in model.named_parameters() if p in optimizer.state}
-        before = state()
-        out = train_step(model, optimizer, *args)
-        seen.append((before, state()))
-        return out
-
-    monkeypatch.setattr(train, "train_step", recording)
-    train.train(tiny_cfg(tmp_path, cb_warmup=2, max_iters=3, replace_every=0))
-    (_, after_2), (before_3, _) = seen[1], seen[2]  # codebooks inserted between the 2nd and 3rd steps
-    assert set(before_3) == set(after_2) and len(after_2) > 0
-    for name, s in after_2.items():
-        assert set(s) == {"step", "exp_avg", "exp_avg_sq"} and float(s["step"]) == 2.0
-        for key, value in s.items():
-            assert torch.equal(before_3[name][key], value), (name, key)
-    assert not any(n.endswith(".codebook") for n in before_3) and any(n.endswith(".codebook") for n in seen[2][1])
-
-
-def test_resume_loads_an_optimizer_state_with_the_old_decay_groups():
-    """Checkpoints from before the decay groups went by name have the codebooks' LayerNorms in the decay
-    group, so other group sizes: each parameter still gets its own Adam state back."""
-    model, cfg = tiny_model(), train.TrainConfig()
-    x = FSM().sample(4, 16, torch.Generator().manual_seed(0))
-    trained = train.make_optimizer(model, cfg, "cpu")
-    train.train_step(model, trained, [x], grad_clip=1.0)
-    named = list(model.named_parameters())
-    old = torch.optim.AdamW([dict(params=[p for n, p in named if p.dim() >= 2 and not n.endswith(".codebook")]),
-                             dict(params=[p for n, p in named if p.dim() < 2]),
-                             dict(params=[p for n, p in named if n.endswith(".codebook")])])
-    old.state.update(trained.state)
-    resumed = train.make_optimizer(model, cfg, "cpu")
-    train.load_optimizer_state(resumed, model, copy.deepcopy(old.state_dict()))
-    for name, p in named:
-        for key, value in trained.state[p].items():
-            assert torch.equal(resumed.state[p][key], value), (name, key)
-    assert [g["weight_decay"] for g in resumed.param_groups] == [0.1, 0.0, 0.0]  # this version's groups
-
-
-def test_resume_restores_the_gpus_generator(monkeypatch):
-    """Dead codes are drawn on the run's device: a GPU run's checkpoint keeps that device's generator and a
-    resumed run on a GPU restores it (checked here with the CUDA calls faked; checkpoints without it load)."""
-    state, calls = torch.arange(16, dtype=torch.uint8), []
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": calls.append(("get", device)) or state)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.append(("set", device, s)))
-    saved = checkpoints.rng_states("cuda:1")
-    assert calls == [("get", "cuda:1")] and torch.equal(saved["cuda_rng"], state)
-    assert torch.equal(saved["torch_rng"], torch.get_rng_state())
-    torch.manual_seed(5)
-    checkpoints.restore_rng_states(saved, "cuda:1")
-    assert calls[-1][:2] == ("set", "cuda:1") and torch.equal(calls[-1][2], state)
-    assert torch.equal(torch.get_rng_state(), saved["torch_rng"])
-    calls.clear()
-    assert set(checkpoints.rng_states("cpu")) == {"torch_rng"} and calls == []
-    checkpoints.restore_rng_states(dict(torch_rng=saved["torch_rng"]), "cuda:1")  # an older or a CPU checkpoint
-    checkpoints.restore_rng_states(saved, "cpu")  # a GPU checkpoint resumed on the CPU
-    assert calls == []
-
-
-def test_too_short_train_bin_is_one_line_error(tmp_path, capsys):
-    """get_batch draws offsets below len - (block_size + 1): a train.bin needs one token more than a window."""
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "meta.json").write_text(json.dumps(dict(vocab_size=50, eot=49)))
-    np.arange(40, dtype=np.uint16).tofile(data / "val.bin")
-    for n, ok in ((17, False), (18, True)):  # block_size 16: windows of 17
-        np.arange(n, dtype=np.uint16).tofile(data / "train.bin")
-        cfg = tiny_lm(tmp_path / "out", data, block_size=16, max_iters=1, eval_seqs=2, cb_at="none")
-        if ok:
-            assert train.train(cfg)["iters"] == 1
-            continue
-        with pytest.raises(SystemExit) as e:
-            train.train(cfg)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.count("\n") == 1, err
-        assert f"{data / 'train.bin'} has 17 tokens" in err and "block_size + 1 = 17" in err
-
-
-def test_metrics_json_is_written_atomically(tmp_path, monkeypatch):
-    """A crash while writing metrics.json leaves the last one whole, as a checkpoint is."""
-    (tmp_path / "metrics.json").write_text('{"val_loss": 1.0}')
-
-    def crash(obj, f, **kw):
-        f.write('{"val_lo')
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(json, "dump", crash)
-    with pytest.raises(OSError):
-        train.train(tiny_cfg(tmp_path, max_iters=1))
-    assert (tmp_path / "metrics.json").read_text() == '{"val_loss": 1.0}'
-
-
-def test_bf16_training_runs(tmp_path):
-    m = train.train(tiny_cfg(tmp_path, dtype="bfloat16", max_iters=2))
-    assert math.isfinite(m["val_loss"]) and m["config"]["dtype"] == "bfloat16"
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_training_on_a_gpu(tmp_path):
-    """The GPU path: FSM walks drawn on the device, a resumed run close to an unbroken one (CUDA's
-    scatter-adds are not bitwise reproducible), the checkpoint loads on the CPU. Dead codes are replaced
-    at steps 2, 4 (before the stop at 5) and 6 (after it) from the GPU's generator: the resumed run
-    continues it, so both runs end with the same generator state."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    ma = train.train(tiny_cfg(a, max_iters=8, decay_lr=False, replace_every=2, device="cuda"))
-    train.train(tiny_cfg(b, max_iters=5, decay_lr=False, replace_every=2, device="cuda"))
-    cfg, given = common.parse_args([f"--out_dir={b}", "--resume=True", "--max_iters=8"], train.TrainConfig,
-                                   train.PRESETS)
-    mb = train.train(cfg, given)
-    assert ma["device"] == "cuda" and abs(ma["val_loss"] - mb["val_loss"]) < 1e-2
-    ca, cb = (common.load_checkpoint(str(d / "ckpt.pt")) for d in (a, b))
-    assert torch.equal(ca["cuda_rng"], cb["cuda_rng"])
-    model = model_from_checkpoint(cb)
-    assert next(model.parameters()).device.type == "cpu"
-
-
-# -----------------------------------------------------------------------------
-# distributed.py: torchrun's environment, DDP over gloo, two processes on the CPU
-
-
-DDP_RUN = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, num_codes=256, batch_size=8,
-               gradient_accumulation_steps=2, max_iters=6, eval_interval=3, eval_seqs=8, state_seqs=4,
-               warmup_iters=1, cb_warmup=2, replace_every=2, log_interval=1, decay_lr=False)
-
-
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def ddp_worker(rank, world, ports, out):
-    """One rank, as torchrun would start it: trains DDP_RUN, then saves its final model and optimiser, and
-    the usage counts before and after every reduction over ranks, for the test to compare. Then the same
-    run again in two parts, stopped at step 5 and resumed (out/resumed)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]))
-    torch.set_num_threads(1)
-    sys.stdout = open(os.path.join(out, f"log{rank}.txt"), "w", buffering=1)
-    built, reductions = [], []
-    make_optimizer, reduce_usage = train.make_optimizer, distributed.reduce_usage
-
-    def recording_optimizer(model, *args):  # train() makes one for every model it builds: the last is trained
-        built.append((model, make_optimizer(model, *args)))
-        return built[-1][1]
-
-    def recording_reduce(model, world):
-        def usage():
-            return {n: (cb.uses_since_read.clone(), cb.uses_since_reset.clone()) for n, cb in model.codebooks().items()}
-        before = usage()
-        reduce_usage(model, world)
-        reductions.append((before, usage()))
-
-    train.make_optimizer, distributed.reduce_usage = recording_optimizer, recording_reduce
-    train.train(train.TrainConfig(out_dir=out, **DDP_RUN))
-    model, optimizer = built[-1]
-    torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), reductions=reductions),
-               os.path.join(out, f"rank{rank}.pt"))
-    train.make_optimizer, distributed.reduce_usage = make_optimizer, reduce_usage
-    # a new port for each run: rank 1 may ask for the next group before rank 0 has let go of its last one
-    for port, max_iters, resume in ((ports[1], 5, False), (ports[2], 6, True)):
-        os.environ["MASTER_PORT"] = str(port)
-        cfg = dict(DDP_RUN, out_dir=os.path.join(out, "resumed"), max_iters=max_iters, resume=resume)
-        train.train(train.TrainConfig(**cfg), {"resume", "max_iters"} if resume else ())
-
-
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    torch.multiprocessing.spawn(ddp_worker, args=(2, free_ports(3), str(out)), nprocs=2)
-    return out
-
-@pytest.mark.slow
-def test_two_gloo_processes_keep_codebooks_identical(ddp_run):
-    """Codebooks inserted by k-means at step 2, dead codes replaced at step 4, 2 processes x 2 micro-steps:
-    every weight, code, LayerNorm and Adam moment ends bitwise equal on both ranks, and the counts that rank
-    0 reports are the sum of both ranks' counts."""
-    r0, r1 = (torch.load(ddp_run / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    usage = ("uses_since_read", "uses_since_reset", "mse_sum", "mse_n")
-    assert any(name.endswith(".codebook") for name in r0["model"])
-    for name, value in r0["model"].items():
-        if not name.endswith(usage):
-            assert torch.equal(value, r1["model"][name]), name
-    for p, s in r0["optimizer"]["state"].items():
-        for key, value in s.items():
-            assert torch.equal(value, r1["optimizer"]["state"][p][key]), (p, key)
-    # the weights kept their Adam state through the insertion (6 steps), the codes and their LNs are new (4)
-    assert sorted({float(s["step"]) for s in r0["optimizer"]["state"].values()}) == [4.0, 6.0]
-    log = (ddp_run / "log0.txt").read_text()
-    assert "2 processes" in log and "step 2: inserted codebooks (L0.attn, L0.mlp), k-means initialised" in log
-    replaced = int(re.search(r"step 4: replaced (\d+) dead codes", log).group(1))
-    assert (ddp_run / "log1.txt").read_text() == ""  # rank 0 speaks for all
-    # reductions at step 3 (eval), 4 (dead codes), 6 (eval): rank 0 then holds the sum, rank 1 nothing
-    (red0, red1) = r0["reductions"], r1["reductions"]
-    assert len(red0) == len(red1) == 3
-    for (before0, after0), (before1, after1) in zip(red0, red1):
-        for site, (counts, fired) in after0.items():
-            assert torch.equal(counts, before0[site][0] + before1[site][0])
-            assert torch.equal(fired, before0[site][1] + before1[site][1])
-            assert not after1[site][0].any() and not after1[site][1].any()
-    # the counts cover the global batch, 8 sequences x 15 positions a step, since the last read (and reset)
-    # at an eval: 1 step since insertion at step 3, then 1 at step 4, 3 at step 6
-    for (_, after), steps in zip(red0, (1, 1, 3)):
-        for site, (counts, _) in after.items():
-            groups = 2 if site.endswith("attn") else 1
-            assert torch.equal(counts.view(groups, -1).sum(1), torch.full((groups,), 8.0 * 15 * steps)), site
-    # dead codes: those that fired on neither rank (rank 0 alone would have called more of them dead)
-    assert replaced == sum(int((fired == 0).sum()) for _, fired in red0[1][1].values()) > 0
-    assert replaced < sum(int((fired == 0).sum()) for _, fired in red0[1][0].values())
-    metrics = json.load(open(ddp_run / "metrics.json"))
-    assert metrics["world_size"] == 2 and metrics["config"]["gradient_accumulation_steps"] == 2
-    for site, (counts, _) in red0[2][1].items():
-        assert metrics["alive"][site] == pytest.approx((counts > 0).float().mean().item())
-    ckpt = common.load_checkpoint(str(ddp_run / "ckpt.pt"))
-    assert ckpt["world_size"] == 2 and len(ckpt["data_rngs"]) == 2
-    assert not torch.equal(ckpt["data_rngs"][0], ckpt["data_rngs"][1])  # a stream per rank
-    for name, value in r0["model"].items():
-        assert torch.equal(value, ckpt["model"][name]), name
-    # stopped at step 5 and resumed on 2 processes: each rank's data stream continues, the same model
-    resumed = common.load_checkpoint(str(ddp_run / "resumed" / "ckpt.pt"))
-    assert resumed["iter_num"] == 6
-    for name, value in ckpt["model"].items():
-        if not name.endswith(usage):
-            assert torch.equal(value, resumed["model"][name]), name
-
-@pytest.mark.slow
-def test_ddp_checkpoint_resumes_in_one_process_and_loads_in_steer(ddp_run, tmp_path, capsys):
-    shutil.copy(ddp_run / "ckpt.pt", tmp_path / "ckpt.pt")
-    cfg, given = common.parse_args([f"--out_dir={tmp_path}", "--resume=True", "--max_iters=8"], train.TrainConfig,
-                                   train.PRESETS)
-    m = train.train(cfg, given)
-    assert "it ran on 2 process(es), this on 1: the data differ from an unbroken run" in capsys.readouterr().out
-    assert m["iters"] == 8 and m["world_size"] == 1 and m["config"]["batch_size"] == 8
-    out = steer.main(["usage", f"--ckpt={ddp_run / 'ckpt.pt'}", "--device=cpu"])
-    assert set(out) >= {"L0.attn", "L0.mlp"}
-
-@pytest.mark.slow
-def test_torchrun_bad_input_is_one_line_error(ddp_run, tmp_path, monkeypatch, capsys):
-    """Checked before any process joins the group, so every rank stops at once with the same line."""
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    shutil.copy(ddp_run / "ckpt.pt", tmp_path / "ckpt.pt")
-    for cfg, msg in (
-            (tiny_cfg(tmp_path / "a", batch_size=8), "--batch_size=8 does not split over 3 process(es) x 1 "),
-            (tiny_cfg(tmp_path / "b", batch_size=6, device="cuda"), "--device=cuda: 2 GPU(s) on this machine for 3 "
-             "processes; use --nproc_per_node=2 or --device=cpu"),
-            (train.TrainConfig(out_dir=str(tmp_path), resume=True), "cannot resume: --batch_size=8 does not split "
-             "over 3 process(es) x 2 accumulation step(s)")):
-        with pytest.raises(SystemExit) as e:
-            train.train(cfg)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and msg in err and err.count("\n") == 1, err
-
-
-# -----------------------------------------------------------------------------
-# readout.py and steer.py: reading and steering a TokFSM model
-
-
-def save_tiny(path, kind="fsm", k=1):
-    cfg = train.TrainConfig(out_dir=str(path.parent), num_states=12, num_edges=3, n_layer=2, n_head=2, n_embd=32,
-                            block_size=32, num_codes=64, k=k)
-    torch.manual_seed(0)
-    fsm = FSM(cfg.num_states, cfg.num_edges, seed=cfg.fsm_seed)
-    model = train.build_model(cfg, fsm.vocab_size)
-    opt = train.make_optimizer(model, cfg, "cpu")
-    common.save_checkpoint(str(path), dict(
-        model=model.state_dict(), optimizer=opt.state_dict(), iter_num=0, config=dataclasses.asdict(cfg),
-        model_args=dataclasses.asdict(model.config), data_rng=torch.Generator().get_state(),
-        torch_rng=torch.get_rng_state(), wall_s=0.0, kind=kind,
-        fsm=dict(num_states=cfg.num_states, num_edges=cfg.num_edges, seed=cfg.fsm_seed)))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "ckpt.pt")
-
-
-def run_cli(argv, capsys):
-    """main(argv) that must fail: -> its stderr line."""
-    with pytest.raises(SystemExit) as e:
-        steer.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
-    return err
-
-
-def test_precision_recall_by_hand():
-    # position:  0  1  2   3  4  5  6   7
-    ids = torch.tensor([0, 0, 0, 1, 1, 2, 0, 0])[:, None]  # (P, k=1)
-    labels = torch.tensor([0, 0, -1, 0, 1, 1, -1, -1])  # pattern 0 = {0, 1, 3}, pattern 1 = {4, 5}, pattern 2 never
-    lab, code, tp, fired, size = steer.pair_counts(ids, labels, 3, 3)
-    assert fired.tolist() == [5, 2, 1] and size.tolist() == [3, 2, 0]
-    assert sorted(zip(lab.tolist(), code.tolist(), tp.tolist())) == [(0, 0, 2), (0, 1, 1), (1, 1, 1), (1, 2, 1)]
-    code, prec, rec = steer.best_codes(ids, labels, 3, 3)
-    # pattern 0: code 0 has P 2/5, R 2/3, F1 1/2; code 1 has P 1/2, R 1/3, F1 2/5 -> code 0
-    # pattern 1: code 1 has P 1/2, R 1/2, F1 1/2; code 2 has P 1, R 1/2, F1 2/3 -> code 2
-    assert code.tolist() == [0, 2, -1]
-    assert torch.allclose(prec, torch.tensor([0.4, 1.0, 0.0], dtype=torch.double))
-    assert torch.allclose(rec, torch.tensor([2 / 3, 0.5, 0.0], dtype=torch.double))
-
-
-def test_flat_ids_separate_groups():
-    codes = torch.tensor([[[[3], [3]]]])  # (B=1, T=1, G=2, k=1): code 3 in both heads
-    assert readout.flat_ids(codes, 10).tolist() == [[3, 13]]
-    assert readout.code_name("L1.attn", 13, 10) == "L1.attn.h1:3"
-
-
-def test_code_scores_are_the_searchs_scores():
-    """readout.code_scores: each selected code's cosine with the input in LN space (by hand), best slot
-    first as the search ranks them, the same (to rounding) in token chunks of any size."""
-    torch.manual_seed(3)
-    layer = CodebookLayer(dim=12, num_codes=40, k=3, groups=3).eval()
-    acts = torch.randn(2 * 5, 12)
-    _, ids = layer(acts.view(2, 5, 12))
-    got = readout.code_scores(layer, acts, ids)
-    xn = layer.normalize(acts)
-    unit = layer.codebook / layer.codebook.norm(dim=-1, keepdim=True)
-    want = torch.stack([(xn[p, g] * unit[g, ids.view(10, 3, 3)[p, g]]).sum(-1) for p in range(10) for g in range(3)])
-    assert torch.allclose(got.view(30, 3), want.detach(), atol=1e-5)
-    assert (got[..., :-1] >= got[..., 1:]).all()
-    assert torch.allclose(readout.code_scores(layer, acts, ids, max_elems=1), got, rtol=1e-6, atol=1e-6)
-
-
-def test_neuron_threshold_by_hand():
-    # unit 0 on pattern 0 = {0, 1, 3} (values 5, 1, 3), target recall 2/3 -> n = 2, threshold 3:
-    # fires where a >= 3 = {0, 2, 3, 5}, 2 of them in M: precision 2/4. Sign -a: threshold -3, fires where
-    # a <= 3 = {1, 3, 4}, 2 in M: precision 2/3. Unit 1 is unit 0 reversed in time.
-    a = torch.tensor([5.0, 1.0, 4.0, 3.0, 2.0, 6.0])
-    acts = torch.stack([a, a.flip(0)], 1)  # (P, H=2)
-    labels = torch.tensor([0, 0, -1, 0, -1, -1])
-    sorted_all = acts.T.contiguous().sort(1).values
-    pp, rp, pn, rn = steer.neuron_precision(acts, sorted_all, labels, torch.tensor([2 / 3], dtype=torch.double))
-    assert pp[0, 0].item() == pytest.approx(0.5) and rp[0, 0].item() == pytest.approx(2 / 3)
-    assert pn[0, 0].item() == pytest.approx(2 / 3) and rn[0, 0].item() == pytest.approx(2 / 3)
-    # unit 1 = [6, 2, 3, 4, 1, 5]: values on M 6, 2, 4 -> threshold 4, fires at {0, 3, 5}, 2 in M: precision 2/3
-    assert pp[0, 1].item() == pytest.approx(2 / 3)
-    # recall 1: the threshold is the smallest value on M (1 for unit 0): every position fires
-    pp, rp, _, _ = steer.neuron_precision(acts, sorted_all, labels, torch.tensor([1.0], dtype=torch.double))
-    assert pp[0, 0].item() == pytest.approx(3 / 6) and rp[0, 0].item() == 1.0
-
-
-def test_neuron_threshold_many_patterns_match_loop():
-    g = torch.Generator().manual_seed(0)
-    acts = torch.randn(200, 5, generator=g)
-    labels = torch.randint(-1, 4, (200,), generator=g)
-    recall = torch.tensor([0.1, 0.5, 0.77, 1.0], dtype=torch.double)
-    pp, _, pn, _ = steer.neuron_precision(acts, acts.T.contiguous().sort(1).values, labels, recall)
-    for s in range(4):  # the same numbers from a plain loop
-        m = labels == s
-        n = math.ceil(recall[s].item() * m.sum().item() - 1e-6)
-        for h in range(5):
-            for sign, p in ((1, pp), (-1, pn)):
-                x = sign * acts[:, h]
-                thr = x[m].sort(descending=True).values[n - 1]
-                fired = x >= thr
-                assert p[s, h].item() == pytest.approx((fired & m).sum().item() / fired.sum().item())
-
-
-def test_jsd():
-    p = torch.tensor([0.2, 0.3, 0.5])
-    q = torch.tensor([0.6, 0.1, 0.3])
-    assert steer.jsd(p, p).item() == pytest.approx(0.0, abs=1e-7)
-    assert steer.jsd(p, q).item() == pytest.approx(steer.jsd(q, p).item())
-    assert steer.jsd(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])).item() == pytest.approx(math.log(2))
-    known = 0.5 * math.log(4 / 3) + 0.5 * (0.5 * math.log(2 / 3) + 0.5 * math.log(2))
-    assert steer.jsd(torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5])).item() == pytest.approx(known)
-
-
-def test_successor_starts():
-    fsm = FSM(12, 3, seed=1)
-    starts = steer.successor_starts(fsm)
-    assert starts.shape == (12, 10) and starts.sum(1).le(3).all() and starts.sum(1).ge(1).all()
-    for x in range(12):  # the same from the FSM's rows, one state at a time
-        want = {int(fsm.state_digits[y, 0]) for y in range(12) if fsm.transitions[x, y] > 0}
-        assert set(starts[x].nonzero().squeeze(1).tolist()) == want
-
-
-def test_forcing_a_code_equals_a_codebook_that_only_has_it(ckpt):
-    model = model_from_checkpoint(common.load_checkpoint(ckpt)).eval()
-    idx = torch.tensor([[10, 1, 2, 0, 3, 1, 1]])
-    base, _, codes, _ = model(idx)
-    c = next(i for i in range(64) if not (codes["L1.mlp"] == i).any())  # a code the model does not pick here
-    forced, _, fcodes, _ = model(idx, interventions=[Intervention("L1.mlp", 0, c)])
-    assert (fcodes["L1.mlp"] == c).all()
-    assert not torch.allclose(forced, base)
-    other = copy.deepcopy(model)  # every code of L1.mlp replaced by code c: the search can only return c
-    with torch.no_grad():
-        cb = other.codebooks()["L1.mlp"].codebook
-        cb.copy_(cb[:, c:c + 1].expand_as(cb))
-    assert torch.allclose(other(idx)[0], forced, atol=1e-5)
-    # forcing only the last two positions leaves the earlier ones as they were
-    part, _, pcodes, _ = model(idx, interventions=[Intervention("L1.mlp", 0, c, positions=(-2, -1))])
-    assert torch.equal(pcodes["L1.mlp"][:, :-2], codes["L1.mlp"][:, :-2]) and (pcodes["L1.mlp"][:, -2:] == c).all()
-    assert torch.allclose(part[:, :-2], base[:, :-2], atol=1e-6)
-
-
-def test_generate_follows_the_forced_distribution(ckpt, capsys):
-    model = model_from_checkpoint(common.load_checkpoint(ckpt)).eval()
-    idx = torch.tensor([[10, 0, 1, 0, 5]])  # BOS + the prompt "0105"
-    base = model(idx)[0][0, -1].argmax().item()
-    moved = [c for c in range(64) if model(idx, interventions=[Intervention("L1.mlp", 0, c)])[0][0, -1].argmax() != base]
-    assert moved, "no code of L1.mlp changes the greedy next token"
-    c = moved[0]
-    want = model(idx, interventions=[Intervention("L1.mlp", 0, c)])[0][0, -1].argmax().item()
-    out = steer.main(["generate", f"--ckpt={ckpt}", "--prompt=0105", f"--force=L1.mlp:{c}", "--top_k=1", "--n=1",
-                      "--max_new_tokens=1", "--device=cpu"])
-    _, decode, _ = readout.tokenizer(common.load_checkpoint(ckpt))
-    assert out["baseline"]["samples"][0][-1] == decode([base])[0]  # greedy: the argmax, unforced
-    assert out["steered"]["samples"][0][-1] == decode([want])[0]  # and forced
-    capsys.readouterr()
-
-
-def test_patching_own_codes_changes_nothing(tmp_path):
-    model = model_from_checkpoint(common.load_checkpoint(save_tiny(tmp_path / "ckpt.pt", k=2))).eval()
-    x = torch.tensor([[10, 1, 2, 0, 3], [10, 0, 4, 1, 1], [10, 1, 1, 0, 2]])
-    logits, _, codes, _ = model(x)
-    last = {s: c[:, -1] for s, c in codes.items()}  # (B, G, k)
-    probs, greedy = steer.patched_run(model, x, last, list(last), 2, 10)
-    assert torch.allclose(probs, torch.softmax(logits[:, -1], -1), atol=1e-6)
-    assert greedy.shape == (3, 2) and (greedy < 10).all()
-    other = {s: c.flip(0) for s, c in last.items()}  # the codes of other rows do change the output
-    assert not torch.allclose(steer.patched_run(model, x, other, list(last), 0, 10)[0], probs)
-
-
-def test_states_patch_usage_search_generate_run(ckpt, capsys):
-    common = [f"--ckpt={ckpt}", "--batch_size=16", "--device=cpu"]
-    out = steer.main(["states", "--n_seqs=24", "--min_count=1"] + common)
-    assert set(out["sites"]) == {"L0.attn", "L0.mlp", "L1.attn", "L1.mlp"}  # the best site by mean F1
-    assert out["site"] == max(out["sites"], key=lambda s: out["sites"][s]["state"]["code_f1"])
-    assert len(out["per_state"]) == 12 and out["device"] == "cpu"  # the table's means are the per-state rows'
-    for key in ("precision", "recall", "neuron_precision"):
-        mean = np.mean([row[key] for row in out["per_state"]])
-        assert mean == pytest.approx(out["code_" + key if key != "neuron_precision" else key], abs=1e-4), key
-    out = steer.main(["patch", "--pairs=30", "--ctx_states=3"] + common)
-    assert out["device"] == "cpu" and out["jsd"]["none"] == 1.0 and {"all", "all_mlp", "all_attn", "L1.mlp"} <= set(out["jsd"])
-    assert out["force_success"] * 30 == pytest.approx(round(out["force_success"] * 30))  # a count of 30 trials
-    out = steer.main(["usage", "--n_seqs=8"] + common)
-    hist = out["L0.mlp"]["histogram"]
-    assert sum(hist.values()) == 64 and out["L0.mlp"]["alive"] == 1 - hist["0"] / 64  # every code in one bin
-    # BOS is at position 0 of every sequence, where every codebook sees the same input: recall 1
-    out = steer.main(["search", r"\|", "--n_seqs=8"] + common)
-    assert out["matches"] == 8 and out["codes"][0]["recall"] == 1.0
-    out = steer.main(["show", out["codes"][0]["code"], "--n_seqs=8", "--top=3"] + common)
-    assert out["firings"] >= 8 and "[|]" in out["top"][0]["text"]
-    out = steer.main(["generate", "--prompt=0105", "--force=L1.mlp:3", "--at=new", "--n=2", "--max_new_tokens=6"]
-                     + common)
-    assert len(out["steered"]["samples"]) == 2 and out["steered"]["samples"][0].startswith("| 01 05")
-    capsys.readouterr()
-
-
-def test_cli_errors(ckpt, tmp_path, capsys):
-    assert "no checkpoint" in run_cli(["states", f"--ckpt={tmp_path}/nothing.pt"], capsys)
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    assert "unreadable" in run_cli(["usage", f"--ckpt={tmp_path}/junk.pt"], capsys)
-    assert "bad code address" in run_cli(["show", "L1.mlp", f"--ckpt={ckpt}"], capsys)
-    assert "out of range" in run_cli(["show", "L1.mlp:64", f"--ckpt={ckpt}"], capsys)
-    assert "no codebook at L7.mlp" in run_cli(["generate", "--force=L7.mlp:1", f"--ckpt={ckpt}"], capsys)
-    assert "more than k=1" in run_cli(["generate", "--force=L1.mlp:1,L1.mlp:2", f"--ckpt={ckpt}"], capsys)
-    err = run_cli(["states", "--nope=1", f"--ckpt={ckpt}"], capsys)
-    assert "unknown flag --nope" in err and "n_seqs" in err
-    assert "expected int" in run_cli(["states", "--n_seqs=many", f"--ckpt={ckpt}"], capsys)
-    assert "commands:" in run_cli(["frobnicate", f"--ckpt={ckpt}"], capsys)
-    assert "--ckpt=PATH is required" in run_cli(["usage"], capsys)
-    lm = save_tiny(tmp_path / "lm.pt", kind="lm")
-    assert "needs an FSM checkpoint" in run_cli(["states", f"--ckpt={lm}"], capsys)
-
-
-def test_steer_topics_points_to_topics_py(ckpt, capsys):
-    assert "python topics.py" in run_cli(["topics", f"--ckpt={ckpt}"], capsys)
 
 
 # -----------------------------------------------------------------------------
@@ -1893,386 +874,531 @@ def test_repeated_ngrams_by_hand():
 
 
 # -----------------------------------------------------------------------------
-# benchmarks/: search.py, finetune.py and gpu_report.py
+# train.py: checkpoints, resume, bad input, codebook insertion, the optimizer
 
 
-def test_reference_matches_layer():
-    """benchmarks.search's official-style reference and CodebookLayer: same ids, outputs and gradients."""
+def tiny_cfg(tmp_path, **kw):
+    base = dict(out_dir=str(tmp_path), n_layer=1, n_head=2, n_embd=16, block_size=16, num_codes=16,
+                batch_size=4, max_iters=4, eval_interval=2, eval_seqs=8, state_seqs=4, warmup_iters=1,
+                replace_every=3, log_interval=1, cb_warmup=0, device="cpu")  # tiny: the CPU, also beside a GPU
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+def test_train_checkpoint_round_trip(tmp_path):
+    m = train.train(tiny_cfg(tmp_path))
+    saved = json.load(open(tmp_path / "metrics.json"))
+    assert saved["step_ms"] > 0
+    for key in ("val_loss", "val_acc", "state_acc", "bayes_loss", "bayes_acc", "alive", "mse", "iters",
+                "wall_s", "tokens_per_s", "config"):
+        assert key in saved
+    assert saved["iters"] == 4 and set(saved["alive"]) == {"L0.attn", "L0.mlp", "all"} and m["val_loss"] > 0
+    ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"))  # weights_only=True inside
+    model = model_from_checkpoint(ckpt).eval()
+    fsm = FSM()
+    val = fsm.sample(8, 16, torch.Generator().manual_seed(ckpt["config"]["seed"] + 1))
+    logits, loss, _, _ = model(val[:, :-1], val[:, 1:])
+    assert loss.item() == pytest.approx(saved["val_loss"], rel=1e-5)
+    again = model_from_checkpoint(common.load_checkpoint(str(tmp_path / "ckpt.pt"))).eval()
+    assert torch.equal(again(val[:, :-1])[0], logits)
+
+
+def test_resume_gives_the_same_model(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    # a constant learning rate: with decay_lr the schedule depends on max_iters, which resume changes.
+    # On the CPU even with a GPU present: bitwise equality is a CPU property (CUDA's index_add_ and
+    # LayerNorm backward add in a varying order).
+    train.train(tiny_cfg(a, max_iters=6, decay_lr=False, device="cpu"))
+    train.train(tiny_cfg(b, max_iters=4, decay_lr=False, device="cpu"))
+    cfg, given = common.parse_args([f"--out_dir={b}", "--resume=True", "--max_iters=6"], train.TrainConfig,
+                                   train.PRESETS)
+    train.train(cfg, given)
+    sa = torch.load(a / "ckpt.pt", weights_only=True)
+    sb = torch.load(b / "ckpt.pt", weights_only=True)
+    assert sb["iter_num"] == 6
+    for key, value in sa["model"].items():
+        assert torch.equal(value, sb["model"][key]), key
+
+
+def run_train(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True,
+                          text=True, cwd=HERE, timeout=120)
+
+
+@pytest.mark.parametrize("preset", sorted(train.PRESETS))
+def test_every_preset_passes_the_checks(preset):
+    cfg, _ = common.parse_args([f"--config={preset}"], train.TrainConfig, train.PRESETS)
+    train.check(cfg)
+    assert dataclasses.asdict(cfg) == {**dataclasses.asdict(train.TrainConfig()), **train.PRESETS[preset]}
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--foo=1"], "unknown flag --foo; valid: config, out_dir"),
+    (["--k=abc"], "--k=abc: expected int"),
+    (["--num_codes=8", "--k=9"], "--k=9: must be <= num_codes=8"),
+    (["--cb_at=everything"], "--cb_at=everything: valid: none, attn, mlp, attn+mlp"),
+    (["--config=huge"], "unknown preset; valid: fsm, fsm_paper"),
+    (["--compile=maybe"], "expected True or False"),
+    (["--cb_layers=0,9"], "layers must be in 0..1"),
+    (["max_iters=3"], "expected --key=value"),
+])
+def test_bad_config_is_one_line_error(args, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        cfg, _ = common.parse_args(args, train.TrainConfig, train.PRESETS)
+        train.check(cfg)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("parse,argv,want", [
+    (lambda a: common.parse_args(a, train.TrainConfig, train.PRESETS, doc="train doc"), ["--k=2", "--help"],
+     ["train doc", "presets (--config=NAME, the first is the default): fsm, fsm_paper", "--config='fsm'", "--k=1"]),
+    (browse.parse_args, ["-h"], ["python browse.py --ckpt=", "flags and defaults: --ckpt='' --device='auto'"]),
+    (steer.parse_args, ["show", "--help"], ["python steer.py show CODE --ckpt=PATH", "--top=10 --context=24"]),
+    (steer.parse_args, ["--help"], ["python steer.py states", "flags and defaults: --ckpt=''", "--top_k=0"]),
+], ids=["train", "browse", "steer show", "steer"])
+def test_help_prints_the_flags_and_their_defaults(parse, argv, want, capsys):
+    """--help goes through helpers.common for every script: the text, then every flag with its default."""
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and all(w in out for w in want), out
+
+
+def test_a_bool_flag_alone_means_true(capsys):
+    assert common.parse_flags(["--synthetic", "--n=2"], dict(synthetic=False, n=1), "")[0] == dict(synthetic=True, n=2)
+    with pytest.raises(SystemExit):
+        common.parse_flags(["--n"], dict(n=1), "")
+    assert "bad argument '--n': expected --key=value" in capsys.readouterr().err
+
+@pytest.mark.slow
+def test_bad_checkpoint_is_one_line_error_and_kept(tmp_path):
+    r = run_train(f"--out_dir={tmp_path}", "--resume=True")
+    assert r.returncode == 2 and "no checkpoint at" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    r = run_train(f"--out_dir={tmp_path}", "--resume=True")
+    assert r.returncode == 2 and "unreadable" in r.stderr and r.stderr.count("\n") == 1
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"not a checkpoint"  # never overwritten
+
+
+def test_insert_codebooks_into_a_trained_model(tmp_path):
+    """cb_warmup: the plain weights carry over unchanged, the codes are k-means centroids."""
+    cfg = tiny_cfg(tmp_path, cb_warmup=3, max_iters=5, replace_every=0, num_codes=8)
+    train.train(cfg)
+    ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["model_args"]["cb_at"] == "attn+mlp"
+    plain = train.build_model(cfg, 11, cb_at="none")
+    seqs = FSM().sample(4, 16, torch.Generator().manual_seed(0))
+    idx = seqs[:, :-1]
     torch.manual_seed(0)
-    N, G, d, C, k = 64, 4, 8, 50, 3
-    layer = CodebookLayer(G * d, C, k, G)
+    with_cb = train.insert_codebooks(plain, cfg, lambda: seqs, distributed.from_env("cpu"))
+    for name, p in plain.state_dict().items():
+        assert torch.equal(p, with_cb.state_dict()[name])
+    cache = {}
+    with_cb.eval()(idx, activations=cache)
+    cb = with_cb.codebooks()["L0.attn"]
+    cb(cache["L0.attn.in"])
+    kmeans_mse = cb.last_mse
     with torch.no_grad():
-        layer.ln_weight.uniform_(0.5, 1.5)
-        layer.ln_bias.normal_()
-    ref = bench.Reference(layer)
-    x = torch.randn(N, G * d)
-    grad = torch.randn(N, G * d)
-    results = []
-    for model in (layer, ref):
-        xi = x.clone().requires_grad_()
-        out, ids = model(xi)
-        out.backward(grad)
-        results.append((out.detach(), ids.reshape(N, G, k), xi.grad))
-    (out_a, ids_a, gx_a), (out_b, ids_b, gx_b) = results
-    assert torch.equal(ids_a, ids_b)
-    torch.testing.assert_close(out_a, out_b)
-    torch.testing.assert_close(gx_a, gx_b)
-    torch.testing.assert_close(layer.codebook.grad, torch.stack([p.grad for p in ref.codebooks]))
-    torch.testing.assert_close(layer.ln_weight.grad, torch.stack([ln.weight.grad for ln in ref.lns]))
-    torch.testing.assert_close(layer.ln_bias.grad, torch.stack([ln.bias.grad for ln in ref.lns]))
-    assert layer.codebook.grad.abs().sum() > 0
+        cb.codebook.normal_()  # the default N(0, 1) init, same LN
+    cb(cache["L0.attn.in"])
+    assert kmeans_mse < 0.2 * cb.last_mse
 
 
-def run_quick(module, tmp_path):
-    """A benchmark's --quick run (python -m module) into tmp_path -> (its stdout, the JSON it wrote)."""
-    path = tmp_path / (module.split(".")[-1] + ".json")
-    proc = subprocess.run([sys.executable, "-m", module, "--quick", f"--out={path}"],
-                          capture_output=True, text=True, cwd=HERE, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout, json.loads(path.read_text())
+def test_gradient_accumulation_matches_one_big_batch():
+    """Two micro-steps of batch B give the update of one step of 2B, codebooks included: their
+    reconstruction gradient is added inside the backward, outside the loss, so train_step scales it too.
+    Plain SGD with lr 1, so that the update is the gradient itself (Adam's first step is about its sign)."""
+    model = tiny_model()
+    x = FSM().sample(8, 16, torch.Generator().manual_seed(0))
+    runs = []
+    for batches in ([x], [x[:4], x[4:]]):
+        m = copy.deepcopy(model)
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        loss, mse = train.train_step(m, torch.optim.SGD(m.parameters(), lr=1.0), batches, grad_clip=1e9)
+        runs.append((m, before, loss, mse))
+    (a, before, la, ma), (b, _, lb, mb) = runs
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        update = before[name] - pa.detach()
+        assert update.abs().sum() > 0, name  # every parameter moves, the codes and their LayerNorms too
+        torch.testing.assert_close(before[name] - pb.detach(), update, rtol=1e-4, atol=1e-7, msg=name)
+    assert la.item() == pytest.approx(lb.item(), rel=1e-6) and ma.item() == pytest.approx(mb.item(), rel=1e-5)
+    for ca, cb in zip(a.codebooks().values(), b.codebooks().values()):
+        assert torch.equal(ca.uses_since_read, cb.uses_since_read) and ca.uses_since_read.sum() == 8 * 15 * ca.groups
 
 
-@pytest.mark.slow
-def test_bench_quick_writes_json(tmp_path):
-    out, result = run_quick("benchmarks.search", tmp_path)
-    assert "train_overhead" in out
-    shape = result["shapes"]["tiny"]
-    assert set(shape["rows"]) == {"reference", "layer", "plain", "matmul"}  # --quick skips the compiled row
-    for row in ("reference", "layer", "plain"):
-        assert shape["rows"][row]["fwdbwd_ms"] > 0 and shape["rows"][row]["peak_mb"] is not None
-    assert shape["rows"]["matmul"]["fwd_ms"] > 0
-    assert set(shape["ratios"]) >= {"speedup_vs_reference", "vs_matmul", "memory_vs_reference", "plain_vs_layer"}
-    assert all(v > 0 for v in shape["ratios"].values())
-    assert result["train_overhead"] > 0
-    assert result["train"]["plain"]["config"]["cb_at"] == "none"
-    assert result["train"]["codebook"]["us_per_token"] > 0
-    # the parts of the quick model's 2 sites (1 layer, attention and MLP): layers, searches, score matmuls
-    for part in ("codebook_layers", "searches", "score_matmuls"):
-        assert result["train"][part]["sites"] == 2 and result["train"][part]["us_per_token"] > 0, part
-    assert result["train_overhead_floor"] > 1
+def test_weight_decay_only_on_the_weights_of_linears_and_embeddings():
+    """By name, not by shape: the codebooks' LayerNorm affine is (G, d), yet a LayerNorm, so no decay."""
+    model = tiny_model()
+    cfg = train.TrainConfig(learning_rate=5e-3, cb_lr=1e-2, weight_decay=0.1)
+    names = {p: n for n, p in model.named_parameters()}
+    decay, rest, codes = ({names[p] for p in g["params"]} for g in train.make_optimizer(model, cfg, "cpu").param_groups)
+    weights = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding))}
+    assert decay == weights & set(names.values()) and "transformer.wte.weight" in decay  # tied with lm_head
+    assert codes == {n for n in names.values() if n.endswith(".codebook")} and len(codes) == 4
+    assert rest == set(names.values()) - decay - codes
+    assert {"transformer.h.0.attn.codebook.ln_weight", "transformer.h.1.mlp.codebook.ln_bias",
+            "transformer.h.0.ln_1.weight", "transformer.h.0.attn.c_attn.bias"} <= rest
+    groups = train.make_optimizer(model, cfg, "cpu").param_groups
+    assert [(g["weight_decay"], g["lr_mult"]) for g in groups] == [(0.1, 1.0), (0.0, 1.0), (0.0, 2.0)]
 
 
-def test_bench_trains_train_pys_preset():
-    """benchmarks.search writes the default fsm preset out (it may not import train.py): the two must agree."""
-    defaults = dataclasses.asdict(train.TrainConfig(**train.PRESETS["fsm"]))
-    assert {k: defaults[k] for k in bench.TRAIN} == bench.TRAIN
+def test_train_step_keeps_the_codebooks_own_mse_weight():
+    """A codebook's mse_weight w scales its codes' reconstruction gradient; split over micro-batches, the
+    update is that of one batch with the same w, and w is the user's again after the step."""
+    x = FSM().sample(8, 16, torch.Generator().manual_seed(0))
+    model = tiny_model()
+    for cb in model.codebooks().values():
+        cb.mse_weight = 0.25
+    by_hand = copy.deepcopy(model)
+    by_hand(x[:, :-1], x[:, 1:])[1].backward()  # the loss, and inside the backward 0.25 x the codes' MSE
+    train.train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), [x[:4], x[4:]], grad_clip=1e9)
+    for (name, p), q in zip(by_hand.named_parameters(), model.parameters()):
+        if name.endswith(".codebook"):
+            torch.testing.assert_close(p.detach() - q.detach(), p.grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert [cb.mse_weight for cb in model.codebooks().values()] == [0.25] * 4
 
 
-def test_bench_finetune_is_a_script_of_its_own():
-    """The search's --finetune names the finetune's own command; that one takes its flags and --quick's
-    single step, and rejects the search's flags with the list of its own."""
-    with pytest.raises(SystemExit) as e:
-        bench.parse(["--finetune", "--quick"])
-    assert "python -m benchmarks.finetune" in str(e.value.code) and "\n" not in str(e.value.code)
-    cfg = finetune.parse(["--quick", "--finetune_batch=2"])
-    assert (cfg.quick, cfg.train_steps, cfg.finetune_batch) == (True, 1, 2)
-    with pytest.raises(SystemExit) as e:
-        finetune.parse(["--shapes=tiny"])
-    assert "--shapes=tiny" in str(e.value.code) and "--finetune_batch=" in str(e.value.code)
+def test_inserting_codebooks_keeps_the_adam_state_of_the_weights(tmp_path, monkeypatch):
+    """At cb_warmup the new model's weights keep their Adam moments and step count (at near-peak learning
+    rate a fresh Adam would take sign-sized steps); the codes start without state."""
+    seen, train_step = [], train.train_step
+
+    def recording(model, optimizer, *args):
+        def state():
+            return {n: {k: v.clone() for k, v in optimizer.state[p].items()}
+                    for n, p in model.named_parameters() if p in optimizer.state}
+        before = state()
+        out = train_step(model, optimizer, *args)
+        seen.append((before, state()))
+        return out
+
+    monkeypatch.setattr(train, "train_step", recording)
+    train.train(tiny_cfg(tmp_path, cb_warmup=2, max_iters=3, replace_every=0))
+    (_, after_2), (before_3, _) = seen[1], seen[2]  # codebooks inserted between the 2nd and 3rd steps
+    assert set(before_3) == set(after_2) and len(after_2) > 0
+    for name, s in after_2.items():
+        assert set(s) == {"step", "exp_avg", "exp_avg_sq"} and float(s["step"]) == 2.0
+        for key, value in s.items():
+            assert torch.equal(before_3[name][key], value), (name, key)
+    assert not any(n.endswith(".codebook") for n in before_3) and any(n.endswith(".codebook") for n in seen[2][1])
 
 
-@pytest.mark.slow
-def test_gpu_report_small_runs_every_step(tmp_path):
-    """benchmarks.gpu_report --size=small: every step in its own process, figures parsed, one JSON named after
-    the device (as benchmarks.search names it); the fused search may be skipped where it cannot run, saying why."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a CPU skips the fused search
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_report", "--size=small",
-                           f"--out_dir={tmp_path}", f"--work_dir={tmp_path / 'work'}"],
-                          capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (path,) = tmp_path.glob("gpu_report_*.json")
-    report = json.loads(path.read_text())
-    steps = report["steps"]
-    assert list(steps) == ["bench", "bench_fused", "fsm_paper", "tinystories", "torchrun", "tests"]
-    assert report["complete"] and report["failed"] == [] and report["versions"]["torch"] == torch.__version__
-    name = steps["bench"]["figures"]["device_name"]
-    assert report["device_name"] == name
-    assert path.name == "gpu_report_" + re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_") + ".json"
-    assert len(report["load_before"]) == len(report["load_after"]) == 3
-    for run, step in steps.items():
-        assert step["wall_s"] > 0 and os.path.exists(step["log"]) and step["tail"]
-        if step["status"] == "skipped":  # only the fused search, only with the search's one-line reason
-            assert run == "bench_fused" and step["rc"] != 0 and "needs Triton" in step["reason"]
-        else:
-            assert step["status"] == "ok" and step["rc"] == 0, step
-    assert steps["tests"]["figures"]["passed"] == 1 and "failed" not in steps["tests"]["figures"]
-    assert "gpu_report" in steps["tests"]["command"]  # the selection leaves this test out: no recursion
-    assert steps["bench"]["figures"]["train_overhead"] > 0
-    assert steps["bench"]["figures"]["train"]["codebook"]["us_per_token"] > 0
-    for run in ("fsm_paper", "tinystories", "torchrun"):
-        fig = steps[run]["figures"]
-        assert fig["step_ms"] > 0 and fig["tokens_per_s"] > 0 and fig["world_size"] == 1, (run, fig)
-        assert not os.path.exists(tmp_path / "work" / run / "ckpt.pt")  # scratch, removed
-    assert abs(steps["tinystories"]["figures"]["val_loss"] - math.log(50257)) < 1  # uniform ids: ~ln(vocab)
-    assert steps["fsm_paper"]["figures"]["bayes_loss"] > 1 and "torch.distributed.run" in steps["torchrun"]["command"]
+def test_resume_loads_an_optimizer_state_with_the_old_decay_groups():
+    """Checkpoints from before the decay groups went by name have the codebooks' LayerNorms in the decay
+    group, so other group sizes: each parameter still gets its own Adam state back."""
+    model, cfg = tiny_model(), train.TrainConfig()
+    x = FSM().sample(4, 16, torch.Generator().manual_seed(0))
+    trained = train.make_optimizer(model, cfg, "cpu")
+    train.train_step(model, trained, [x], grad_clip=1.0)
+    named = list(model.named_parameters())
+    old = torch.optim.AdamW([dict(params=[p for n, p in named if p.dim() >= 2 and not n.endswith(".codebook")]),
+                             dict(params=[p for n, p in named if p.dim() < 2]),
+                             dict(params=[p for n, p in named if n.endswith(".codebook")])])
+    old.state.update(trained.state)
+    resumed = train.make_optimizer(model, cfg, "cpu")
+    train.load_optimizer_state(resumed, model, copy.deepcopy(old.state_dict()))
+    for name, p in named:
+        for key, value in trained.state[p].items():
+            assert torch.equal(resumed.state[p][key], value), (name, key)
+    assert [g["weight_decay"] for g in resumed.param_groups] == [0.1, 0.0, 0.0]  # this version's groups
+
+
+def test_resume_restores_the_gpus_generator(monkeypatch):
+    """Dead codes are drawn on the run's device: a GPU run's checkpoint keeps that device's generator and a
+    resumed run on a GPU restores it (checked here with the CUDA calls faked; checkpoints without it load)."""
+    state, calls = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": calls.append(("get", device)) or state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.append(("set", device, s)))
+    saved = checkpoints.rng_states("cuda:1")
+    assert calls == [("get", "cuda:1")] and torch.equal(saved["cuda_rng"], state)
+    assert torch.equal(saved["torch_rng"], torch.get_rng_state())
+    torch.manual_seed(5)
+    checkpoints.restore_rng_states(saved, "cuda:1")
+    assert calls[-1][:2] == ("set", "cuda:1") and torch.equal(calls[-1][2], state)
+    assert torch.equal(torch.get_rng_state(), saved["torch_rng"])
+    calls.clear()
+    assert set(checkpoints.rng_states("cpu")) == {"torch_rng"} and calls == []
+    checkpoints.restore_rng_states(dict(torch_rng=saved["torch_rng"]), "cuda:1")  # an older or a CPU checkpoint
+    checkpoints.restore_rng_states(saved, "cpu")  # a GPU checkpoint resumed on the CPU
+    assert calls == []
+
+
+def test_too_short_train_bin_is_one_line_error(tmp_path, capsys):
+    """get_batch draws offsets below len - (block_size + 1): a train.bin needs one token more than a window."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps(dict(vocab_size=50, eot=49)))
+    np.arange(40, dtype=np.uint16).tofile(data / "val.bin")
+    for n, ok in ((17, False), (18, True)):  # block_size 16: windows of 17
+        np.arange(n, dtype=np.uint16).tofile(data / "train.bin")
+        cfg = tiny_lm(tmp_path / "out", data, block_size=16, max_iters=1, eval_seqs=2, cb_at="none")
+        if ok:
+            assert train.train(cfg)["iters"] == 1
+            continue
+        with pytest.raises(SystemExit) as e:
+            train.train(cfg)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert f"{data / 'train.bin'} has 17 tokens" in err and "block_size + 1 = 17" in err
+
+
+def test_metrics_json_is_written_atomically(tmp_path, monkeypatch):
+    """A crash while writing metrics.json leaves the last one whole, as a checkpoint is."""
+    (tmp_path / "metrics.json").write_text('{"val_loss": 1.0}')
+
+    def crash(obj, f, **kw):
+        f.write('{"val_lo')
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(json, "dump", crash)
+    with pytest.raises(OSError):
+        train.train(tiny_cfg(tmp_path, max_iters=1))
+    assert (tmp_path / "metrics.json").read_text() == '{"val_loss": 1.0}'
+
+
+def test_bf16_training_runs(tmp_path):
+    m = train.train(tiny_cfg(tmp_path, dtype="bfloat16", max_iters=2))
+    assert math.isfinite(m["val_loss"]) and m["config"]["dtype"] == "bfloat16"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_training_on_a_gpu(tmp_path):
+    """The GPU path: FSM walks drawn on the device, a resumed run close to an unbroken one (CUDA's
+    scatter-adds are not bitwise reproducible), the checkpoint loads on the CPU. Dead codes are replaced
+    at steps 2, 4 (before the stop at 5) and 6 (after it) from the GPU's generator: the resumed run
+    continues it, so both runs end with the same generator state."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    ma = train.train(tiny_cfg(a, max_iters=8, decay_lr=False, replace_every=2, device="cuda"))
+    train.train(tiny_cfg(b, max_iters=5, decay_lr=False, replace_every=2, device="cuda"))
+    cfg, given = common.parse_args([f"--out_dir={b}", "--resume=True", "--max_iters=8"], train.TrainConfig,
+                                   train.PRESETS)
+    mb = train.train(cfg, given)
+    assert ma["device"] == "cuda" and abs(ma["val_loss"] - mb["val_loss"]) < 1e-2
+    ca, cb = (common.load_checkpoint(str(d / "ckpt.pt")) for d in (a, b))
+    assert torch.equal(ca["cuda_rng"], cb["cuda_rng"])
+    model = model_from_checkpoint(cb)
+    assert next(model.parameters()).device.type == "cpu"
 
 
 # -----------------------------------------------------------------------------
-# hub.py: downloads from the Hugging Face hub (a local http.server stands in for it); gpt2 tokens offline
+# readout.py and steer.py: reading and steering a TokFSM model
 
 
-def git_sha1(data):
-    """The hub's ETag of a file stored in git: its git blob id."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+def save_tiny(path, kind="fsm", k=1):
+    cfg = train.TrainConfig(out_dir=str(path.parent), num_states=12, num_edges=3, n_layer=2, n_head=2, n_embd=32,
+                            block_size=32, num_codes=64, k=k)
+    torch.manual_seed(0)
+    fsm = FSM(cfg.num_states, cfg.num_edges, seed=cfg.fsm_seed)
+    model = train.build_model(cfg, fsm.vocab_size)
+    opt = train.make_optimizer(model, cfg, "cpu")
+    common.save_checkpoint(str(path), dict(
+        model=model.state_dict(), optimizer=opt.state_dict(), iter_num=0, config=dataclasses.asdict(cfg),
+        model_args=dataclasses.asdict(model.config), data_rng=torch.Generator().get_state(),
+        torch_rng=torch.get_rng_state(), wall_s=0.0, kind=kind,
+        fsm=dict(num_states=cfg.num_states, num_edges=cfg.num_edges, seed=cfg.fsm_seed)))
+    return str(path)
 
 
-class FakeHub(http.server.BaseHTTPRequestHandler):
-    """The hub's resolve URLs for `files` ({"/{repo}/resolve/{rev}/{file}": bytes}): an LFS file (in `lfs`)
-    as the hub serves it, a redirect carrying X-Linked-Etag (sha256) and X-Linked-Size to /cdn/..., whose
-    own ETag is no hash; any other file with its git-sha1 ETag. Range is honoured; a missing file of a
-    known repository is a 404 EntryNotFound, an unknown repository a 401 RepoNotFound (as on the hub).
-    `cut`: path -> bytes after which the next answer stops (a dropped connection, once); `bad`: paths
-    served with one byte flipped. Each request is logged as (path, Range header)."""
-
-    def do_GET(self):
-        hub_ = type(self)
-        hub_.log.append((self.path, self.headers.get("Range")))
-        path = self.path.removeprefix("/cdn")
-        if path not in hub_.files:
-            known = any(p.startswith(path.split("/resolve/")[0] + "/resolve/") for p in hub_.files)
-            self.send_response(404 if known else 401)
-            self.send_header("X-Error-Code", "EntryNotFound" if known else "RepoNotFound")
-            self.end_headers()
-            return
-        data = hub_.files[path]
-        if path in hub_.lfs and not self.path.startswith("/cdn/"):
-            self.send_response(302)
-            self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/cdn{path}")
-            self.send_header("X-Linked-Etag", f'"{hashlib.sha256(data).hexdigest()}"')
-            self.send_header("X-Linked-Size", str(len(data)))
-            self.end_headers()
-            return
-        etag = "0123abcd-cdn" if path in hub_.lfs else git_sha1(data)
-        if path in hub_.bad:
-            data = data[:-1] + bytes([data[-1] ^ 1])
-        start = int(re.match(r"bytes=(\d+)-", self.headers["Range"])[1]) if self.headers.get("Range") else 0
-        if start >= len(data) > 0:
-            self.send_response(416)
-            self.end_headers()
-            return
-        self.send_response(206 if start else 200)
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))
-        self.send_header("ETag", f'"{etag}"')
-        self.end_headers()
-        self.wfile.write(data[start:start + hub_.cut.pop(path, len(data))])
-
-    def log_message(self, *args):
-        pass
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "ckpt.pt")
 
 
-@pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
-    """A FakeHub on 127.0.0.1 as HF_ENDPOINT, the cache in tmp_path/cache."""
-    handler = type("Hub", (FakeHub,), dict(files={}, lfs=set(), cut={}, bad=set(), log=[]))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.01), daemon=True).start()
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    yield handler
-    server.shutdown()
-    server.server_close()
+def run_cli(argv, capsys):
+    """main(argv) that must fail: -> its stderr line."""
+    with pytest.raises(SystemExit) as e:
+        steer.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
 
 
-WEIGHT_BYTES = bytes(range(256)) * 64  # 16 KiB
+def test_precision_recall_by_hand():
+    # position:  0  1  2   3  4  5  6   7
+    ids = torch.tensor([0, 0, 0, 1, 1, 2, 0, 0])[:, None]  # (P, k=1)
+    labels = torch.tensor([0, 0, -1, 0, 1, 1, -1, -1])  # pattern 0 = {0, 1, 3}, pattern 1 = {4, 5}, pattern 2 never
+    lab, code, tp, fired, size = steer.pair_counts(ids, labels, 3, 3)
+    assert fired.tolist() == [5, 2, 1] and size.tolist() == [3, 2, 0]
+    assert sorted(zip(lab.tolist(), code.tolist(), tp.tolist())) == [(0, 0, 2), (0, 1, 1), (1, 1, 1), (1, 2, 1)]
+    code, prec, rec = steer.best_codes(ids, labels, 3, 3)
+    # pattern 0: code 0 has P 2/5, R 2/3, F1 1/2; code 1 has P 1/2, R 1/3, F1 2/5 -> code 0
+    # pattern 1: code 1 has P 1/2, R 1/2, F1 1/2; code 2 has P 1, R 1/2, F1 2/3 -> code 2
+    assert code.tolist() == [0, 2, -1]
+    assert torch.allclose(prec, torch.tensor([0.4, 1.0, 0.0], dtype=torch.double))
+    assert torch.allclose(rec, torch.tensor([2 / 3, 0.5, 0.0], dtype=torch.double))
 
 
-def add_model(fake, repo="owner/tiny", rev="main", weights=("model.safetensors",)):
-    """config.json (in git) and weights (LFS) of a repository on the fake hub."""
-    fake.files[f"/{repo}/resolve/{rev}/config.json"] = b'{"model_type": "gpt_neo"}\n'
-    for w in weights:
-        fake.files[f"/{repo}/resolve/{rev}/{w}"] = WEIGHT_BYTES + w.encode()
-        fake.lfs.add(f"/{repo}/resolve/{rev}/{w}")
+def test_flat_ids_separate_groups():
+    codes = torch.tensor([[[[3], [3]]]])  # (B=1, T=1, G=2, k=1): code 3 in both heads
+    assert readout.flat_ids(codes, 10).tolist() == [[3, 13]]
+    assert readout.code_name("L1.attn", 13, 10) == "L1.attn.h1:3"
 
 
-def cached_files(tmp_path):
-    root = tmp_path / "cache"
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+def test_code_scores_are_the_searchs_scores():
+    """readout.code_scores: each selected code's cosine with the input in LN space (by hand), best slot
+    first as the search ranks them, the same (to rounding) in token chunks of any size."""
+    torch.manual_seed(3)
+    layer = CodebookLayer(dim=12, num_codes=40, k=3, groups=3).eval()
+    acts = torch.randn(2 * 5, 12)
+    _, ids = layer(acts.view(2, 5, 12))
+    got = readout.code_scores(layer, acts, ids)
+    xn = layer.normalize(acts)
+    unit = layer.codebook / layer.codebook.norm(dim=-1, keepdim=True)
+    want = torch.stack([(xn[p, g] * unit[g, ids.view(10, 3, 3)[p, g]]).sum(-1) for p in range(10) for g in range(3)])
+    assert torch.allclose(got.view(30, 3), want.detach(), atol=1e-5)
+    assert (got[..., :-1] >= got[..., 1:]).all()
+    assert torch.allclose(readout.code_scores(layer, acts, ids, max_elems=1), got, rtol=1e-6, atol=1e-6)
 
 
-def test_hub_download_full_then_cached(fake_hub, tmp_path):
-    add_model(fake_hub)
-    path = hub.model_dir("owner/tiny")
-    assert path == str(tmp_path / "cache" / "models--owner--tiny" / "main")  # the documented layout
-    assert open(os.path.join(path, "model.safetensors"), "rb").read() == WEIGHT_BYTES + b"model.safetensors"
-    assert [p for p, _ in fake_hub.log] == ["/owner/tiny/resolve/main/config.json",
-                                            "/owner/tiny/resolve/main/model.safetensors",
-                                            "/cdn/owner/tiny/resolve/main/model.safetensors",
-                                            "/owner/tiny/resolve/main/tokenizer.json"]  # a 404: none
-    assert cached_files(tmp_path) == ["models--owner--tiny/main/config.json",
-                                      "models--owner--tiny/main/model.safetensors"]  # nothing .incomplete
-    n = len(fake_hub.log)
-    assert hub.model_dir("owner/tiny") == path and len(fake_hub.log) == n  # cached: no request at all
-    add_model(fake_hub, rev="v1")
-    assert hub.model_dir("owner/tiny@v1").endswith(os.path.join("models--owner--tiny", "v1"))
-    assert hub.model_dir("owner/tiny", revision="v1") == hub.model_dir("owner/tiny@v1")
-    assert hub.parse_name("gpt2-xl") == ("openai-community/gpt2-xl", "main")
+def test_neuron_threshold_by_hand():
+    # unit 0 on pattern 0 = {0, 1, 3} (values 5, 1, 3), target recall 2/3 -> n = 2, threshold 3:
+    # fires where a >= 3 = {0, 2, 3, 5}, 2 of them in M: precision 2/4. Sign -a: threshold -3, fires where
+    # a <= 3 = {1, 3, 4}, 2 in M: precision 2/3. Unit 1 is unit 0 reversed in time.
+    a = torch.tensor([5.0, 1.0, 4.0, 3.0, 2.0, 6.0])
+    acts = torch.stack([a, a.flip(0)], 1)  # (P, H=2)
+    labels = torch.tensor([0, 0, -1, 0, -1, -1])
+    sorted_all = acts.T.contiguous().sort(1).values
+    pp, rp, pn, rn = steer.neuron_precision(acts, sorted_all, labels, torch.tensor([2 / 3], dtype=torch.double))
+    assert pp[0, 0].item() == pytest.approx(0.5) and rp[0, 0].item() == pytest.approx(2 / 3)
+    assert pn[0, 0].item() == pytest.approx(2 / 3) and rn[0, 0].item() == pytest.approx(2 / 3)
+    # unit 1 = [6, 2, 3, 4, 1, 5]: values on M 6, 2, 4 -> threshold 4, fires at {0, 3, 5}, 2 in M: precision 2/3
+    assert pp[0, 1].item() == pytest.approx(2 / 3)
+    # recall 1: the threshold is the smallest value on M (1 for unit 0): every position fires
+    pp, rp, _, _ = steer.neuron_precision(acts, sorted_all, labels, torch.tensor([1.0], dtype=torch.double))
+    assert pp[0, 0].item() == pytest.approx(3 / 6) and rp[0, 0].item() == 1.0
 
 
-def test_hub_download_resumes_a_dropped_connection(fake_hub, tmp_path):
-    add_model(fake_hub)
-    url = "/owner/tiny/resolve/main/model.safetensors"
-    fake_hub.cut[url] = 5000  # the first answer stops after 5000 bytes; the retry asks for the rest
-    path = hub.model_dir("owner/tiny")
-    assert open(os.path.join(path, "model.safetensors"), "rb").read() == fake_hub.files[url]
-    assert [r for p, r in fake_hub.log if p == "/cdn" + url] == [None, "bytes=5000-"]
-    # with one attempt per call the partial file stays .incomplete, and the next call resumes it
-    fake_hub.cut[url] = 3000
-    target = str(tmp_path / "one" / "w.bin")
-    with pytest.raises(hub.HubError) as e:
-        hub.download(fake_hub_url(url), target, attempts=1)
-    assert "\n" not in str(e.value) and "run again to resume" in str(e.value)
-    assert not os.path.exists(target) and os.path.getsize(target + ".incomplete") == 3000
-    hub.download(fake_hub_url(url), target, attempts=1)
-    assert fake_hub.log[-1] == ("/cdn" + url, "bytes=3000-")
-    assert open(target, "rb").read() == fake_hub.files[url] and not os.path.exists(target + ".incomplete")
+def test_neuron_threshold_many_patterns_match_loop():
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(200, 5, generator=g)
+    labels = torch.randint(-1, 4, (200,), generator=g)
+    recall = torch.tensor([0.1, 0.5, 0.77, 1.0], dtype=torch.double)
+    pp, _, pn, _ = steer.neuron_precision(acts, acts.T.contiguous().sort(1).values, labels, recall)
+    for s in range(4):  # the same numbers from a plain loop
+        m = labels == s
+        n = math.ceil(recall[s].item() * m.sum().item() - 1e-6)
+        for h in range(5):
+            for sign, p in ((1, pp), (-1, pn)):
+                x = sign * acts[:, h]
+                thr = x[m].sort(descending=True).values[n - 1]
+                fired = x >= thr
+                assert p[s, h].item() == pytest.approx((fired & m).sum().item() / fired.sum().item())
 
 
-def fake_hub_url(path):
-    return os.environ["HF_ENDPOINT"] + path
+def test_jsd():
+    p = torch.tensor([0.2, 0.3, 0.5])
+    q = torch.tensor([0.6, 0.1, 0.3])
+    assert steer.jsd(p, p).item() == pytest.approx(0.0, abs=1e-7)
+    assert steer.jsd(p, q).item() == pytest.approx(steer.jsd(q, p).item())
+    assert steer.jsd(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])).item() == pytest.approx(math.log(2))
+    known = 0.5 * math.log(4 / 3) + 0.5 * (0.5 * math.log(2 / 3) + 0.5 * math.log(2))
+    assert steer.jsd(torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5])).item() == pytest.approx(known)
 
 
-def test_hub_falls_back_to_the_bin_on_a_404(fake_hub, tmp_path):
-    add_model(fake_hub, weights=("pytorch_model.bin",))  # as the TinyStories repositories have it on main
-    path = hub.model_dir("owner/tiny")
-    assert sorted(os.listdir(path)) == ["config.json", "pytorch_model.bin"]
-    assert ("/owner/tiny/resolve/main/model.safetensors", None) in fake_hub.log
-    n = len(fake_hub.log)
-    assert hub.model_dir("owner/tiny") == path and len(fake_hub.log) == n
-    fake_hub.files.pop("/owner/tiny/resolve/main/config.json")  # a repository with neither weights file
-    fake_hub.files["/owner/other/resolve/main/config.json"] = b"{}"
-    with pytest.raises(hub.HubError, match="neither model.safetensors nor pytorch_model.bin"):
-        hub.model_dir("owner/other")
+def test_successor_starts():
+    fsm = FSM(12, 3, seed=1)
+    starts = steer.successor_starts(fsm)
+    assert starts.shape == (12, 10) and starts.sum(1).le(3).all() and starts.sum(1).ge(1).all()
+    for x in range(12):  # the same from the FSM's rows, one state at a time
+        want = {int(fsm.state_digits[y, 0]) for y in range(12) if fsm.transitions[x, y] > 0}
+        assert set(starts[x].nonzero().squeeze(1).tolist()) == want
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])  # sha256 (LFS), git sha1 (in git)
-def test_hub_corrupt_download_is_caught_and_removed(fake_hub, tmp_path, name):
-    add_model(fake_hub)
-    fake_hub.bad.add(f"/owner/tiny/resolve/main/{name}")
-    with pytest.raises(hub.HubError) as e:
-        hub.model_dir("owner/tiny")
-    assert "\n" not in str(e.value) and "corrupt" in str(e.value) and name in str(e.value)
-    assert f"models--owner--tiny/main/{name}" not in cached_files(tmp_path)
-    assert not [f for f in cached_files(tmp_path) if f.endswith(".incomplete")]  # nothing to resume from
-    fake_hub.bad.clear()
-    path = hub.model_dir("owner/tiny")  # the next run fetches it whole
-    assert open(os.path.join(path, "model.safetensors"), "rb").read() == WEIGHT_BYTES + b"model.safetensors"
+def test_forcing_a_code_equals_a_codebook_that_only_has_it(ckpt):
+    model = model_from_checkpoint(common.load_checkpoint(ckpt)).eval()
+    idx = torch.tensor([[10, 1, 2, 0, 3, 1, 1]])
+    base, _, codes, _ = model(idx)
+    c = next(i for i in range(64) if not (codes["L1.mlp"] == i).any())  # a code the model does not pick here
+    forced, _, fcodes, _ = model(idx, interventions=[Intervention("L1.mlp", 0, c)])
+    assert (fcodes["L1.mlp"] == c).all()
+    assert not torch.allclose(forced, base)
+    other = copy.deepcopy(model)  # every code of L1.mlp replaced by code c: the search can only return c
+    with torch.no_grad():
+        cb = other.codebooks()["L1.mlp"].codebook
+        cb.copy_(cb[:, c:c + 1].expand_as(cb))
+    assert torch.allclose(other(idx)[0], forced, atol=1e-5)
+    # forcing only the last two positions leaves the earlier ones as they were
+    part, _, pcodes, _ = model(idx, interventions=[Intervention("L1.mlp", 0, c, positions=(-2, -1))])
+    assert torch.equal(pcodes["L1.mlp"][:, :-2], codes["L1.mlp"][:, :-2]) and (pcodes["L1.mlp"][:, -2:] == c).all()
+    assert torch.allclose(part[:, :-2], base[:, :-2], atol=1e-6)
 
 
-def test_hub_bad_names_unknown_repos_and_no_network_are_one_line(fake_hub, tmp_path, monkeypatch):
-    add_model(fake_hub)
-    for name, want in (("nobody/nothing", "no such repository"), ("owner/tiny@v9", "config.json: no such file"),
-                       ("not a name", "expected a hub id owner/name")):
-        with pytest.raises(hub.HubError) as e:
-            hub.model_dir(name)
-        assert "\n" not in str(e.value) and want in str(e.value), str(e.value)
-    assert cached_files(tmp_path) == []
-    local = tmp_path / "local"
-    local.mkdir()
-    (local / "config.json").write_text("{}")
-    with pytest.raises(hub.HubError, match="needs config.json and one of"):
-        hub.model_dir(str(local))
-    (local / "pytorch_model.bin").write_bytes(b"")
-    assert hub.model_dir(str(local)) == str(local)  # a local directory: no network needed
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    with pytest.raises(hub.HubUnreachable) as e:
-        hub.model_dir("owner/tiny")
-    assert "\n" not in str(e.value) and "cannot reach" in str(e.value) and "local directory" in str(e.value)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub's switch: the cache only, not even an attempt
-    n = len(fake_hub.log)
-    with pytest.raises(hub.HubUnreachable, match="HF_HUB_OFFLINE is set.*local directory"):
-        hub.model_dir("owner/tiny")
-    assert len(fake_hub.log) == n
+def test_generate_follows_the_forced_distribution(ckpt, capsys):
+    model = model_from_checkpoint(common.load_checkpoint(ckpt)).eval()
+    idx = torch.tensor([[10, 0, 1, 0, 5]])  # BOS + the prompt "0105"
+    base = model(idx)[0][0, -1].argmax().item()
+    moved = [c for c in range(64) if model(idx, interventions=[Intervention("L1.mlp", 0, c)])[0][0, -1].argmax() != base]
+    assert moved, "no code of L1.mlp changes the greedy next token"
+    c = moved[0]
+    want = model(idx, interventions=[Intervention("L1.mlp", 0, c)])[0][0, -1].argmax().item()
+    out = steer.main(["generate", f"--ckpt={ckpt}", "--prompt=0105", f"--force=L1.mlp:{c}", "--top_k=1", "--n=1",
+                      "--max_new_tokens=1", "--device=cpu"])
+    _, decode, _ = readout.tokenizer(common.load_checkpoint(ckpt))
+    assert out["baseline"]["samples"][0][-1] == decode([base])[0]  # greedy: the argmax, unforced
+    assert out["steered"]["samples"][0][-1] == decode([want])[0]  # and forced
+    capsys.readouterr()
 
 
-def test_hub_cache_dir_follows_the_hub_conventions(monkeypatch):
-    for var in ("HF_HUB_CACHE", "HF_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    assert hub.cache_dir() == os.path.expanduser("~/.cache/huggingface/hub")
-    monkeypatch.setenv("HF_HOME", "/x/hf")
-    assert hub.cache_dir() == os.path.join("/x/hf", "hub")
-    monkeypatch.setenv("HF_HUB_CACHE", "/y/cache")
-    assert hub.cache_dir() == "/y/cache"
-    monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    assert hub.endpoint() == "https://huggingface.co"
+def test_patching_own_codes_changes_nothing(tmp_path):
+    model = model_from_checkpoint(common.load_checkpoint(save_tiny(tmp_path / "ckpt.pt", k=2))).eval()
+    x = torch.tensor([[10, 1, 2, 0, 3], [10, 0, 4, 1, 1], [10, 1, 1, 0, 2]])
+    logits, _, codes, _ = model(x)
+    last = {s: c[:, -1] for s, c in codes.items()}  # (B, G, k)
+    probs, greedy = steer.patched_run(model, x, last, list(last), 2, 10)
+    assert torch.allclose(probs, torch.softmax(logits[:, -1], -1), atol=1e-6)
+    assert greedy.shape == (3, 2) and (greedy < 10).all()
+    other = {s: c.flip(0) for s, c in last.items()}  # the codes of other rows do change the output
+    assert not torch.allclose(steer.patched_run(model, x, other, list(last), 0, 10)[0], probs)
 
 
-def test_tinystories_sources_download_through_the_hub(fake_hub, tmp_path, monkeypatch):
-    """--source=paper fetches the original TinyStories files of the hub dataset, --source=v2 the GPT-4 ones."""
-    for source, (train_file, valid_file) in td.SOURCES.items():
-        for f, docs in ((train_file, DOCS[:3]), (valid_file, DOCS[3:])):
-            path = f"/datasets/{td.DATASET}/resolve/{td.DATASET_REVISION}/{f}"
-            fake_hub.files[path] = ("\n<|endoftext|>\n".join(docs) + "\n").encode()
-            fake_hub.lfs.add(path)
-        meta = td.prepare(str(tmp_path / source), source=source, encoding="bytes")
-        train_data, val_data, _ = td.load_tokens(str(tmp_path / source))
-        enc = td.make_encoding(meta["encoding"])
-        assert enc.decode(train_data.tolist()) == "".join("<|endoftext|>" + d for d in DOCS[:3])
-        assert enc.decode(val_data.tolist()) == "".join("<|endoftext|>" + d for d in DOCS[3:])
-        assert train_file in meta["source"] and td.DATASET_REVISION in meta["source"]
-        assert f"datasets--roneneldan--TinyStories/{td.DATASET_REVISION}/{train_file}" in cached_files(tmp_path)
-    assert td.SOURCES["paper"] == ("TinyStories-train.txt", "TinyStories-valid.txt")
-    with pytest.raises(ValueError, match="valid: v2, paper"):
-        td.prepare(str(tmp_path / "x"), source="v3")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")  # nothing listens there
-    with pytest.raises(hub.HubUnreachable) as e:
-        td.prepare(str(tmp_path / "x"), source="paper")
-    assert "\n" not in str(e.value) and "--input=FILE" in str(e.value)
+def test_states_patch_usage_search_generate_run(ckpt, capsys):
+    common = [f"--ckpt={ckpt}", "--batch_size=16", "--device=cpu"]
+    out = steer.main(["states", "--n_seqs=24", "--min_count=1"] + common)
+    assert set(out["sites"]) == {"L0.attn", "L0.mlp", "L1.attn", "L1.mlp"}  # the best site by mean F1
+    assert out["site"] == max(out["sites"], key=lambda s: out["sites"][s]["state"]["code_f1"])
+    assert len(out["per_state"]) == 12 and out["device"] == "cpu"  # the table's means are the per-state rows'
+    for key in ("precision", "recall", "neuron_precision"):
+        mean = np.mean([row[key] for row in out["per_state"]])
+        assert mean == pytest.approx(out["code_" + key if key != "neuron_precision" else key], abs=1e-4), key
+    out = steer.main(["patch", "--pairs=30", "--ctx_states=3"] + common)
+    assert out["device"] == "cpu" and out["jsd"]["none"] == 1.0 and {"all", "all_mlp", "all_attn", "L1.mlp"} <= set(out["jsd"])
+    assert out["force_success"] * 30 == pytest.approx(round(out["force_success"] * 30))  # a count of 30 trials
+    out = steer.main(["usage", "--n_seqs=8"] + common)
+    hist = out["L0.mlp"]["histogram"]
+    assert sum(hist.values()) == 64 and out["L0.mlp"]["alive"] == 1 - hist["0"] / 64  # every code in one bin
+    # BOS is at position 0 of every sequence, where every codebook sees the same input: recall 1
+    out = steer.main(["search", r"\|", "--n_seqs=8"] + common)
+    assert out["matches"] == 8 and out["codes"][0]["recall"] == 1.0
+    out = steer.main(["show", out["codes"][0]["code"], "--n_seqs=8", "--top=3"] + common)
+    assert out["firings"] >= 8 and "[|]" in out["top"][0]["text"]
+    out = steer.main(["generate", "--prompt=0105", "--force=L1.mlp:3", "--at=new", "--n=2", "--max_new_tokens=6"]
+                     + common)
+    assert len(out["steered"]["samples"]) == 2 and out["steered"]["samples"][0].startswith("| 01 05")
+    capsys.readouterr()
 
 
-def gpt2_ranks():
-    """The local gpt2.tiktoken that .ci/run fetches (openai-whisper's source archive on PyPI), else skip."""
-    path = os.environ.get(td.GPT2_TIKTOKEN, "")
-    if not os.path.isfile(path):
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{td.GPT2_TIKTOKEN} is not a file in CI: .ci/run should have fetched gpt2.tiktoken")
-        pytest.skip(f"{td.GPT2_TIKTOKEN} names no file (.ci/run fetches gpt2.tiktoken from openai-whisper's sdist)")
-    return path
+def test_cli_errors(ckpt, tmp_path, capsys):
+    assert "no checkpoint" in run_cli(["states", f"--ckpt={tmp_path}/nothing.pt"], capsys)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert "unreadable" in run_cli(["usage", f"--ckpt={tmp_path}/junk.pt"], capsys)
+    assert "bad code address" in run_cli(["show", "L1.mlp", f"--ckpt={ckpt}"], capsys)
+    assert "out of range" in run_cli(["show", "L1.mlp:64", f"--ckpt={ckpt}"], capsys)
+    assert "no codebook at L7.mlp" in run_cli(["generate", "--force=L7.mlp:1", f"--ckpt={ckpt}"], capsys)
+    assert "more than k=1" in run_cli(["generate", "--force=L1.mlp:1,L1.mlp:2", f"--ckpt={ckpt}"], capsys)
+    err = run_cli(["states", "--nope=1", f"--ckpt={ckpt}"], capsys)
+    assert "unknown flag --nope" in err and "n_seqs" in err
+    assert "expected int" in run_cli(["states", "--n_seqs=many", f"--ckpt={ckpt}"], capsys)
+    assert "commands:" in run_cli(["frobnicate", f"--ckpt={ckpt}"], capsys)
+    assert "--ckpt=PATH is required" in run_cli(["usage"], capsys)
+    lm = save_tiny(tmp_path / "lm.pt", kind="lm")
+    assert "needs an FSM checkpoint" in run_cli(["states", f"--ckpt={lm}"], capsys)
 
 
-def test_r50k_hash_is_tiktokens_own():
-    import inspect
-    import tiktoken_ext.openai_public
-    assert f'expected_hash="{td.R50K_SHA256}"' in inspect.getsource(tiktoken_ext.openai_public.r50k_base)
-
-
-def test_gpt2_tokens_from_a_local_ranks_file(tmp_path, monkeypatch):
-    """tiktoken's own gpt2 vectors (tests/test_encoding.py), from the file, with no download."""
-    path = gpt2_ranks()
-    monkeypatch.setattr(td.tiktoken, "get_encoding", None)  # a download would fail loudly
-    enc = td.make_encoding({"kind": "gpt2"}, path)
-    assert enc.n_vocab == 50257 and enc.eot_token == 50256
-    assert enc.encode("hello world") == [31373, 995] and enc.decode([31373, 995]) == "hello world"
-    assert enc.encode("hello <|endoftext|>", allowed_special="all") == [31373, 220, 50256]
-    zeros = {1: [15], 2: [405], 3: [830], 4: [2388], 5: [20483], 6: [10535], 7: [24598], 8: [8269],
-             9: [10535, 830], 16: [25645], 17: [8269, 10535, 830]}
-    assert {n: enc.encode("0" * n) for n in zeros} == zeros
-    meta = td.prepare(str(tmp_path / "d"), input=str(write_docs(tmp_path, "\n\n")), encoding=path, val_every=2)
-    assert meta["encoding"] == {"kind": "gpt2"} and meta["vocab_size"] == 50257 and meta["eot"] == 50256
-    monkeypatch.setenv(td.GPT2_TIKTOKEN, path)  # how train.py, readout.py and topics.py find it later
-    train_data, _, meta = td.load_tokens(str(tmp_path / "d"))
-    text = td.make_encoding(meta["encoding"]).decode(train_data.tolist())
-    assert text == "".join("<|endoftext|>" + d for d in DOCS[0::2])
-
-
-def test_a_wrong_ranks_file_is_one_line(tmp_path, monkeypatch):
-    bad = tmp_path / "bad.tiktoken"
-    bad.write_bytes(b"IQ== 0\n")
-    monkeypatch.setenv(td.GPT2_TIKTOKEN, str(bad))
-    with pytest.raises(ValueError) as e:
-        td.make_encoding({"kind": "gpt2"})
-    assert "\n" not in str(e.value) and "r50k_base" in str(e.value) and str(bad) in str(e.value)
-    with pytest.raises(OSError) as e:
-        td.prepare(str(tmp_path / "d"), input=str(write_docs(tmp_path, "\n\n")),
-                   encoding=str(tmp_path / "missing.tiktoken"))
-    assert "\n" not in str(e.value) and "missing.tiktoken" in str(e.value)
+def test_steer_topics_points_to_topics_py(ckpt, capsys):
+    assert "python topics.py" in run_cli(["topics", f"--ckpt={ckpt}"], capsys)
 
 
 # -----------------------------------------------------------------------------
@@ -2537,6 +1663,336 @@ def test_browse_shows_markup_tokens_as_text_in_chromium(tmp_path, capsys):
     assert set(p.story_tags) == {"span"}  # tokens are spans of text: no <b> and no script came out of them
     assert "</script>" in p.text["story"] and "<b>" in p.text["story"] and " & " in p.text["story"]
     capsys.readouterr()
+
+
+# -----------------------------------------------------------------------------
+# tuned/: the tuned search (tiled.py, triton_kernels.py), held to the plain one
+
+
+@pytest.mark.parametrize("k,groups,C", [(1, 1, 300), (1, 4, 3000), (3, 4, 300), (8, 2, 3000)])
+def test_tuned_and_plain_layers_give_the_same_ids_and_gradients(k, groups, C):
+    """use_tuned_search (tiled.py: tiles, block maxima, lean LayerNorm, scatter in rows) against the plain
+    layer (codebook.py's search and F.layer_norm), on the CPU plan with C large enough for block maxima."""
+    torch.manual_seed(5)
+    plain = CodebookLayer(64, C, k=k, groups=groups, max_elems=1 << 14)  # several token and code tiles
+    with torch.no_grad():
+        plain.ln_weight.uniform_(0.5, 1.5)
+        plain.ln_bias.normal_()
+    fast = use_tuned_search(copy.deepcopy(plain))
+    assert fast.search is tiled.search and plain.search is search and plain.scatter_rows is None
+    x, g = torch.randn(2, 150, 64), torch.randn(2, 150, 64)
+    runs = []
+    for layer in (fast, plain):
+        xi = x.clone().requires_grad_(True)
+        y, ids = layer(xi)
+        (y * g).sum().backward()
+        runs.append((ids, y, layer.last_mse, xi.grad, layer.codebook.grad, layer.ln_weight.grad, layer.ln_bias.grad))
+    assert torch.equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1:], runs[1][1:]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert runs[0][5].abs().sum() > 0  # the LN affine gets a gradient (through the reconstruction term)
+
+
+@pytest.mark.slow
+def test_compiled_searches_give_the_same_ids():
+    """compile=True: torch.compile of the plain search's top_codes and of the tuned search's tile top-k."""
+    torch.manual_seed(1)
+    x, cb = torch.randn(200, 4, 16), torch.randn(4, 2500, 16)
+    for k in (1, 4):
+        want = brute_topk(x, cb, k)
+        assert torch.equal(search(x, cb, k, max_elems=1 << 16, compile=True), want)
+        assert torch.equal(tiled.search(x, cb, k, 1 << 16, compile=True), want)
+
+
+@pytest.mark.parametrize("N,G,C,k,max_elems", [(200, 4, 301, 1, 1 << 11), (200, 4, 2500, 4, 1 << 16),
+                                               (16384, 16, 10000, 8, 1 << 26), (5, 1, 3, 3, 1)])
+def test_tile_plans_stay_within_their_budget(N, G, C, k, max_elems):
+    """plan: tiles of (groups, tokens, codes) of at most max_elems scores (or one row of k codes), whole
+    blocks, and block maxima only where a row has at least 64 blocks (top-1: from k1_blocks codes)."""
+    for k1_blocks in (256, 2048):
+        g, n, c, block = plan(N, G, C, k, max_elems, 16, k1_blocks)
+        assert 1 <= g <= G and 1 <= n <= N and k <= c and c % block == 0
+        assert g * n * c <= max(max_elems, c)
+        wide = c >= k1_blocks and N * G * c >= 1 << 17 if k == 1 else c >= 1024
+        assert (block > 1) == (wide and c >= 64 * k)
+    # top-1 over 1024 codes: block maxima for a training batch, a plain max for a generation step's 4 tokens
+    assert plan(8128, 4, 1024, 1, 1 << 20, 16, 1024)[3] == 16 and plan(4, 4, 1024, 1, 1 << 20, 16, 1024)[3] == 1
+    if max_elems == 1 << 11:  # the search test's shapes leave remainders of codes and of tokens
+        assert C % c and N % n
+
+
+def test_device_plans_scale_with_the_machine():
+    """A CPU's tile grows with its threads; a GPU's is capped at 1/8 of its free memory (fp32 scores), so
+    that the LM shape of benchmarks/search.py is a few large tiles there instead of hundreds of cache-sized ones."""
+    from tuned.tiled import device_plan
+    one, four = device_plan("cpu", threads=1), device_plan("cpu", threads=4)
+    assert four["tile_elems"] == 4 * one["tile_elems"]
+    assert device_plan("cuda", free_bytes=1 << 30)["tile_elems"] == (1 << 30) // 8 // 4
+    assert device_plan("mps") == device_plan("cuda")
+
+    def tiles(p, k=8, N=16384, G=16, C=10000):
+        g, n, c, _ = plan(N, G, C, k, p["tile_elems"], p["block"])
+        return -(-G // g) * -(-N // n) * -(-C // c)
+    assert tiles(device_plan("cuda", free_bytes=80 << 30)) < 50 < 100 < tiles(device_plan("cpu", threads=2))
+
+
+@pytest.mark.parametrize("G", [1, 3])
+def test_group_layernorm_gradients(G):
+    """The hand-written LayerNorm backward (one fused kernel for G = 1, vectorised over groups otherwise)
+    against finite differences, with and without a gradient for the input."""
+    from tuned.tiled import _GroupLayerNorm
+    torch.manual_seed(0)
+    x = torch.randn(20, G, 6, dtype=torch.float64, requires_grad=True)
+    w, b = (torch.randn(G, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(_GroupLayerNorm.apply, (x, w, b))
+    assert torch.autograd.gradcheck(lambda w, b: _GroupLayerNorm.apply(x.detach(), w, b), (w, b))
+
+
+def tf32(a):
+    """Round to TF32 as a tensor core may: keep 10 mantissa bits, dropping the rest (truncation)."""
+    return (a.view(torch.int32) & ~((1 << 13) - 1)).view(torch.float32)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+def test_fused_error_bound_holds_for_emulated_tensor_cores(precision):
+    """triton_search's proof rests on eps_rel: the score error of the candidate pass, emulated here in
+    float64 (tf32x3: hi = tf32(a), lo = tf32(a - hi), a.b ~ hi.hi + hi.lo + lo.hi), stays within the
+    bound. For tf32 the rounding dominates and the bound is within 16x of the worst error seen; for
+    tf32x3 the bound is mostly the fp32 accumulation, which this float64 emulation does not have."""
+    from tuned import triton_kernels
+    torch.manual_seed(0)
+    for d in (16, 32, 128):
+        x = torch.randn(4096, d) * torch.rand(4096, 1) * 10
+        u = F.normalize(torch.randn(512, d) + 3 * torch.randn(1, d), dim=-1)  # correlated: scores near |x|
+        exact = x.double() @ u.double().T
+        if precision == "tf32":
+            approx = tf32(x).double() @ tf32(u).double().T
+        else:
+            xh, uh = tf32(x), tf32(u)
+            xl, ul = tf32(x - xh), tf32(u - uh)
+            approx = xh.double() @ uh.double().T + xh.double() @ ul.double().T + xl.double() @ uh.double().T
+        err = ((approx - exact).abs() / x.double().norm(dim=-1, keepdim=True)).max().item()
+        bound = triton_kernels.eps_rel(d, precision)
+        assert err <= bound, (d, err, bound)
+        if precision == "tf32":
+            assert bound < 16 * err, (d, err, bound)
+
+
+def fused_checks():
+    """Run by the test below in a process with TRITON_INTERPRET=1: the fused kernels on CPU tensors."""
+    from tuned import triton_kernels
+    assert triton_kernels.available(torch.device("cpu"))
+    for kind in ("cpu", "cuda"):
+        tiled.PLANS[kind].update(fused="tf32x3", fused_tile=(16, 32, 4))
+    torch.manual_seed(0)
+    # (N, G, d, C, k): d not a power of 2; C not a multiple of the tile; fewer blocks than k; C < a tile
+    for N, G, d, C, k in [(70, 3, 24, 257, 1), (40, 2, 16, 257, 4), (33, 1, 8, 40, 5), (40, 2, 16, 20, 2)]:
+        x = torch.randn(N, G, d)
+        cb = torch.randn(G, C, d) * torch.rand(G, C, 1)
+        ids, proven = triton_kernels.candidates(x, triton_kernels.unit(cb), k, "tf32x3", 16, (16, 32, 4))
+        ids, proven = ids.transpose(0, 1), proven.T  # (N, G, k), (N, G)
+        assert proven.float().mean() > 0.9, (N, G, d, C, k)
+        assert torch.equal(ids[proven], brute_topk(x, cb, k)[proven]), (N, G, d, C, k)
+        assert torch.equal(tiled.search(x, cb, k, kind="cuda"), brute_topk(x, cb, k))
+        if k > 1:  # 10 tokens a chunk (k = 1 holds no block maxima: one chunk whatever max_elems)
+            chunked = tiled.search(x, cb, k, max_elems=G * 17 * 10, kind="cuda")
+            assert torch.equal(chunked, brute_topk(x, cb, k))
+    # the candidate pass's exact re-score runs no matmul that TF32 could round (its proof assumes fp32)
+    torch.set_float32_matmul_precision("high")
+    with MatmulPrecisionSpy() as spy:
+        for k in (1, 3):
+            triton_kernels.candidates(x, triton_kernels.unit(cb), k, "tf32x3", 16, (16, 32, 4))
+    torch.set_float32_matmul_precision("highest")
+    assert spy.seen == [], spy.seen
+    # the k = 1 kernel's running top 3, merged over 32 tiles of 16 codes, against a sort
+    xs, u = torch.randn(40, 1, 16), triton_kernels.unit(torch.randn(1, 500, 16))
+    arg, third = torch.empty(2, 1, 40, dtype=torch.int32), torch.empty(1, 40)
+    triton_kernels._top1_kernel[(3, 1)](xs, u, arg, third, 40, 500, 16, 16, 16, PREC="ieee", D=16, BM=16, BC=16)
+    top = torch.einsum("nd,cd->nc", xs[:, 0], u[0]).topk(3, dim=-1)
+    assert torch.equal(arg[:, 0].T.long(), top.indices[:, :2]) and torch.allclose(third[0], top.values[:, 2])
+    # the exact kernel: only tokens marked redo (here the even ones), K passes in (score desc, id asc) order;
+    # codes 7 and 300 are the same code twice: an exact tie, which goes to the lower id first
+    cbx = torch.randn(2, 500, 16)
+    cbx[:, 300] = cbx[:, 7]
+    xs = torch.randn(40, 2, 16)
+    xs[0] = cbx[:, 7]
+    u = triton_kernels.unit(cbx)
+    for K in (1, 4):
+        ids = torch.full((2, 40, K), -7, dtype=torch.long)
+        redo = (torch.arange(40) % 2 == 0).expand(2, 40).contiguous()
+        triton_kernels._exact_kernel[(3, 2)](xs, u, redo, ids, 40, 500, 16, xs.stride(0), xs.stride(1), K,
+                                            D=16, BM=16, BC=16)
+        want = brute_topk(xs, cbx, K).transpose(0, 1)  # (G, N, K)
+        assert torch.equal(ids[:, 2::2], want[:, 2::2]) and (ids[:, 1::2] == -7).all()
+        assert ids[0, 0, 0] == 7 and (K == 1 or ids[0, 0, 1] == 300)
+    # near-ties at the k-th place, across blocks: not proven, so searched again exactly
+    N, G, d, C = 48, 2, 16, 200
+
+    def at_cos(v, c):  # a code at cosine c from v, of a random norm
+        w = torch.randn(d)
+        w = F.normalize(w - (w @ v) * v / (v @ v), dim=0)
+        return (c * F.normalize(v, dim=0) + math.sqrt(1 - c * c) * w) * (0.5 + torch.rand(()))
+
+    x = torch.randn(N, G, d)
+    for k in (1, 2):
+        cb = torch.randn(G, C, d)
+        for g in range(G):
+            for t in range(8):  # token t: codes t, 100 + t, 150 + t (three blocks) 5e-6 apart, from the k-th place
+                for code, cos in ((t, 0.99), (100 + t, 0.99 - 5e-6), (150 + t, 0.99 - 1e-5)):
+                    cb[g, code] = at_cos(x[t, g], cos)
+                if k == 2:
+                    cb[g, 50 + t] = at_cos(x[t, g], 0.999)
+        ids, proven = triton_kernels.candidates(x, triton_kernels.unit(cb), k, "tf32x3", 16, (16, 32, 4))
+        scores = torch.einsum("ngd,gcd->ngc", x, F.normalize(cb, dim=-1)).topk(k + 2, dim=-1).values
+        gap = scores[..., k - 1] - scores[..., k + 1]  # k + 1 candidates are scored exactly, so the (k+2)-th
+        assert (gap[:8] < triton_kernels.eps_rel(d, "tf32x3") * x[:8].norm(dim=-1)).all()  # near-ties indeed
+        assert not proven.T[:8].any() and proven.T[8:].float().mean() > 0.9, k  # sent to the exact search
+        assert torch.equal(tiled.search(x, cb, k, kind="cuda"), brute_topk(x, cb, k))
+    # inputs whose last dimension is not contiguous, as a view can hand them over
+    x, cb = torch.randn(40, 16, 2).transpose(1, 2), torch.randn(2, 100, 16)  # (N, G, d), stride (32, 1, 2)
+    for k in (1, 3):
+        assert torch.equal(tiled.search(x, cb, k, kind="cuda"), brute_topk(x, cb, k)), k
+        assert tiled.search(x[:0], cb, k, kind="cuda").shape == (0, 2, k)  # no tokens: no ids, no error
+    # groups wider than the kernels take stay on the torch path
+    x, cb = torch.randn(20, 1, triton_kernels.MAX_WIDTH + 32), torch.randn(1, 50, triton_kernels.MAX_WIDTH + 32)
+    assert torch.equal(tiled.search(x, cb, 2, kind="cuda"), brute_topk(x, cb, 2))
+    with pytest.raises(ValueError, match="the fused kernels take d <= "):
+        triton_kernels.search(x, cb, 2)
+    # the layer on the fused path: the same ids and output as on the torch path
+    torch.manual_seed(1)
+    layer = CodebookLayer(dim=32, num_codes=100, k=3, groups=2)
+    inp = torch.randn(2, 9, 32)
+    y, ids = layer(inp)
+    tiled.PLANS["cpu"]["fused"] = None
+    y2, ids2 = layer(inp)
+    assert torch.equal(ids, ids2) and torch.equal(y, y2)
+
+
+def interpreter_unusable():
+    """Why Triton's interpreter cannot run here, or "". Before Triton 3.7 it turns 1-element arrays into
+    ints the way numpy 2.4 forbids (triton-lang/triton#9171), and torch 2.11 brings Triton 3.6."""
+    if importlib.util.find_spec("triton") is None:
+        return "needs triton (pip install triton): its interpreter runs the CUDA kernels on the CPU"
+    version = lambda name: tuple(int(v) for v in re.findall(r"\d+", importlib.metadata.version(name))[:2])  # noqa: E731
+    if version("triton") < (3, 7) and version("numpy") >= (2, 4):
+        return (f"Triton {importlib.metadata.version('triton')}'s interpreter fails with numpy "
+                f"{np.__version__}: needs Triton >= 3.7 or numpy < 2.4")
+    return ""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(interpreter_unusable()), reason=interpreter_unusable())
+def test_fused_search_under_triton_interpreter():
+    """The fused kernels, their proof and the exact search of what is not proven, against brute force;
+    then benchmarks.search's layer row with --fused."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE, env=env)
+             for argv in ([sys.executable, "-c", "import test_all; test_all.fused_checks()"],
+                          [sys.executable, "-m", "benchmarks.search", "--quick", "--device=cpu", "--fused=tf32x3",
+                           "--fused_tile=128,128,4", "--row=tiny:layer"])]  # a row as the search spawns it
+    (_, checks_err), (row_out, row_err) = (p.communicate(timeout=300) for p in procs)  # both at once: 2 cores
+    assert procs[0].returncode == 0, checks_err[-3000:]
+    assert procs[1].returncode == 0, row_err[-3000:]
+    layer = json.loads(row_out.split("ROW ")[-1])
+    assert layer["fused"] == "tf32x3" and 0 <= layer["unproven"] < 0.05 and layer["fwdbwd_ms"] > 0
+
+
+def gpu_usage(kernel, constexprs, warps, arch=90, stages=3):
+    """(registers, stack bytes) per thread and shared memory bytes per program of a Triton kernel compiled
+    for an NVIDIA GPU on this CPU (arch 90: an H100; 80: an A100; 86/89: RTX 30/40 cards): triton.compile
+    needs no GPU, and the cuobjdump that comes with Triton reads the cubin."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    pointers = dict(arg_ptr="*i32", j_ptr="*i32", redo_ptr="*i1", ids_ptr="*i64")
+    sig = {a: "constexpr" if a in constexprs else pointers.get(a, "*fp32" if a.endswith("_ptr") else "i32")
+           for a in kernel.arg_names}
+    k = triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", arch, 32),
+                       options=dict(num_warps=warps, num_stages=stages))
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        out = subprocess.run([path, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", out).groups()
+    return int(regs), int(stack), k.metadata.shared
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
+def test_fused_kernels_compiled_for_nvidia_gpus_fit():
+    """What a CPU can say about the kernels on a GPU, compiled at the CUDA plan's tile:
+    - for an H100 (sm_90), with Triton's default 3 pipeline stages, at the bench's code widths up to
+      MAX_WIDTH: the candidate kernels hold everything in registers (no stack), the exact kernel
+      (EXACT_TILE) spills at most 64 bytes, and all fit the H100's 227 KB of shared memory;
+    - at twice MAX_WIDTH they spill, which is why wider groups stay on the torch search;
+    - for an RTX 30/40 card (sm_86, 99 KB a block), at MAX_WIDTH 3 stages do not fit and 2 do, so
+      triton_kernels._launch finds a count that runs."""
+    from tuned import triton_kernels
+    from tuned.tiled import PLANS
+    BM, BC, warps = PLANS["cuda"]["fused_tile"]
+    B, W = PLANS["cuda"]["block"], triton_kernels.MAX_WIDTH
+    bm, bc, w = triton_kernels.EXACT_TILE
+    top1 = lambda d: (triton_kernels._top1_kernel, dict(PREC="tf32x3", D=d, BM=BM, BC=BC), warps)  # noqa: E731
+    block_max = (triton_kernels._block_max_kernel, dict(PREC="tf32x3", D=W, BM=BM, BC=BC, B=B), warps)
+    for d in (32, 64, W):
+        _, stack, shared = gpu_usage(*top1(d))
+        assert stack == 0 and shared <= 227 * 1024, ("top1", d, stack, shared)
+        _, stack, shared = gpu_usage(triton_kernels._exact_kernel, dict(D=d, BM=bm, BC=bc), w)
+        assert stack <= 64 and shared <= 227 * 1024, ("exact", d, stack, shared)
+    for kernel, c, wp in (block_max, (triton_kernels._rerank_kernel, dict(D=W, BM=BM, B=B), warps)):
+        _, stack, shared = gpu_usage(kernel, c, wp)
+        assert stack == 0 and shared <= 227 * 1024, (kernel.__name__, stack, shared)
+    assert gpu_usage(*top1(2 * W))[1] > 0
+    for kernel, c, wp in (top1(W), block_max):
+        shared = [gpu_usage(kernel, c, wp, arch=86, stages=s)[2] for s in (3, 2)]
+        assert shared[0] > 99 * 1024 >= shared[1], (kernel.__name__, shared)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
+def test_fused_launch_takes_fewer_stages_where_shared_memory_is_short():
+    """triton_kernels._launch on a kernel that fits only with `fits` stages (Triton raises OutOfResources
+    before it launches): it tries 3, 2, 1, keeps the count that ran, and raises when none fits."""
+    import triton
+    from tuned import triton_kernels
+
+    class Kernel:  # stands for a Triton kernel: kernel[grid](*args, num_stages=s, **meta)
+        def __init__(self, fits):
+            self.fits, self.tried = fits, []
+
+        def __getitem__(self, grid):
+            return self
+
+        def __call__(self, *args, num_stages, **meta):
+            self.tried.append(num_stages)
+            if num_stages > self.fits:
+                raise triton.runtime.OutOfResources(num_stages * 48 * 1024, self.fits * 48 * 1024, "shared memory")
+
+    x = torch.zeros(1)  # the key's device
+    for fits, first in ((3, [3]), (2, [3, 2]), (1, [3, 2, 1])):
+        kernel = Kernel(fits)
+        triton_kernels._launch(kernel, (1, 1), x, D=128, BM=64)
+        triton_kernels._launch(kernel, (1, 1), x, D=128, BM=64)  # the count found is kept
+        assert kernel.tried == first + [fits], (fits, kernel.tried)
+        triton_kernels._launch(kernel, (1, 1), x, D=64, BM=64)  # another tile: tried afresh
+        assert kernel.tried[len(first) + 1] == 3
+    with pytest.raises(triton.runtime.OutOfResources):
+        triton_kernels._launch(Kernel(0), (1, 1), x, D=128, BM=64)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
+def test_fused_search_runs_on_gpus_with_tf32_tensor_cores(monkeypatch):
+    """triton_kernels.available: CUDA from sm_80 (Ampere) on, groups up to MAX_WIDTH; a Turing GPU (T4,
+    sm_75), the CPU without the interpreter and wider groups keep the torch search."""
+    from tuned import triton_kernels
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cuda, W = torch.device("cuda"), triton_kernels.MAX_WIDTH
+    for capability, want in (((7, 5), False), ((8, 0), True), ((8, 9), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert triton_kernels.available(cuda) == want and triton_kernels.available(cuda, W) == want, capability
+        assert not triton_kernels.available(cuda, W + 1)
+    assert not triton_kernels.available(torch.device("cpu"))
 
 
 # -----------------------------------------------------------------------------
@@ -2962,6 +2418,274 @@ def test_pythia_config_maps_and_unsupported_neox_settings_are_one_line():
 
 
 # -----------------------------------------------------------------------------
+# hub.py: downloads from the Hugging Face hub (a local http.server stands in for it); gpt2 tokens offline
+
+
+def git_sha1(data):
+    """The hub's ETag of a file stored in git: its git blob id."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """The hub's resolve URLs for `files` ({"/{repo}/resolve/{rev}/{file}": bytes}): an LFS file (in `lfs`)
+    as the hub serves it, a redirect carrying X-Linked-Etag (sha256) and X-Linked-Size to /cdn/..., whose
+    own ETag is no hash; any other file with its git-sha1 ETag. Range is honoured; a missing file of a
+    known repository is a 404 EntryNotFound, an unknown repository a 401 RepoNotFound (as on the hub).
+    `cut`: path -> bytes after which the next answer stops (a dropped connection, once); `bad`: paths
+    served with one byte flipped. Each request is logged as (path, Range header)."""
+
+    def do_GET(self):
+        hub_ = type(self)
+        hub_.log.append((self.path, self.headers.get("Range")))
+        path = self.path.removeprefix("/cdn")
+        if path not in hub_.files:
+            known = any(p.startswith(path.split("/resolve/")[0] + "/resolve/") for p in hub_.files)
+            self.send_response(404 if known else 401)
+            self.send_header("X-Error-Code", "EntryNotFound" if known else "RepoNotFound")
+            self.end_headers()
+            return
+        data = hub_.files[path]
+        if path in hub_.lfs and not self.path.startswith("/cdn/"):
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/cdn{path}")
+            self.send_header("X-Linked-Etag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("X-Linked-Size", str(len(data)))
+            self.end_headers()
+            return
+        etag = "0123abcd-cdn" if path in hub_.lfs else git_sha1(data)
+        if path in hub_.bad:
+            data = data[:-1] + bytes([data[-1] ^ 1])
+        start = int(re.match(r"bytes=(\d+)-", self.headers["Range"])[1]) if self.headers.get("Range") else 0
+        if start >= len(data) > 0:
+            self.send_response(416)
+            self.end_headers()
+            return
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.send_header("ETag", f'"{etag}"')
+        self.end_headers()
+        self.wfile.write(data[start:start + hub_.cut.pop(path, len(data))])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A FakeHub on 127.0.0.1 as HF_ENDPOINT, the cache in tmp_path/cache."""
+    handler = type("Hub", (FakeHub,), dict(files={}, lfs=set(), cut={}, bad=set(), log=[]))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.01), daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    yield handler
+    server.shutdown()
+    server.server_close()
+
+
+WEIGHT_BYTES = bytes(range(256)) * 64  # 16 KiB
+
+
+def add_model(fake, repo="owner/tiny", rev="main", weights=("model.safetensors",)):
+    """config.json (in git) and weights (LFS) of a repository on the fake hub."""
+    fake.files[f"/{repo}/resolve/{rev}/config.json"] = b'{"model_type": "gpt_neo"}\n'
+    for w in weights:
+        fake.files[f"/{repo}/resolve/{rev}/{w}"] = WEIGHT_BYTES + w.encode()
+        fake.lfs.add(f"/{repo}/resolve/{rev}/{w}")
+
+
+def cached_files(tmp_path):
+    root = tmp_path / "cache"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def test_hub_download_full_then_cached(fake_hub, tmp_path):
+    add_model(fake_hub)
+    path = hub.model_dir("owner/tiny")
+    assert path == str(tmp_path / "cache" / "models--owner--tiny" / "main")  # the documented layout
+    assert open(os.path.join(path, "model.safetensors"), "rb").read() == WEIGHT_BYTES + b"model.safetensors"
+    assert [p for p, _ in fake_hub.log] == ["/owner/tiny/resolve/main/config.json",
+                                            "/owner/tiny/resolve/main/model.safetensors",
+                                            "/cdn/owner/tiny/resolve/main/model.safetensors",
+                                            "/owner/tiny/resolve/main/tokenizer.json"]  # a 404: none
+    assert cached_files(tmp_path) == ["models--owner--tiny/main/config.json",
+                                      "models--owner--tiny/main/model.safetensors"]  # nothing .incomplete
+    n = len(fake_hub.log)
+    assert hub.model_dir("owner/tiny") == path and len(fake_hub.log) == n  # cached: no request at all
+    add_model(fake_hub, rev="v1")
+    assert hub.model_dir("owner/tiny@v1").endswith(os.path.join("models--owner--tiny", "v1"))
+    assert hub.model_dir("owner/tiny", revision="v1") == hub.model_dir("owner/tiny@v1")
+    assert hub.parse_name("gpt2-xl") == ("openai-community/gpt2-xl", "main")
+
+
+def test_hub_download_resumes_a_dropped_connection(fake_hub, tmp_path):
+    add_model(fake_hub)
+    url = "/owner/tiny/resolve/main/model.safetensors"
+    fake_hub.cut[url] = 5000  # the first answer stops after 5000 bytes; the retry asks for the rest
+    path = hub.model_dir("owner/tiny")
+    assert open(os.path.join(path, "model.safetensors"), "rb").read() == fake_hub.files[url]
+    assert [r for p, r in fake_hub.log if p == "/cdn" + url] == [None, "bytes=5000-"]
+    # with one attempt per call the partial file stays .incomplete, and the next call resumes it
+    fake_hub.cut[url] = 3000
+    target = str(tmp_path / "one" / "w.bin")
+    with pytest.raises(hub.HubError) as e:
+        hub.download(fake_hub_url(url), target, attempts=1)
+    assert "\n" not in str(e.value) and "run again to resume" in str(e.value)
+    assert not os.path.exists(target) and os.path.getsize(target + ".incomplete") == 3000
+    hub.download(fake_hub_url(url), target, attempts=1)
+    assert fake_hub.log[-1] == ("/cdn" + url, "bytes=3000-")
+    assert open(target, "rb").read() == fake_hub.files[url] and not os.path.exists(target + ".incomplete")
+
+
+def fake_hub_url(path):
+    return os.environ["HF_ENDPOINT"] + path
+
+
+def test_hub_falls_back_to_the_bin_on_a_404(fake_hub, tmp_path):
+    add_model(fake_hub, weights=("pytorch_model.bin",))  # as the TinyStories repositories have it on main
+    path = hub.model_dir("owner/tiny")
+    assert sorted(os.listdir(path)) == ["config.json", "pytorch_model.bin"]
+    assert ("/owner/tiny/resolve/main/model.safetensors", None) in fake_hub.log
+    n = len(fake_hub.log)
+    assert hub.model_dir("owner/tiny") == path and len(fake_hub.log) == n
+    fake_hub.files.pop("/owner/tiny/resolve/main/config.json")  # a repository with neither weights file
+    fake_hub.files["/owner/other/resolve/main/config.json"] = b"{}"
+    with pytest.raises(hub.HubError, match="neither model.safetensors nor pytorch_model.bin"):
+        hub.model_dir("owner/other")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])  # sha256 (LFS), git sha1 (in git)
+def test_hub_corrupt_download_is_caught_and_removed(fake_hub, tmp_path, name):
+    add_model(fake_hub)
+    fake_hub.bad.add(f"/owner/tiny/resolve/main/{name}")
+    with pytest.raises(hub.HubError) as e:
+        hub.model_dir("owner/tiny")
+    assert "\n" not in str(e.value) and "corrupt" in str(e.value) and name in str(e.value)
+    assert f"models--owner--tiny/main/{name}" not in cached_files(tmp_path)
+    assert not [f for f in cached_files(tmp_path) if f.endswith(".incomplete")]  # nothing to resume from
+    fake_hub.bad.clear()
+    path = hub.model_dir("owner/tiny")  # the next run fetches it whole
+    assert open(os.path.join(path, "model.safetensors"), "rb").read() == WEIGHT_BYTES + b"model.safetensors"
+
+
+def test_hub_bad_names_unknown_repos_and_no_network_are_one_line(fake_hub, tmp_path, monkeypatch):
+    add_model(fake_hub)
+    for name, want in (("nobody/nothing", "no such repository"), ("owner/tiny@v9", "config.json: no such file"),
+                       ("not a name", "expected a hub id owner/name")):
+        with pytest.raises(hub.HubError) as e:
+            hub.model_dir(name)
+        assert "\n" not in str(e.value) and want in str(e.value), str(e.value)
+    assert cached_files(tmp_path) == []
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    with pytest.raises(hub.HubError, match="needs config.json and one of"):
+        hub.model_dir(str(local))
+    (local / "pytorch_model.bin").write_bytes(b"")
+    assert hub.model_dir(str(local)) == str(local)  # a local directory: no network needed
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(hub.HubUnreachable) as e:
+        hub.model_dir("owner/tiny")
+    assert "\n" not in str(e.value) and "cannot reach" in str(e.value) and "local directory" in str(e.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub's switch: the cache only, not even an attempt
+    n = len(fake_hub.log)
+    with pytest.raises(hub.HubUnreachable, match="HF_HUB_OFFLINE is set.*local directory"):
+        hub.model_dir("owner/tiny")
+    assert len(fake_hub.log) == n
+
+
+def test_hub_cache_dir_follows_the_hub_conventions(monkeypatch):
+    for var in ("HF_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    assert hub.cache_dir() == os.path.expanduser("~/.cache/huggingface/hub")
+    monkeypatch.setenv("HF_HOME", "/x/hf")
+    assert hub.cache_dir() == os.path.join("/x/hf", "hub")
+    monkeypatch.setenv("HF_HUB_CACHE", "/y/cache")
+    assert hub.cache_dir() == "/y/cache"
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    assert hub.endpoint() == "https://huggingface.co"
+
+
+def test_tinystories_sources_download_through_the_hub(fake_hub, tmp_path, monkeypatch):
+    """--source=paper fetches the original TinyStories files of the hub dataset, --source=v2 the GPT-4 ones."""
+    for source, (train_file, valid_file) in td.SOURCES.items():
+        for f, docs in ((train_file, DOCS[:3]), (valid_file, DOCS[3:])):
+            path = f"/datasets/{td.DATASET}/resolve/{td.DATASET_REVISION}/{f}"
+            fake_hub.files[path] = ("\n<|endoftext|>\n".join(docs) + "\n").encode()
+            fake_hub.lfs.add(path)
+        meta = td.prepare(str(tmp_path / source), source=source, encoding="bytes")
+        train_data, val_data, _ = td.load_tokens(str(tmp_path / source))
+        enc = td.make_encoding(meta["encoding"])
+        assert enc.decode(train_data.tolist()) == "".join("<|endoftext|>" + d for d in DOCS[:3])
+        assert enc.decode(val_data.tolist()) == "".join("<|endoftext|>" + d for d in DOCS[3:])
+        assert train_file in meta["source"] and td.DATASET_REVISION in meta["source"]
+        assert f"datasets--roneneldan--TinyStories/{td.DATASET_REVISION}/{train_file}" in cached_files(tmp_path)
+    assert td.SOURCES["paper"] == ("TinyStories-train.txt", "TinyStories-valid.txt")
+    with pytest.raises(ValueError, match="valid: v2, paper"):
+        td.prepare(str(tmp_path / "x"), source="v3")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")  # nothing listens there
+    with pytest.raises(hub.HubUnreachable) as e:
+        td.prepare(str(tmp_path / "x"), source="paper")
+    assert "\n" not in str(e.value) and "--input=FILE" in str(e.value)
+
+
+def gpt2_ranks():
+    """The local gpt2.tiktoken that .ci/run fetches (openai-whisper's source archive on PyPI), else skip."""
+    path = os.environ.get(td.GPT2_TIKTOKEN, "")
+    if not os.path.isfile(path):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{td.GPT2_TIKTOKEN} is not a file in CI: .ci/run should have fetched gpt2.tiktoken")
+        pytest.skip(f"{td.GPT2_TIKTOKEN} names no file (.ci/run fetches gpt2.tiktoken from openai-whisper's sdist)")
+    return path
+
+
+def test_r50k_hash_is_tiktokens_own():
+    import inspect
+    import tiktoken_ext.openai_public
+    assert f'expected_hash="{td.R50K_SHA256}"' in inspect.getsource(tiktoken_ext.openai_public.r50k_base)
+
+
+def test_gpt2_tokens_from_a_local_ranks_file(tmp_path, monkeypatch):
+    """tiktoken's own gpt2 vectors (tests/test_encoding.py), from the file, with no download."""
+    path = gpt2_ranks()
+    monkeypatch.setattr(td.tiktoken, "get_encoding", None)  # a download would fail loudly
+    enc = td.make_encoding({"kind": "gpt2"}, path)
+    assert enc.n_vocab == 50257 and enc.eot_token == 50256
+    assert enc.encode("hello world") == [31373, 995] and enc.decode([31373, 995]) == "hello world"
+    assert enc.encode("hello <|endoftext|>", allowed_special="all") == [31373, 220, 50256]
+    zeros = {1: [15], 2: [405], 3: [830], 4: [2388], 5: [20483], 6: [10535], 7: [24598], 8: [8269],
+             9: [10535, 830], 16: [25645], 17: [8269, 10535, 830]}
+    assert {n: enc.encode("0" * n) for n in zeros} == zeros
+    meta = td.prepare(str(tmp_path / "d"), input=str(write_docs(tmp_path, "\n\n")), encoding=path, val_every=2)
+    assert meta["encoding"] == {"kind": "gpt2"} and meta["vocab_size"] == 50257 and meta["eot"] == 50256
+    monkeypatch.setenv(td.GPT2_TIKTOKEN, path)  # how train.py, readout.py and topics.py find it later
+    train_data, _, meta = td.load_tokens(str(tmp_path / "d"))
+    text = td.make_encoding(meta["encoding"]).decode(train_data.tolist())
+    assert text == "".join("<|endoftext|>" + d for d in DOCS[0::2])
+
+
+def test_a_wrong_ranks_file_is_one_line(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_bytes(b"IQ== 0\n")
+    monkeypatch.setenv(td.GPT2_TIKTOKEN, str(bad))
+    with pytest.raises(ValueError) as e:
+        td.make_encoding({"kind": "gpt2"})
+    assert "\n" not in str(e.value) and "r50k_base" in str(e.value) and str(bad) in str(e.value)
+    with pytest.raises(OSError) as e:
+        td.prepare(str(tmp_path / "d"), input=str(write_docs(tmp_path, "\n\n")),
+                   encoding=str(tmp_path / "missing.tiktoken"))
+    assert "\n" not in str(e.value) and "missing.tiktoken" in str(e.value)
+
+
+# -----------------------------------------------------------------------------
 # pretrained/tokenizer.py: a model's tokenizer.json as a tiktoken encoding, held to the tokenizers package
 # (a test-only package); tinystories_data.py --encoding=HUB_ID_OR_DIR; hub.py fetching it with the model
 
@@ -3141,6 +2865,282 @@ def test_hub_fetches_the_tokenizer_json_with_the_model_and_the_data_records_it(f
                                                                   *enc.encode_ordinary("Another story.")]
     with pytest.raises(hub.HubUnreachable, match="offline, pass a local directory holding tokenizer.json"):
         hub.tokenizer_file("owner/unseen")
+
+
+# -----------------------------------------------------------------------------
+# common.py: progress
+
+
+def test_progress_in_a_log_prints_lines(capsys):
+    """With stderr not a terminal (as under pytest, or nohup), progress is a plain line with rate and ETA."""
+    bar = common.Progress(10, "train", every=0.0)
+    bar.set_postfix(loss="1.0")
+    for _ in range(10):
+        bar.update()
+    bar.close()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("train: 10/10 (100%)")
+    assert "it/s" in lines[0] and "ETA" in lines[0] and lines[0].endswith("loss 1.0")
+
+
+# -----------------------------------------------------------------------------
+# distributed.py: torchrun's environment, DDP over gloo, two processes on the CPU
+
+
+DDP_RUN = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, num_codes=256, batch_size=8,
+               gradient_accumulation_steps=2, max_iters=6, eval_interval=3, eval_seqs=8, state_seqs=4,
+               warmup_iters=1, cb_warmup=2, replace_every=2, log_interval=1, decay_lr=False)
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def ddp_worker(rank, world, ports, out):
+    """One rank, as torchrun would start it: trains DDP_RUN, then saves its final model and optimiser, and
+    the usage counts before and after every reduction over ranks, for the test to compare. Then the same
+    run again in two parts, stopped at step 5 and resumed (out/resumed)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]))
+    torch.set_num_threads(1)
+    sys.stdout = open(os.path.join(out, f"log{rank}.txt"), "w", buffering=1)
+    built, reductions = [], []
+    make_optimizer, reduce_usage = train.make_optimizer, distributed.reduce_usage
+
+    def recording_optimizer(model, *args):  # train() makes one for every model it builds: the last is trained
+        built.append((model, make_optimizer(model, *args)))
+        return built[-1][1]
+
+    def recording_reduce(model, world):
+        def usage():
+            return {n: (cb.uses_since_read.clone(), cb.uses_since_reset.clone()) for n, cb in model.codebooks().items()}
+        before = usage()
+        reduce_usage(model, world)
+        reductions.append((before, usage()))
+
+    train.make_optimizer, distributed.reduce_usage = recording_optimizer, recording_reduce
+    train.train(train.TrainConfig(out_dir=out, **DDP_RUN))
+    model, optimizer = built[-1]
+    torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), reductions=reductions),
+               os.path.join(out, f"rank{rank}.pt"))
+    train.make_optimizer, distributed.reduce_usage = make_optimizer, reduce_usage
+    # a new port for each run: rank 1 may ask for the next group before rank 0 has let go of its last one
+    for port, max_iters, resume in ((ports[1], 5, False), (ports[2], 6, True)):
+        os.environ["MASTER_PORT"] = str(port)
+        cfg = dict(DDP_RUN, out_dir=os.path.join(out, "resumed"), max_iters=max_iters, resume=resume)
+        train.train(train.TrainConfig(**cfg), {"resume", "max_iters"} if resume else ())
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    torch.multiprocessing.spawn(ddp_worker, args=(2, free_ports(3), str(out)), nprocs=2)
+    return out
+
+@pytest.mark.slow
+def test_two_gloo_processes_keep_codebooks_identical(ddp_run):
+    """Codebooks inserted by k-means at step 2, dead codes replaced at step 4, 2 processes x 2 micro-steps:
+    every weight, code, LayerNorm and Adam moment ends bitwise equal on both ranks, and the counts that rank
+    0 reports are the sum of both ranks' counts."""
+    r0, r1 = (torch.load(ddp_run / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    usage = ("uses_since_read", "uses_since_reset", "mse_sum", "mse_n")
+    assert any(name.endswith(".codebook") for name in r0["model"])
+    for name, value in r0["model"].items():
+        if not name.endswith(usage):
+            assert torch.equal(value, r1["model"][name]), name
+    for p, s in r0["optimizer"]["state"].items():
+        for key, value in s.items():
+            assert torch.equal(value, r1["optimizer"]["state"][p][key]), (p, key)
+    # the weights kept their Adam state through the insertion (6 steps), the codes and their LNs are new (4)
+    assert sorted({float(s["step"]) for s in r0["optimizer"]["state"].values()}) == [4.0, 6.0]
+    log = (ddp_run / "log0.txt").read_text()
+    assert "2 processes" in log and "step 2: inserted codebooks (L0.attn, L0.mlp), k-means initialised" in log
+    replaced = int(re.search(r"step 4: replaced (\d+) dead codes", log).group(1))
+    assert (ddp_run / "log1.txt").read_text() == ""  # rank 0 speaks for all
+    # reductions at step 3 (eval), 4 (dead codes), 6 (eval): rank 0 then holds the sum, rank 1 nothing
+    (red0, red1) = r0["reductions"], r1["reductions"]
+    assert len(red0) == len(red1) == 3
+    for (before0, after0), (before1, after1) in zip(red0, red1):
+        for site, (counts, fired) in after0.items():
+            assert torch.equal(counts, before0[site][0] + before1[site][0])
+            assert torch.equal(fired, before0[site][1] + before1[site][1])
+            assert not after1[site][0].any() and not after1[site][1].any()
+    # the counts cover the global batch, 8 sequences x 15 positions a step, since the last read (and reset)
+    # at an eval: 1 step since insertion at step 3, then 1 at step 4, 3 at step 6
+    for (_, after), steps in zip(red0, (1, 1, 3)):
+        for site, (counts, _) in after.items():
+            groups = 2 if site.endswith("attn") else 1
+            assert torch.equal(counts.view(groups, -1).sum(1), torch.full((groups,), 8.0 * 15 * steps)), site
+    # dead codes: those that fired on neither rank (rank 0 alone would have called more of them dead)
+    assert replaced == sum(int((fired == 0).sum()) for _, fired in red0[1][1].values()) > 0
+    assert replaced < sum(int((fired == 0).sum()) for _, fired in red0[1][0].values())
+    metrics = json.load(open(ddp_run / "metrics.json"))
+    assert metrics["world_size"] == 2 and metrics["config"]["gradient_accumulation_steps"] == 2
+    for site, (counts, _) in red0[2][1].items():
+        assert metrics["alive"][site] == pytest.approx((counts > 0).float().mean().item())
+    ckpt = common.load_checkpoint(str(ddp_run / "ckpt.pt"))
+    assert ckpt["world_size"] == 2 and len(ckpt["data_rngs"]) == 2
+    assert not torch.equal(ckpt["data_rngs"][0], ckpt["data_rngs"][1])  # a stream per rank
+    for name, value in r0["model"].items():
+        assert torch.equal(value, ckpt["model"][name]), name
+    # stopped at step 5 and resumed on 2 processes: each rank's data stream continues, the same model
+    resumed = common.load_checkpoint(str(ddp_run / "resumed" / "ckpt.pt"))
+    assert resumed["iter_num"] == 6
+    for name, value in ckpt["model"].items():
+        if not name.endswith(usage):
+            assert torch.equal(value, resumed["model"][name]), name
+
+@pytest.mark.slow
+def test_ddp_checkpoint_resumes_in_one_process_and_loads_in_steer(ddp_run, tmp_path, capsys):
+    shutil.copy(ddp_run / "ckpt.pt", tmp_path / "ckpt.pt")
+    cfg, given = common.parse_args([f"--out_dir={tmp_path}", "--resume=True", "--max_iters=8"], train.TrainConfig,
+                                   train.PRESETS)
+    m = train.train(cfg, given)
+    assert "it ran on 2 process(es), this on 1: the data differ from an unbroken run" in capsys.readouterr().out
+    assert m["iters"] == 8 and m["world_size"] == 1 and m["config"]["batch_size"] == 8
+    out = steer.main(["usage", f"--ckpt={ddp_run / 'ckpt.pt'}", "--device=cpu"])
+    assert set(out) >= {"L0.attn", "L0.mlp"}
+
+@pytest.mark.slow
+def test_torchrun_bad_input_is_one_line_error(ddp_run, tmp_path, monkeypatch, capsys):
+    """Checked before any process joins the group, so every rank stops at once with the same line."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    shutil.copy(ddp_run / "ckpt.pt", tmp_path / "ckpt.pt")
+    for cfg, msg in (
+            (tiny_cfg(tmp_path / "a", batch_size=8), "--batch_size=8 does not split over 3 process(es) x 1 "),
+            (tiny_cfg(tmp_path / "b", batch_size=6, device="cuda"), "--device=cuda: 2 GPU(s) on this machine for 3 "
+             "processes; use --nproc_per_node=2 or --device=cpu"),
+            (train.TrainConfig(out_dir=str(tmp_path), resume=True), "cannot resume: --batch_size=8 does not split "
+             "over 3 process(es) x 2 accumulation step(s)")):
+        with pytest.raises(SystemExit) as e:
+            train.train(cfg)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and err.count("\n") == 1, err
+
+
+# -----------------------------------------------------------------------------
+# benchmarks/: search.py, finetune.py and gpu_report.py
+
+
+def test_reference_matches_layer():
+    """benchmarks.search's official-style reference and CodebookLayer: same ids, outputs and gradients."""
+    torch.manual_seed(0)
+    N, G, d, C, k = 64, 4, 8, 50, 3
+    layer = CodebookLayer(G * d, C, k, G)
+    with torch.no_grad():
+        layer.ln_weight.uniform_(0.5, 1.5)
+        layer.ln_bias.normal_()
+    ref = bench.Reference(layer)
+    x = torch.randn(N, G * d)
+    grad = torch.randn(N, G * d)
+    results = []
+    for model in (layer, ref):
+        xi = x.clone().requires_grad_()
+        out, ids = model(xi)
+        out.backward(grad)
+        results.append((out.detach(), ids.reshape(N, G, k), xi.grad))
+    (out_a, ids_a, gx_a), (out_b, ids_b, gx_b) = results
+    assert torch.equal(ids_a, ids_b)
+    torch.testing.assert_close(out_a, out_b)
+    torch.testing.assert_close(gx_a, gx_b)
+    torch.testing.assert_close(layer.codebook.grad, torch.stack([p.grad for p in ref.codebooks]))
+    torch.testing.assert_close(layer.ln_weight.grad, torch.stack([ln.weight.grad for ln in ref.lns]))
+    torch.testing.assert_close(layer.ln_bias.grad, torch.stack([ln.bias.grad for ln in ref.lns]))
+    assert layer.codebook.grad.abs().sum() > 0
+
+
+def run_quick(module, tmp_path):
+    """A benchmark's --quick run (python -m module) into tmp_path -> (its stdout, the JSON it wrote)."""
+    path = tmp_path / (module.split(".")[-1] + ".json")
+    proc = subprocess.run([sys.executable, "-m", module, "--quick", f"--out={path}"],
+                          capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_json(tmp_path):
+    out, result = run_quick("benchmarks.search", tmp_path)
+    assert "train_overhead" in out
+    shape = result["shapes"]["tiny"]
+    assert set(shape["rows"]) == {"reference", "layer", "plain", "matmul"}  # --quick skips the compiled row
+    for row in ("reference", "layer", "plain"):
+        assert shape["rows"][row]["fwdbwd_ms"] > 0 and shape["rows"][row]["peak_mb"] is not None
+    assert shape["rows"]["matmul"]["fwd_ms"] > 0
+    assert set(shape["ratios"]) >= {"speedup_vs_reference", "vs_matmul", "memory_vs_reference", "plain_vs_layer"}
+    assert all(v > 0 for v in shape["ratios"].values())
+    assert result["train_overhead"] > 0
+    assert result["train"]["plain"]["config"]["cb_at"] == "none"
+    assert result["train"]["codebook"]["us_per_token"] > 0
+    # the parts of the quick model's 2 sites (1 layer, attention and MLP): layers, searches, score matmuls
+    for part in ("codebook_layers", "searches", "score_matmuls"):
+        assert result["train"][part]["sites"] == 2 and result["train"][part]["us_per_token"] > 0, part
+    assert result["train_overhead_floor"] > 1
+
+
+def test_bench_trains_train_pys_preset():
+    """benchmarks.search writes the default fsm preset out (it may not import train.py): the two must agree."""
+    defaults = dataclasses.asdict(train.TrainConfig(**train.PRESETS["fsm"]))
+    assert {k: defaults[k] for k in bench.TRAIN} == bench.TRAIN
+
+
+def test_bench_finetune_is_a_script_of_its_own():
+    """The search's --finetune names the finetune's own command; that one takes its flags and --quick's
+    single step, and rejects the search's flags with the list of its own."""
+    with pytest.raises(SystemExit) as e:
+        bench.parse(["--finetune", "--quick"])
+    assert "python -m benchmarks.finetune" in str(e.value.code) and "\n" not in str(e.value.code)
+    cfg = finetune.parse(["--quick", "--finetune_batch=2"])
+    assert (cfg.quick, cfg.train_steps, cfg.finetune_batch) == (True, 1, 2)
+    with pytest.raises(SystemExit) as e:
+        finetune.parse(["--shapes=tiny"])
+    assert "--shapes=tiny" in str(e.value.code) and "--finetune_batch=" in str(e.value.code)
+
+
+@pytest.mark.slow
+def test_gpu_report_small_runs_every_step(tmp_path):
+    """benchmarks.gpu_report --size=small: every step in its own process, figures parsed, one JSON named after
+    the device (as benchmarks.search names it); the fused search may be skipped where it cannot run, saying why."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a CPU skips the fused search
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_report", "--size=small",
+                           f"--out_dir={tmp_path}", f"--work_dir={tmp_path / 'work'}"],
+                          capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("gpu_report_*.json")
+    report = json.loads(path.read_text())
+    steps = report["steps"]
+    assert list(steps) == ["bench", "bench_fused", "fsm_paper", "tinystories", "torchrun", "tests"]
+    assert report["complete"] and report["failed"] == [] and report["versions"]["torch"] == torch.__version__
+    name = steps["bench"]["figures"]["device_name"]
+    assert report["device_name"] == name
+    assert path.name == "gpu_report_" + re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_") + ".json"
+    assert len(report["load_before"]) == len(report["load_after"]) == 3
+    for run, step in steps.items():
+        assert step["wall_s"] > 0 and os.path.exists(step["log"]) and step["tail"]
+        if step["status"] == "skipped":  # only the fused search, only with the search's one-line reason
+            assert run == "bench_fused" and step["rc"] != 0 and "needs Triton" in step["reason"]
+        else:
+            assert step["status"] == "ok" and step["rc"] == 0, step
+    assert steps["tests"]["figures"]["passed"] == 1 and "failed" not in steps["tests"]["figures"]
+    assert "gpu_report" in steps["tests"]["command"]  # the selection leaves this test out: no recursion
+    assert steps["bench"]["figures"]["train_overhead"] > 0
+    assert steps["bench"]["figures"]["train"]["codebook"]["us_per_token"] > 0
+    for run in ("fsm_paper", "tinystories", "torchrun"):
+        fig = steps[run]["figures"]
+        assert fig["step_ms"] > 0 and fig["tokens_per_s"] > 0 and fig["world_size"] == 1, (run, fig)
+        assert not os.path.exists(tmp_path / "work" / run / "ckpt.pt")  # scratch, removed
+    assert abs(steps["tinystories"]["figures"]["val_loss"] - math.log(50257)) < 1  # uniform ids: ~ln(vocab)
+    assert steps["fsm_paper"]["figures"]["bayes_loss"] > 1 and "torch.distributed.run" in steps["torchrun"]["command"]
 
 
 # -----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ OpenMP's waiting threads. torch's CPU build runs its parallel ops on GNU OpenMP 
 each op for GOMP_SPINCOUNT iterations (300,000 by default) before they sleep. On a machine to itself that
 saves a wake-up; beside another job (a second training run, a browser) the spinning threads hold the cores
 that the other process needs, and every op waits a scheduler slice. With 10,000 spins two jobs side by
-side share the cores; one alone pays a little for the earlier sleeps (bench_jobs.py; results/README.md).
+side share the cores; one alone pays a little for the earlier sleeps (python -m benchmarks.jobs; results/README.md).
 A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept.
 
 glibc's heap (Linux). A training step frees and allocates the same tensors, tens of MB, every step; by

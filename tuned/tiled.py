@@ -27,7 +27,7 @@ from tuned import triton_kernels
 
 _AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")  # the vector ISA torch's kernels use
 
-# Each choice was measured with bench.py on a 2-core CPU and an H200 (results/README.md, "Speed"):
+# Each choice was measured with benchmarks/search.py on a 2-core CPU and an H200 (results/README.md, "Speed"):
 #   tile_elems  scores held at once (on a CPU per thread, cache-sized; on CUDA large, since every tile is
 #               ~10 small kernels after its matmul, and at most 1/8 of the free memory)
 #   block_k1    block size of the top-1 pass (1: a plain max over the codes, one read of the scores,
@@ -43,7 +43,7 @@ _AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")  # the ve
 #   compile     whether compile=True compiles a tile's top-k here (on the GPU it gained little or lost)
 #   fused       None: the torch tiles above; or the tensor-core precision of triton_search's fused
 #               kernels ("tf32x3", "tf32", "ieee"), which never write the scores (CUDA with Triton only).
-#               Off until timed on a GPU: bench.py --fused=tf32x3 measures it
+#               Off until timed on a GPU: python -m benchmarks.search --fused=tf32x3 measures it
 #   fused_tile  (tokens, codes, warps) of a program of the fused candidate kernels; their k > 1 pass
 #               takes the maxima of `block` consecutive codes
 PLANS = {
