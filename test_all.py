@@ -2181,7 +2181,11 @@ def test_bench_finetune_quick_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(path.read_text())
     rows = result["rows"]
-    assert set(rows) == {"finetune_none", "finetune_attn", "scratch_attn"}
+    assert set(rows) == {"finetune_none", "finetune_attn", "scratch_attn", "pythia70m_none", "pythia70m_attn"}
+    neox = rows["pythia70m_attn"]["config"]  # pythia-70m's shape, through from_pretrained's map_config
+    assert (neox["n_layer"], neox["rope_pct"], neox["parallel"], neox["tie_head"], neox["learned_pos"]) == \
+        (6, 0.25, True, False, False)
+    assert result["projection"]["pythia410m_attn"]["h200_hours"] > 0
     assert all(r["s_per_step"] > 0 and r["step_peak_mb"] is not None for r in rows.values())
     assert rows["finetune_attn"]["params_m"] > rows["finetune_none"]["params_m"]  # the codes
     p = result["projection"]["finetune_attn"]

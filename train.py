@@ -29,7 +29,7 @@ them; the tinystories preset is the paper's (TinyStories-1Layer-21M, attention c
     python train.py --init_from=gpt2 --data_dir=D --cb_at=attn --k=8                  # or owner/name[@rev], a dir
     python train.py --config=wikitext       # the paper's Pythia-410M on WikiText-103, data_dir=data/wikitext
 
-Overrides are --key=value (no exec); unknown keys and bad values stop with a one-line error.
+Overrides are --key=value (no exec); unknown flags and bad values stop with a one-line error.
 Writes out_dir/ckpt.pt (loadable with torch.load(weights_only=True)) and out_dir/metrics.json, both atomically.
 """
 
