@@ -39,7 +39,7 @@ from benchmarks import search as bench
 import browse
 from tuned import tiled
 from helpers import common
-from helpers import checkpoints, distributed, train_data
+from helpers import checkpoints, distributed, evaluation, train_data
 from pretrained import hub
 from pretrained.load import from_pretrained
 from helpers import readout, topic_text
@@ -444,7 +444,7 @@ def test_kv_cache_logits_and_codes_equal_a_full_forward():
 
 
 def test_fsm_state_accuracy_samples_the_same_with_the_cache(monkeypatch):
-    """train.py's fsm_state_accuracy gets the cache through generate's default; its walks are unchanged."""
+    """helpers/evaluation.py's fsm_state_accuracy gets the cache through generate's default; its walks are unchanged."""
     fsm = FSM(num_states=12, num_edges=3)
     m = kv_model(vocab_size=fsm.vocab_size)
     walks, generate = {}, m.generate
@@ -454,9 +454,9 @@ def test_fsm_state_accuracy_samples_the_same_with_the_cache(monkeypatch):
         return out
 
     monkeypatch.setattr(m, "generate", spy)
-    acc = train.fsm_state_accuracy(m, fsm, 16, 32, "cpu", seed=3)
+    acc = evaluation.fsm_state_accuracy(m, fsm, 16, 32, "cpu", seed=3)
     monkeypatch.setattr(m, "generate", lambda *args, **kw: spy(*args, use_cache=False, **kw))
-    assert train.fsm_state_accuracy(m, fsm, 16, 32, "cpu", seed=3) == acc
+    assert evaluation.fsm_state_accuracy(m, fsm, 16, 32, "cpu", seed=3) == acc
     assert torch.equal(walks[True], walks[False]) and walks[True].shape == (16, 32)
 
 
@@ -1098,7 +1098,7 @@ def test_resume_loads_an_optimizer_state_with_the_old_decay_groups():
                              dict(params=[p for n, p in named if n.endswith(".codebook")])])
     old.state.update(trained.state)
     resumed = train.make_optimizer(model, cfg, "cpu")
-    train.load_optimizer_state(resumed, model, copy.deepcopy(old.state_dict()))
+    checkpoints.load_optimizer_state(resumed, model, copy.deepcopy(old.state_dict()))
     for name, p in named:
         for key, value in trained.state[p].items():
             assert torch.equal(resumed.state[p][key], value), (name, key)
@@ -3098,7 +3098,7 @@ def test_bench_trains_train_pys_preset():
     assert {k: defaults[k] for k in bench.TRAIN} == bench.TRAIN
 
 
-def test_bench_finetune_is_a_script_of_its_own():
+def test_bench_finetune_is_a_script_of_its_own(capsys):
     """The search's --finetune names the finetune's own command; that one takes its flags and --quick's
     single step, and rejects the search's flags with the list of its own."""
     with pytest.raises(SystemExit) as e:
@@ -3108,7 +3108,8 @@ def test_bench_finetune_is_a_script_of_its_own():
     assert (cfg.quick, cfg.train_steps, cfg.finetune_batch) == (True, 1, 2)
     with pytest.raises(SystemExit) as e:
         finetune.parse(["--shapes=tiny"])
-    assert "--shapes=tiny" in str(e.value.code) and "--finetune_batch=" in str(e.value.code)
+    err = capsys.readouterr().err  # helpers.common.parse_flags's one line
+    assert e.value.code == 2 and "--shapes" in err and "finetune_batch" in err and err.count("\n") == 1, err
 
 
 @pytest.mark.slow
@@ -3155,7 +3156,8 @@ METHOD = {"codebook", "model", "fsm_data", "tinystories_data"}  # the reader's p
 SCRIPTS = {"train", "steer", "topics", "browse", "benchmarks.search", "benchmarks.finetune", "benchmarks.generate",
            "benchmarks.jobs", "benchmarks.gpu_report"}  # run by users
 FOLDERS = {"tuned": {"tiled", "triton_kernels"}, "pretrained": {"load", "hub", "tokenizer"},
-           "helpers": {"common", "cpu_threads", "distributed", "readout", "train_data", "checkpoints", "topic_text"},
+           "helpers": {"common", "cpu_threads", "distributed", "readout", "train_data", "checkpoints", "evaluation",
+                       "topic_text"},
            "benchmarks": {"search", "finetune", "generate", "jobs", "gpu_report", "measure"}}
 MOVED = {"bench": "benchmarks.search", "bench_generate": "benchmarks.generate", "bench_jobs": "benchmarks.jobs",
          "gpu_report": "benchmarks.gpu_report"}  # old commands, which now stop with a line naming the new one

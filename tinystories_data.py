@@ -49,6 +49,7 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
+from helpers.common import parse_flags
 from pretrained import hub, tokenizer
 
 DATASET = "roneneldan/TinyStories"  # on the Hugging Face hub
@@ -453,21 +454,8 @@ def iter_docs(path, chunk=1 << 22):
 if __name__ == "__main__":
     args = dict(data_dir="data/tinystories", source="v2", input="", synthetic=False, encoding="gpt2", words=4096,
                 val_every=20, num_stories=20000, seed=0, passage_words=0)
-    if "--help" in sys.argv or "-h" in sys.argv:
-        print(__doc__.strip() + "\n\nflags and defaults: " + " ".join(f"--{k}={v!r}" for k, v in args.items()))
-        sys.exit(0)
-    for a in sys.argv[1:]:
-        key, _, text = a[2:].partition("=") if a.startswith("--") else (a, "", "")
-        if key not in args:
-            print(f"error: unknown flag {a!r}; valid: {', '.join('--' + k for k in args)}", file=sys.stderr)
-            sys.exit(2)
-        default = args[key]
-        try:
-            is_true = (text or "true").lower() in ("true", "1", "yes")  # a bare --synthetic is true
-            args[key] = is_true if isinstance(default, bool) else type(default)(text)
-        except ValueError:
-            print(f"error: {a}: expected {type(default).__name__}", file=sys.stderr)
-            sys.exit(2)
+    given, _ = parse_flags(sys.argv[1:], args, __doc__)  # a bare --synthetic is true; --help prints the flags
+    args.update(given)
     try:
         prepare(**args)
     except (ValueError, OSError) as e:

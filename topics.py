@@ -60,7 +60,7 @@ import collections
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
@@ -411,11 +411,7 @@ def pick_codes(model, cfg, scan, modes, decode_tokens):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if "--help" in argv or "-h" in argv:
-        print(__doc__.strip() + "\n\nflags and defaults: " +
-              " ".join(f"--{f.name}={f.default!r}" for f in fields(TopicsConfig)))
-        sys.exit(0)
-    cfg, _ = parse_args(argv, TopicsConfig, PRESETS)
+    cfg, _ = parse_args(argv, TopicsConfig, PRESETS, doc=__doc__)
     modes, sweep, caps = check(cfg)
     ckpt, model = load_codebook_model(cfg.ckpt, cfg.device)
     if ckpt.get("kind") != "lm":

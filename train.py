@@ -49,8 +49,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from helpers import distributed
-from helpers.checkpoints import check_encoding, load_base, resume, write_checkpoint
-from helpers.common import Progress, fail, load_checkpoint, parse_args, save_json
+from helpers.checkpoints import check_encoding, load_base, load_optimizer_state, resume, write_checkpoint
+from helpers.evaluation import evaluate, report
+from helpers.common import Progress, fail, load_checkpoint, parse_args
 from helpers.train_data import load_data
 from model import CB_AT, GPT, GPTConfig, model_from_checkpoint
 from tuned import use_tuned_search
@@ -301,21 +302,6 @@ def init_model(cfg, ckpt, base, data, world, log):
     return model, optimizer
 
 
-def load_optimizer_state(optimizer, model, saved):
-    """optimizer.load_state_dict(saved), also from a checkpoint whose decay groups went by shape (before
-    make_optimizer chose them by name, the codebooks' (G, d) LayerNorms were decayed): each parameter gets
-    its own Adam state, in this version's groups."""
-    if [len(g["params"]) for g in saved["param_groups"]] == [len(g["params"]) for g in optimizer.param_groups]:
-        return optimizer.load_state_dict(saved)
-    named = list(model.named_parameters())
-    by_shape = [[p for n, p in named if p.dim() >= 2 and not n.endswith(".codebook")],
-                [p for n, p in named if p.dim() < 2], [p for n, p in named if n.endswith(".codebook")]]
-    old = torch.optim.AdamW([dict(params=g) for g in by_shape if g], fused=optimizer.defaults["fused"])
-    old.load_state_dict(saved)  # its index -> parameter map
-    for p, state in old.state.items():
-        optimizer.state[p] = state
-
-
 def insert_codebooks_mid_run(model, optimizer, cfg, data, world):
     """Codebooks inserted into the running model at cb_warmup -> (model, its DDP wrapper, optimizer), the
     weights' Adam state kept."""
@@ -336,56 +322,6 @@ def replace_dead_codes(model, rho, world):
     n = sum(cb.replace_dead_codes(rho) for cb in model.codebooks().values()) if world.master else 0
     distributed.broadcast([cb.codebook for cb in model.codebooks().values()], world)
     return n
-
-
-# -----------------------------------------------------------------------------
-# evaluation
-
-
-@torch.no_grad()
-def evaluate(model, val, batch_size, device):
-    """Mean loss and next-token accuracy over all predicted positions of val (S, L)."""
-    model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
-    for seq in val.split(batch_size):
-        seq = seq.to(device)
-        logits, loss, _, _ = model(seq[:, :-1], seq[:, 1:])
-        loss_sum += loss.item() * seq[:, 1:].numel()
-        correct += (logits.argmax(-1) == seq[:, 1:]).sum().item()
-        n += seq[:, 1:].numel()
-    model.train()
-    return loss_sum / n, correct / n
-
-
-@torch.no_grad()
-def fsm_state_accuracy(model, fsm, n_seqs, block_size, device, seed=0):
-    """Sample n_seqs sequences from BOS at temperature 1; fraction of state transitions that are edges."""
-    model.eval()
-    gen = torch.Generator(device=device).manual_seed(seed)
-    idx = torch.full((n_seqs, 1), fsm.bos, dtype=torch.long, device=device)
-    out = model.generate(idx, block_size - 1, temperature=1.0, generator=gen)
-    model.train()
-    return fsm.state_accuracy(out.cpu())
-
-
-def report(model, cfg, data, usage, run, amp, micro, device, final=None):
-    """The final evaluation (FSM: also sampled walks), written to out_dir/metrics.json and printed.
-    final: (val loss, val acc) of the last step, where the loop has just evaluated them."""
-    with amp:
-        vl, va = final or evaluate(model, data.val, micro, device)
-        metrics = dict(val_loss=vl, val_acc=va)
-        if data.fsm:
-            sacc = fsm_state_accuracy(model, data.fsm, cfg.state_seqs, cfg.block_size, device, seed=cfg.seed)
-            metrics.update(state_acc=sacc, bayes_loss=data.bayes[0], bayes_acc=data.bayes[1])
-    metrics.update(alive={n: s["alive"] for n, s in usage.items()}, mse=usage.get("all", {}).get("mse"), **run,
-                   config=dataclasses.asdict(cfg))
-    save_json(os.path.join(cfg.out_dir, "metrics.json"), metrics)
-    if data.fsm:
-        print(f"val loss {vl:.4f} (Bayes {data.bayes[0]:.4f}, +{vl - data.bayes[0]:.4f}), acc {va:.4f}, "
-              f"state acc {sacc:.4f}; wrote {cfg.out_dir}/metrics.json")
-    else:
-        print(f"val loss {vl:.4f}, acc {va:.4f}, {run['wall_s']:.0f} s; wrote {cfg.out_dir}/metrics.json")
-    return metrics
 
 
 # -----------------------------------------------------------------------------

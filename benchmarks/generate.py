@@ -18,7 +18,7 @@ Workloads:
           forced at every position, as its docstring's --force=L3.mlp:5), each from the same seed; repeated
           --steer_runs times, it is short. The model: --fsm_ckpt, else an untrained one of the TokFSM preset
           shape (4 layers, 4 heads, n_embd 128, block 128, attention and MLP codebooks C=1024 k=1, vocab 11).
-  fsm     train.py's fsm_state_accuracy on the same model: --fsm_seqs walks from BOS up to block_size (127
+  fsm     helpers/evaluation.py's fsm_state_accuracy on the same model: --fsm_seqs walks from BOS up to block_size (127
           new tokens), no codes forced (train.py samples its state_seqs=200; fewer here, for time).
 Prints per workload the seconds without and with the cache and the speed-up (without / with); --out also
 writes them as JSON, with same_samples (the tokens of the two runs are equal). Exit status 1 if they
@@ -101,7 +101,7 @@ def steer_workload(model, bos, codes, cfg, use_cache):
 
 
 def fsm_workload(model, bos, cfg, use_cache):
-    """As train.py's fsm_state_accuracy: walks from BOS at temperature 1 up to block_size."""
+    """As helpers/evaluation.py's fsm_state_accuracy: walks from BOS at temperature 1 up to block_size."""
     dev = next(model.parameters()).device
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     idx = torch.full((cfg.fsm_seqs, 1), bos, dtype=torch.long, device=dev)

@@ -28,24 +28,17 @@ import time
 
 import torch
 
-from helpers.common import parse_value
+from helpers import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the rows run from here, as `python -m`
 
 
 def parse_flags(argv, cls, quick):
-    """['--quick', '--reps=3'] -> cls instance: --key=value, a bool alone means True; --quick=True puts the
-    quick dict's values between the dataclass defaults and the command line. Unknown keys stop the script
-    with the list of valid ones."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for arg in argv:
-        key, _, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if key not in fields:
-            sys.exit(f"error: bad argument {arg!r}; valid: " + ", ".join(f"--{k}=" for k in fields))
-        default = fields[key].default
-        bare = isinstance(default, bool) and "=" not in arg  # --quick alone means --quick=True
-        values[key] = parse_value(key, "True" if bare else text, default)
+    """['--quick', '--reps=3'] -> cls instance, by helpers.common.parse_flags (--key=value, a bool alone means
+    True, --help prints the running module's docstring and the flags); --quick puts the quick dict's values
+    between the dataclass defaults and the command line."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    values, _ = common.parse_flags(argv, defaults, getattr(sys.modules.get("__main__"), "__doc__", None) or "")
     if values.get("quick"):
         values = {**quick, **values}
     return cls(**values)

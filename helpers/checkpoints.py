@@ -57,6 +57,21 @@ def resume(ckpt, cfg, data, world, log):
     return it, ckpt["wall_s"]
 
 
+def load_optimizer_state(optimizer, model, saved):
+    """optimizer.load_state_dict(saved), also from a checkpoint whose decay groups went by shape (before
+    make_optimizer chose them by name, the codebooks' (G, d) LayerNorms were decayed): each parameter gets
+    its own Adam state, in this version's groups."""
+    if [len(g["params"]) for g in saved["param_groups"]] == [len(g["params"]) for g in optimizer.param_groups]:
+        return optimizer.load_state_dict(saved)
+    named = list(model.named_parameters())
+    by_shape = [[p for n, p in named if p.dim() >= 2 and not n.endswith(".codebook")],
+                [p for n, p in named if p.dim() < 2], [p for n, p in named if n.endswith(".codebook")]]
+    old = torch.optim.AdamW([dict(params=g) for g in by_shape if g], fused=optimizer.defaults["fused"])
+    old.load_state_dict(saved)  # its index -> parameter map
+    for p, state in old.state.items():
+        optimizer.state[p] = state
+
+
 def load_base(cfg, given):
     """The checkpoint that --init_from names, checked: no codebooks yet, the same kind of data.
     With --cb_at=none it is finetuned as it is: the baseline to compare a finetune with codebooks with."""
