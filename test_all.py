@@ -2562,6 +2562,30 @@ def test_hub_falls_back_to_the_bin_on_a_404(fake_hub, tmp_path):
         hub.model_dir("owner/other")
 
 
+def test_hub_fetches_the_shards_an_index_lists(fake_hub, tmp_path):
+    """No single weights file: its .index.json, then each shard it lists once (as pythia-6.9b's); cached,
+    no request; a shard missing from the cache is fetched again; a bad index stops with one line."""
+    add_model(fake_hub, weights=())
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index = dict(weight_map={"a": names[0], "b": names[1], "c": names[0]})
+    fake_hub.files["/owner/tiny/resolve/main/model.safetensors.index.json"] = json.dumps(index).encode()
+    for n in names:
+        fake_hub.files[f"/owner/tiny/resolve/main/{n}"] = WEIGHT_BYTES + n.encode()
+        fake_hub.lfs.add(f"/owner/tiny/resolve/main/{n}")
+    path = hub.model_dir("owner/tiny")
+    assert sorted(os.listdir(path)) == sorted(["config.json", "model.safetensors.index.json", *names])
+    assert [p for p, _ in fake_hub.log].count(f"/owner/tiny/resolve/main/{names[0]}") == 1
+    n = len(fake_hub.log)
+    assert hub.model_dir("owner/tiny") == path and len(fake_hub.log) == n and hub.model_dir(path) == path
+    os.remove(os.path.join(path, names[1]))  # an interrupted download: the missing shard again
+    assert hub.model_dir("owner/tiny") == path and os.path.exists(os.path.join(path, names[1]))
+    fake_hub.files["/owner/bad/resolve/main/config.json"] = b"{}"
+    fake_hub.files["/owner/bad/resolve/main/model.safetensors.index.json"] = b'{"weight_map": {"a": "../x"}}'
+    with pytest.raises(hub.HubError, match="not a file name") as e:
+        hub.model_dir("owner/bad")
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json"])  # sha256 (LFS), git sha1 (in git)
 def test_hub_corrupt_download_is_caught_and_removed(fake_hub, tmp_path, name):
     add_model(fake_hub)

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.measure import fmt, parse_flags, peak_mb, pick_device, print_row, spawn, status_kb, timed
-from helpers.common import cpu_name, save_json
+from benchmarks.measure import fmt, parse_flags, peak_mb, pick_device, print_row, spawn, status_kb, timed, write_result
+from helpers.common import cpu_name
 from model import GPT, GPTConfig
 from pretrained.load import map_config
 from tuned import use_tuned_search
@@ -164,10 +164,7 @@ def finetune_main(cfg):
     result = dict(device=device, device_name=dev_name, torch=torch.__version__, config=dataclasses.asdict(cfg),
                   rows=rows, process_peak_mb=got["process_peak_mb"], load_before=load_before, load_after=got["load"],
                   projection=projection)
-    if cfg.out:
-        save_json(cfg.out, result)
-        print(f"wrote {cfg.out}")
-    return result
+    return write_result(cfg.out, result)
 
 
 if __name__ == "__main__":

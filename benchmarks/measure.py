@@ -44,6 +44,14 @@ def parse_flags(argv, cls, quick):
     return cls(**values)
 
 
+def write_result(path, result):
+    """The results as JSON at path (atomically; nothing without a path), then the results."""
+    if path:
+        common.save_json(path, result)
+        print(f"wrote {path}")
+    return result
+
+
 def pick_device(name):
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 

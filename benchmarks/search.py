@@ -69,10 +69,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.measure import fmt, parse_flags, peak_mb, pick_device, print_row, ratio, spawn, timed
+from benchmarks.measure import fmt, parse_flags, peak_mb, pick_device, print_row, ratio, spawn, timed, write_result
 from codebook import CodebookLayer
 from fsm_data import FSM
-from helpers.common import cpu_name, save_json
+from helpers.common import cpu_name
 from model import GPT, GPTConfig
 from tuned import tiled, triton_kernels, use_tuned_search
 
@@ -432,10 +432,7 @@ def main(cfg):
           "memory: row peak / reference peak")
     print("load average (1, 5, 15 min) before: {:.2f} {:.2f} {:.2f}, after: {:.2f} {:.2f} {:.2f} "
           "(this run adds about 1-2; more means other work shared the cores)".format(*result["load_before"], *result["load_after"]))
-    if cfg.out:
-        save_json(cfg.out, result)
-        print(f"wrote {cfg.out}")
-    return result
+    return write_result(cfg.out, result)
 
 
 if __name__ == "__main__":

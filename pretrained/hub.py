@@ -29,6 +29,7 @@ downloading the same file at once.
 """
 
 import hashlib
+import json
 import http.client
 import os
 import re
@@ -230,34 +231,47 @@ def parse_name(name, revision=None):
 
 
 def model_dir(name, revision=None):
-    """A local directory holding config.json and model.safetensors or pytorch_model.bin.
+    """A local directory holding config.json and model.safetensors or pytorch_model.bin (or the shards
+    that one's .index.json lists).
 
     name: a local directory (returned as it is, once checked), 'owner/name', 'owner/name@revision', or
     gpt2 / gpt2-medium / gpt2-large / gpt2-xl (openai-community/...). From the hub: config.json first,
-    then model.safetensors, or pytorch_model.bin where the repository has no .safetensors (a 404), then
-    tokenizer.json where the repository has one (none is no error). A cached folder is returned without
-    a request. Raises HubError with a one-line message: a bad name, an unknown repository or revision (no
-    config.json), no weights file, a corrupt download; and HubUnreachable, its message saying what works offline, when there is no connection."""
+    then model.safetensors, or pytorch_model.bin where the repository has no .safetensors (a 404), or,
+    where it has neither, an .index.json and every shard it lists; then tokenizer.json where the
+    repository has one (none is no error). A cached folder is returned without a request. Raises HubError
+    with a one-line message: a bad name, an unknown repository or revision (no config.json), no weights
+    file, a corrupt download; and HubUnreachable, its message saying what works offline, when there is no
+    connection."""
     if os.path.isdir(name):
-        if not os.path.exists(os.path.join(name, "config.json")) or not any(
-                os.path.exists(os.path.join(name, w)) for w in WEIGHTS):
-            raise HubError(f"{name}: a local model directory needs config.json and one of {', '.join(WEIGHTS)}")
+        if not os.path.exists(os.path.join(name, "config.json")) or not has_weights(name):
+            raise HubError(f"{name}: a local model directory needs config.json and one of {', '.join(WEIGHTS)} "
+                           f"(or its .index.json and shards)")
         return name
     repo, revision = parse_name(name, revision)
     try:
         config = hub_file(repo, "config.json", revision)
         folder = os.path.dirname(config)
-        if any(os.path.exists(os.path.join(folder, w)) for w in WEIGHTS):
+        if has_weights(folder):
             return folder
-        for w in WEIGHTS:
+        for w in WEIGHTS:  # one file, else its index and the shards it lists (pythia-6.9b and -12b come so)
             try:
                 hub_file(repo, w, revision)
                 break
             except HubError as e:
                 if e.status != 404:
                     raise
+            try:
+                index = hub_file(repo, w + ".index.json", revision)
+            except HubError as e:
+                if e.status != 404:
+                    raise
+                continue
+            for shard in shards(index):
+                hub_file(repo, shard, revision)
+            break
         else:
-            raise HubError(f"{repo}@{revision}: neither {' nor '.join(WEIGHTS)} in the repository")
+            raise HubError(f"{repo}@{revision}: neither {' nor '.join(WEIGHTS)} (nor their .index.json) in "
+                           f"the repository")
         try:
             hub_file(repo, TOKENIZER, revision)
         except HubError as e:
@@ -266,6 +280,29 @@ def model_dir(name, revision=None):
         return folder
     except HubUnreachable as e:
         raise HubUnreachable(f"{e}; {OFFLINE}") from None
+
+
+def shards(index):
+    """The shard files a weights .index.json lists (its weight_map's values), in order, each once."""
+    try:
+        with open(index) as f:
+            names = json.load(f)["weight_map"].values()
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise HubError(f"{index}: not a weights index ({type(e).__name__})") from None
+    bad = [n for n in names if not re.fullmatch(r"[\w.-]+", n)]
+    if bad:
+        raise HubError(f"{index}: a shard name {bad[0]!r} that is not a file name")
+    return list(dict.fromkeys(names))
+
+
+def has_weights(folder):
+    """A weights file of WEIGHTS in folder, or an index of one with all its shards."""
+    for w in WEIGHTS:
+        index = os.path.join(folder, w + ".index.json")
+        if os.path.exists(os.path.join(folder, w)) or (os.path.exists(index) and all(
+                os.path.exists(os.path.join(folder, n)) for n in shards(index))):
+            return True
+    return False
 
 
 def tokenizer_file(name, revision=None):
