@@ -12,6 +12,7 @@ import torch
 
 from helpers import distributed
 from helpers.common import fail, load_checkpoint, save_checkpoint
+from pretrained import hub
 from pretrained.load import from_pretrained
 
 GPT2_VOCAB = 50257  # the gpt2 BPE's tokens, which the hub's GPT-2 and GPT-Neo models read
@@ -115,7 +116,6 @@ def load_pretrained(cfg, given):
 def tokenizer_sha256(name):
     """The sha256 of the tokenizer.json beside a pretrained model (a local directory, or the hub cache's
     folder that from_pretrained just filled: no request), None where it has none."""
-    from pretrained import hub
     try:
         path = os.path.join(name if os.path.isdir(name) else hub.model_dir(name), hub.TOKENIZER)
     except OSError:

@@ -219,14 +219,15 @@ def _http_error(e, what):
 # a model: config.json and its weights
 
 
-def parse_name(name, revision=None):
-    """'owner/name[@revision]' or a short GPT-2 name -> (repo, revision); the argument overrides '@'."""
+def parse_name(name, revision=None, holding="config.json and weights"):
+    """'owner/name[@revision]' or a short GPT-2 name -> (repo, revision); the argument overrides '@'.
+    holding: what the local directory the error message offers instead must hold."""
     repo, _, rev = name.partition("@")
     if repo in GPT2:
         repo = f"openai-community/{repo}"
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
         raise HubError(f"{name!r}: expected a hub id owner/name[@revision], one of {', '.join(GPT2)}, or a "
-                       f"local directory holding config.json and weights")
+                       f"local directory holding {holding}")
     return repo, revision or rev or "main"
 
 
@@ -313,9 +314,7 @@ def tokenizer_file(name, revision=None):
         if not os.path.isfile(path):
             raise HubError(f"{name}: a local directory without {TOKENIZER}")
         return path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+(@.+)?", name) and name.partition("@")[0] not in GPT2:
-        raise HubError(f"{name!r}: expected a hub id owner/name[@revision] or a local directory holding {TOKENIZER}")
-    repo, revision = parse_name(name, revision)
+    repo, revision = parse_name(name, revision, holding=TOKENIZER)
     try:
         return hub_file(repo, TOKENIZER, revision)
     except HubUnreachable as e:
